@@ -1,0 +1,29 @@
+"""User-facing errors: one line, non-zero exit, no traceback.
+
+Library code raises `UserError` for bad input (a missing file, a bad field, an unsupported architecture); tools wrap
+their `main` with `run_cli`, which prints `error: <message>` on stderr and exits with status 2. Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user. The message names the file/line/field and the problem, in one line."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    try:
+        result = main()
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # guarantee one line
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(result, int) and result:
+        sys.exit(result)

@@ -1,0 +1,113 @@
+"""Process-group and model-parallel setup shared by every entry point.
+
+A single `python tools/X.py` run gets a one-rank gloo (CPU) or nccl (GPU) group on a free local port; under
+`torchrun` the usual RANK/WORLD_SIZE/MASTER_ADDR variables are used. Megatron-Core's parallel state is then
+initialized with the requested TP/PP/EP sizes and the model-parallel RNG is seeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_esft import compat
+from megatron_esft.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False  # forced on when TP > 1 with MoE (Megatron-Core requires it)
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group() -> None:
+    """Create the default process group once (one local rank when not launched by torchrun)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30"))))
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Apply compat patches, create process groups and Megatron-Core parallel state, seed RNGs."""
+    compat.apply()
+    init_process_group()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    n = dist.get_world_size()
+    model_parallel = parallel.tp * parallel.pp
+    if n % model_parallel:
+        raise UserError(
+            f"world size {n} is not divisible by tensor ({parallel.tp}) x pipeline ({parallel.pp}) parallel size"
+        )
+    data_parallel = n // model_parallel
+    if (data_parallel * parallel.tp) % parallel.ep:
+        raise UserError(
+            f"--expert-model-parallel-size {parallel.ep} must divide data-parallel x tensor-parallel size "
+            f"({data_parallel} x {parallel.tp}) on {n} ranks"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
