@@ -1,0 +1,152 @@
+"""Megatron-Core checkpoints in the Megatron-LM layout, written atomically.
+
+```
+DIR/latest_checkpointed_iteration.txt      the newest complete iteration (Megatron-LM's tracker file)
+DIR/iter_0000000/                          dist_checkpointing (torch_dist) files: loadable at any TP/EP/PP
+DIR/iter_0000000/esft_meta.json            what this checkpoint is: HF config, dtype, iteration, expert config, ...
+DIR/hf_assets/                             the source HF config.json, generation config and tokenizer files
+```
+
+A save goes to `DIR/.iter_0000042.tmp-<nonce>/` and is renamed into place only when every rank has finished; the
+tracker file is replaced last with `os.replace`. A process killed mid-save therefore leaves the previous iteration
+and tracker untouched (the orphaned temp directory is removed by the next save).
+
+`_extra_state` entries (Transformer Engine FP8 metadata; `None` in the local spec) are never saved or loaded, so
+checkpoints move freely between the local and TE layer specs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from megatron_esft.errors import UserError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "esft_meta.json"
+HF_ASSETS = "hf_assets"
+FORMAT = "megatron_esft"
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int:
+    if not os.path.isdir(root):
+        raise UserError(f"--load {root}: directory does not exist")
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        raise UserError(f"--load {root}: no {TRACKER} (not a megatron_esft checkpoint directory)")
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise UserError(f"{path}: expected an iteration number, got {text!r}")
+    return int(text)
+
+
+def read_meta(root: str, iteration: int | None = None) -> dict:
+    iteration = read_tracker(root) if iteration is None else iteration
+    path = os.path.join(iteration_dir(root, iteration), META)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: missing (incomplete or foreign checkpoint)")
+    with open(path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a {FORMAT} checkpoint")
+    return meta
+
+
+def strip_extra_state(sharded_state_dict: dict) -> dict:
+    return {k: v for k, v in sharded_state_dict.items() if not k.endswith("_extra_state")}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(value: str) -> str:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
+                    rank0_files: dict[str, bytes] | None = None) -> str:
+    """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    tmp = _broadcast_str(os.path.join(root, f".iter_{iteration:07d}.tmp-{uuid.uuid4().hex[:8]}"))
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of a killed save
+            if name.startswith(".iter_") and ".tmp-" in name:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, tmp)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, META), "w", encoding="utf-8") as fh:
+            json.dump(dict(meta, format=FORMAT, iteration=iteration), fh, indent=2, sort_keys=True)
+        for name, data in (rank0_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(data)
+        if hf_assets_from and os.path.abspath(hf_assets_from) != os.path.abspath(os.path.join(root, HF_ASSETS)):
+            assets_tmp = os.path.join(root, f".{HF_ASSETS}.tmp-{uuid.uuid4().hex[:8]}")
+            copy_hf_assets(hf_assets_from, assets_tmp)
+            if os.path.exists(os.path.join(root, HF_ASSETS)):
+                shutil.rmtree(os.path.join(root, HF_ASSETS))
+            os.replace(assets_tmp, os.path.join(root, HF_ASSETS))
+        if os.path.exists(final):
+            old = final + f".old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, f".{TRACKER}.tmp")
+        with open(tracker_tmp, "w", encoding="utf-8") as fh:
+            fh.write(str(iteration))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def load_sharded(root: str, iteration: int, sharded_state_dict: dict) -> dict:
+    """Load `sharded_state_dict` (any subset of the saved keys, any parallel layout) from an iteration."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded_state_dict, iteration_dir(root, iteration))
+
+
+# Files of a HF model directory that travel with a checkpoint (everything except weights).
+_ASSET_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken", ".jinja")
+
+
+def copy_hf_assets(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name == "model.safetensors.index.json":
+            continue
+        if name.endswith(_ASSET_SUFFIXES):
+            shutil.copy2(path, os.path.join(dst, name))
+
+
+def hf_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,146 @@
+"""Hugging Face safetensors checkpoints: zero-copy reading and sharded writing.
+
+Reading memory-maps each file and returns tensors that are views of the page cache (no copy), so converting a 16B
+checkpoint does not need 32 GB of RAM: pages are read when a tensor is written out and can be evicted afterwards.
+The safetensors header (8-byte little-endian length + JSON) is read with the safetensors library's own format and
+offsets; `safe_open` validates every file first.
+
+Writing produces `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` (the transformers layout),
+flushing a shard whenever it reaches `max_shard_bytes`, so only one shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_esft.errors import UserError
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """All tensors of a HF checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise UserError(f"{directory}: no .safetensors weights found")
+        self._entries: dict[str, tuple[str, int, torch.dtype, tuple[int, ...]]] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                raise UserError(f"{index}: lists missing file {name}")
+            try:
+                with safe_open(path, framework="pt"):  # validates the header and offsets
+                    pass
+            except Exception as exc:  # safetensors raises its own error types
+                raise UserError(f"{path}: not a valid safetensors file ({exc})") from None
+            with open(path, "rb") as fh:
+                (header_len,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(header_len))
+            base = 8 + header_len
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise UserError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+                start, _ = info["data_offsets"]
+                self._entries[key] = (path, base + start, _DTYPES[info["dtype"]], tuple(info["shape"]))
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][2]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][3]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy (copy-on-write) view of tensor `name`."""
+        if name not in self._entries:
+            raise UserError(f"{self.directory}: tensor '{name}' not found in the checkpoint")
+        path, offset, dtype, shape = self._entries[name]
+        if path not in self._maps:
+            with open(path, "rb") as fh:
+                self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._maps[path], dtype=dtype, count=count, offset=offset)
+        return flat.view(shape)
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into size-bounded shards, then the index. Use inside a temporary directory."""
+
+    def __init__(self, directory: str, max_shard_bytes: int = 4 * 1024**3):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self._total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous()
+        self._pending_bytes += size
+        self._total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._pending, os.path.join(self.directory, f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+        self._shards.append(sorted(self._pending))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def close(self) -> list[str]:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        names = []
+        for i, keys in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{i:05d}.tmp"), os.path.join(self.directory, final))
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+                json.dump({"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}, fh, indent=2,
+                          sort_keys=True)
+        return names

@@ -1,0 +1,222 @@
+"""Build a Megatron-Core GPTModel for a DeepSeek config.
+
+`transformer_config` maps a `DeepSeekConfig` onto Megatron-Core's (MLA)TransformerConfig; `block_spec` picks the layer
+specs (Transformer Engine spec when TE is importable on a GPU, otherwise the local spec with torch-SDPA attention);
+`build_model` returns the GPTModel for this rank's pipeline stage.
+
+Choices that matter for exact parity with the HF implementations:
+* router logits in fp32 (`moe_router_dtype="fp32"`, like HF's gate) and softmax over all experts before top-k
+  (`moe_router_pre_softmax`), no capacity / token dropping (dropless, like HF);
+* V2 group-limited and normalized top-k go through `routing.DeepSeekV2TopK`; V3 uses Megatron's sigmoid + expert bias
+  + group top-k, which already matches it;
+* MLA always has its q/kv latent RMSNorms (`qk_layernorm=True`); MLA's RoPE uses DeepSeek's interleaved layout
+  (Megatron's `multi_latent_attention` rope path);
+* experts are never tensor-parallel (`expert_tensor_parallel_size=1`): ESFT freezes/trains whole experts, and the
+  frozen-aware grouped experts keep an expert's weights in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from megatron_esft.compat import have_transformer_engine
+from megatron_esft.errors import UserError
+from megatron_esft.models.hf_config import DeepSeekConfig
+from megatron_esft.parallel import ParallelConfig
+
+EXPERT_IMPLS = ("sequential", "grouped")
+
+
+def _check_divisibility(cfg: DeepSeekConfig, parallel: ParallelConfig) -> None:
+    if cfg.n_routed_experts % parallel.ep:
+        raise UserError(
+            f"n_routed_experts {cfg.n_routed_experts} is not divisible by --expert-model-parallel-size {parallel.ep}"
+        )
+    if cfg.num_attention_heads % parallel.tp or cfg.num_key_value_heads % parallel.tp:
+        raise UserError(f"attention heads are not divisible by --tensor-model-parallel-size {parallel.tp}")
+    if cfg.vocab_size % parallel.tp:
+        raise UserError(f"vocab_size {cfg.vocab_size} is not divisible by --tensor-model-parallel-size {parallel.tp}")
+    if cfg.num_layers % parallel.pp:
+        raise UserError(f"{cfg.num_layers} layers are not divisible by --pipeline-model-parallel-size {parallel.pp}")
+
+
+def transformer_config(
+    cfg: DeepSeekConfig,
+    parallel: ParallelConfig = ParallelConfig(),
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """The (MLA)TransformerConfig for `cfg`. `overrides` are TransformerConfig fields (recompute, aux loss, ...)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    _check_divisibility(cfg, parallel)
+    on_gpu = torch.cuda.is_available()
+    fields = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # fused kernels need apex/TE; the torch paths are exact
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=parallel.tp > 1,
+        # MoE
+        num_moe_experts=cfg.n_routed_experts,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(cfg.moe_intermediate_size * cfg.n_shared_experts) or None,
+        moe_layer_freq=[1 if cfg.is_moe_layer(layer) else 0 for layer in range(cfg.num_layers)],
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_router_score_function=cfg.score_function,
+        moe_permute_fusion=False,
+    )
+    if cfg.score_function == "softmax":
+        # V2 / DeepSeekMoE: softmax over all experts, then top-k; DeepSeekV2TopK handles groups and renormalization.
+        fields.update(
+            moe_router_pre_softmax=True,
+            moe_router_topk_scaling_factor=None if cfg.norm_topk_prob else cfg.routed_scaling_factor,
+        )
+    else:
+        fields.update(
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,  # bias stays as loaded (training turns updates on explicitly)
+            moe_router_num_groups=cfg.n_group if cfg.n_group > 1 else None,
+            moe_router_group_topk=cfg.topk_group if cfg.n_group > 1 else None,
+            moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
+        )
+    if cfg.multi_latent_attention:
+        yarn = cfg.rope_scaling
+        fields.update(
+            q_lora_rank=cfg.q_lora_rank,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_head_dim=cfg.qk_nope_head_dim,
+            qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            qk_layernorm=True,
+            rotary_base=cfg.rope_theta,
+            rope_type="yarn" if yarn else "rope",
+            rotary_scaling_factor=yarn["factor"] if yarn else 1.0,
+            original_max_position_embeddings=yarn["original_max_position_embeddings"] if yarn else 4096,
+            beta_fast=yarn["beta_fast"] if yarn else 32.0,
+            beta_slow=yarn["beta_slow"] if yarn else 1.0,
+            mscale=yarn["mscale"] if yarn else 1.0,
+            mscale_all_dim=yarn["mscale_all_dim"] if yarn else 0.0,
+        )
+        fields.update(overrides)
+        return MLATransformerConfig(**fields)
+    if cfg.rope_scaling:
+        raise UserError(f"{cfg.source}: yarn rope scaling is only supported with MLA")
+    fields.update(
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None):
+    """Decoder block spec for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if experts not in EXPERT_IMPLS:
+        raise UserError(f"unknown experts implementation {experts!r} (choose from {', '.join(EXPERT_IMPLS)})")
+    if use_te is None:
+        use_te = torch.cuda.is_available() and have_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage, pp_rank=pp_rank)
+    if not use_te:
+        from megatron_esft.models.attention import TorchSDPACoreAttention
+
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = TorchSDPACoreAttention
+    if experts == "grouped":
+        from megatron_esft.experts.spec import use_grouped_experts
+
+        spec = use_grouped_experts(spec)
+    return spec
+
+
+def _attach_v2_topk(model, cfg: DeepSeekConfig) -> None:
+    if cfg.score_function != "softmax" or (cfg.n_group <= 1 and not cfg.norm_topk_prob):
+        return  # Megatron's native greedy top-k is exact
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_esft.models.routing import DeepSeekV2TopK
+
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.router_replay = DeepSeekV2TopK(cfg.n_group, cfg.topk_group, cfg.norm_topk_prob)
+
+
+def build_model(
+    cfg: DeepSeekConfig,
+    parallel: ParallelConfig = ParallelConfig(),
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    experts: str = "sequential",
+    meta_device: bool = False,
+    config_overrides: dict | None = None,
+):
+    """The GPTModel of this rank's pipeline stage (parallel state must be initialized, see megatron_esft.parallel).
+
+    `meta_device=True` builds shapes only (no memory), which is how the converters get the sharded-state-dict layout
+    of a model too large to materialize.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(cfg, parallel, params_dtype=params_dtype, **(config_overrides or {}))
+    if meta_device:
+        config.use_cpu_initialization = True
+        config.perform_initialization = False
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    spec = block_spec(config, experts=experts, pp_rank=pp_rank)
+    if cfg.num_nextn_predict_layers:
+        from megatron_esft.parallel import print_rank0
+
+        print_rank0(f"note: {cfg.num_nextn_predict_layers} multi-token-prediction layer(s) in the HF config are skipped")
+    context = torch.device("meta") if meta_device else contextlib.nullcontext()
+    with context:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.rope_theta,
+        )
+    _attach_v2_topk(model, cfg)
+    if not meta_device and torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
