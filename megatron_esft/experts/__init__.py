@@ -1,0 +1,12 @@
+"""ESFT-aware routed experts: a trainable and a frozen expert group per layer, each computed with one grouped GEMM.
+
+* `FrozenAwareGroupedExperts` (grouped.py): drop-in for Megatron-Core's SequentialMLP (same constructor, forward and
+  checkpoint layout), on `torch._grouped_mm` (CPU and GPU) with a per-expert loop fallback.
+* `FrozenAwareTEGroupedExperts` (te.py): the same on Transformer Engine GroupedLinear (GPU; untested on CPU).
+* `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec.
+"""
+
+from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
+from megatron_esft.experts.spec import use_grouped_experts
+
+__all__ = ["FrozenAwareGroupedExperts", "use_grouped_experts"]

@@ -1,0 +1,273 @@
+"""Frozen-aware routed experts on grouped GEMMs: a drop-in replacement for Megatron-Core's SequentialMLP.
+
+The local experts of a layer live in two groups, each stored as stacked nn.Linear-style Parameters:
+`fc1_trainable [E_t, 2F, H]`, `fc2_trainable [E_t, H, F]` and `fc1_frozen [E_f, 2F, H]`, `fc2_frozen [E_f, H, F]`
+(fc1 rows are [gate; up] as in Megatron's `linear_fc1`). Each group runs one grouped GEMM per projection, so:
+* a frozen group has `requires_grad=False`: autograd skips its weight-gradient GEMM and does not save its inputs;
+  Megatron DDP gives it no grad buffer (no all-reduce) and `get_megatron_optimizer` gives it no state and no weight
+  decay (it only sees `requires_grad` parameters);
+* a trainable expert with zero tokens still gets a (zero) gradient, so DDP's per-parameter hooks fire.
+
+Forward contract is SequentialMLP's: `(permuted_local_hidden_states [T, H], tokens_per_expert [E_local],
+permuted_probs [T]) -> (output [T, H], None)`, rows sorted by local expert. Probabilities are applied after the
+activation (or on the input with `moe_apply_probs_on_input`), exactly as MLP.forward does with `per_token_scale`.
+Checkpoint layout: see checkpoint.py. Expert tensor parallelism must be 1 (the model provider sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence
+
+import torch
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_esft.experts import checkpoint as ckpt
+from megatron_esft.experts.grouped_mm import contiguous_grad, grouped_mm_supported, looped_mm
+
+
+GROUPS = ("trainable", "frozen")
+
+
+class FrozenAwareGroupedExperts(MegatronModule):
+    """Routed experts split into a trainable and a frozen group, each computed with `torch._grouped_mm`."""
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        config: TransformerConfig,
+        submodules: Optional[MLPSubmodules] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        self.submodules = submodules  # kept for spec compatibility; the projections are built in here
+        if self.tp_group is not None and self.tp_group.size() != 1:
+            raise ValueError("FrozenAwareGroupedExperts needs expert_tensor_parallel_size == 1")
+        if config.add_bias_linear:
+            raise ValueError("FrozenAwareGroupedExperts does not support expert biases (add_bias_linear=True)")
+        if config.moe_latent_size is not None or config.fp8 or getattr(config, "fp4", None):
+            raise ValueError("FrozenAwareGroupedExperts: moe_latent_size / fp8 / fp4 are not supported yet")
+        if config.use_te_activation_func:
+            raise ValueError("FrozenAwareGroupedExperts: use_te_activation_func is not supported")
+
+        hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
+        fc1_out = 2 * ffn if config.gated_linear_unit else ffn
+        self._shapes = {"fc1": (fc1_out, hidden), "fc2": (hidden, ffn)}
+        device = torch.device("cpu") if config.use_cpu_initialization else torch.device(torch.cuda.current_device())
+        fc1 = torch.empty(num_local_experts, fc1_out, hidden, dtype=config.params_dtype, device=device)
+        fc2 = torch.empty(num_local_experts, hidden, ffn, dtype=config.params_dtype, device=device)
+        if config.perform_initialization:
+            # Per expert, like SequentialMLP's linears: CPU init uses the default generator, GPU init the
+            # expert-parallel RNG tracker (so experts on different EP ranks differ).
+            rng = contextlib.nullcontext() if config.use_cpu_initialization else get_cuda_rng_tracker().fork(
+                get_expert_parallel_rng_tracker_name()
+            )
+            with torch.no_grad(), rng:
+                for e in range(num_local_experts):
+                    config.init_method(fc1[e])
+                    config.output_layer_init_method(fc2[e])
+        self._group_ids: dict[str, list[int]] = {"trainable": list(range(num_local_experts)), "frozen": []}
+        self._install({"fc1": fc1, "fc2": fc2})
+
+    # ----------------------------------------------------------------------------------------------- partitioning
+    @property
+    def trainable_local_experts(self) -> list[int]:
+        return list(self._group_ids["trainable"])
+
+    @property
+    def frozen_local_experts(self) -> list[int]:
+        return list(self._group_ids["frozen"])
+
+    @property
+    def local_to_global(self) -> list[int]:
+        offset = self.ep_group.rank() * self.num_local_experts
+        return [offset + j for j in range(self.num_local_experts)]
+
+    def placement(self, local_idx: int) -> tuple[str, int]:
+        """(group, row) of a local expert."""
+        return self._placement[local_idx]
+
+    def expert_weight(self, proj: str, local_idx: int) -> torch.Tensor:
+        """The [out, in] weight of one local expert (a view of its group Parameter)."""
+        group, row = self._placement[local_idx]
+        return getattr(self, f"{proj}_{group}")[row]
+
+    def set_trainable_experts(self, local_expert_ids: Iterable[int]) -> None:
+        """Re-partition the local experts: `local_expert_ids` trainable, the rest frozen. Values are unchanged.
+
+        Call before Megatron DDP / the optimizer are built: the group Parameters are replaced by new ones.
+        """
+        ids = sorted(set(int(i) for i in local_expert_ids))
+        if any(i < 0 or i >= self.num_local_experts for i in ids):
+            raise ValueError(f"local expert ids {ids} out of range [0, {self.num_local_experts})")
+        with torch.no_grad():
+            full = {p: torch.stack([self.expert_weight(p, j) for j in range(self.num_local_experts)])
+                    for p in ckpt.PROJECTIONS}
+        self._group_ids = {"trainable": ids, "frozen": [j for j in range(self.num_local_experts) if j not in ids]}
+        self._install(full)
+
+    def _install(self, full: dict[str, torch.Tensor]) -> None:
+        """(Re)create the group Parameters from full [E_local, out, in] stacks, with Megatron's parameter attributes."""
+        self._placement = {}
+        for group in GROUPS:
+            ids = self._group_ids[group]
+            for row, j in enumerate(ids):
+                self._placement[j] = (group, row)
+            for proj in ckpt.PROJECTIONS:
+                data = full[proj][ids].contiguous() if ids else full[proj].new_empty(0, *self._shapes[proj])
+                param = torch.nn.Parameter(data, requires_grad=(group == "trainable" and len(ids) > 0))
+                # Same attributes as ColumnParallelLinear / RowParallelLinear weights of SequentialMLP's experts:
+                # `allreduce=False` under EP puts them in DDP's expert buffers (reduced over the expert-DP group).
+                param.allreduce = not (self.config.expert_model_parallel_size > 1)
+                param.tensor_model_parallel = True
+                param.partition_dim = 1 if proj == "fc1" else 2
+                param.partition_stride = 2 if (proj == "fc1" and self.config.gated_linear_unit) else 1
+                setattr(self, f"{proj}_{group}", param)
+
+    # ---------------------------------------------------------------------------------------------------- compute
+    def _grouped_mm(self, a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMM seam (an FP8 `torch._scaled_grouped_mm` path plugs in here): a [M, K] x b_t [G, K, N]."""
+        return torch._grouped_mm(a, b_t, offs=offs)
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:
+        if offs is None:
+            return looped_mm(x, weight, counts)
+        return contiguous_grad(self._grouped_mm(x, weight.transpose(-2, -1), offs))
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        if not config.gated_linear_unit:
+            return config.activation_func(h)
+        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+        if (val := config.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        return config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
+
+    def _group_mlp(self, group: str, x: torch.Tensor, probs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        fc1, fc2 = getattr(self, f"fc1_{group}"), getattr(self, f"fc2_{group}")
+        use_grouped = grouped_mm_supported(x.dtype, x.device, x.shape[1], fc1.shape[1]) and grouped_mm_supported(
+            x.dtype, x.device, fc2.shape[2], fc2.shape[1]
+        )
+        offs = None
+        if use_grouped:
+            offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=x.device)
+        h = self._gemm(x, fc1, counts, offs)
+        act = self._activation(h)
+        act = (act * probs.unsqueeze(-1)).to(x.dtype)  # MLP.forward's per_token_scale
+        return self._gemm(act, fc2, counts, offs)
+
+    def _regroup_permutation(self, tokens_per_expert: torch.Tensor, total: int, device) -> Optional[torch.Tensor]:
+        """Row permutation that makes each group's rows contiguous (None when they already are)."""
+        order = self._group_ids["trainable"] + self._group_ids["frozen"]
+        if order == sorted(order):
+            return None
+        rank_of = torch.empty(self.num_local_experts, dtype=torch.long)
+        rank_of[torch.tensor(order, dtype=torch.long)] = torch.arange(self.num_local_experts)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_local_experts, device=device), tokens_per_expert.to(device), output_size=total
+        )
+        return torch.argsort(rank_of.to(device)[expert_of_row], stable=True)
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
+            x = (probs.unsqueeze(-1) * x).to(permuted_local_hidden_states.dtype)
+            probs = torch.ones_like(probs)
+        if not torch.is_tensor(tokens_per_expert):
+            tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.long)
+        counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync, as SequentialMLP / TEGroupedMLP
+        perm = self._regroup_permutation(tokens_per_expert, x.shape[0], x.device)
+        if perm is not None:
+            x, probs = x.index_select(0, perm), probs.index_select(0, perm)
+        outputs, start = [], 0
+        for group in GROUPS:
+            ids = self._group_ids[group]
+            if not ids:
+                continue
+            group_counts = [counts[j] for j in ids]
+            rows = sum(group_counts)
+            outputs.append(self._group_mlp(group, x[start : start + rows], probs[start : start + rows], group_counts))
+            start += rows
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        if perm is not None:
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            output = output.index_select(0, inverse)
+        return output, None
+
+    def backward_dw(self):
+        """Weight gradients are computed in the main backward (no delayed wgrad)."""
+
+    # ------------------------------------------------------------------------------------------------- checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # SequentialMLP's names: local_experts.{j}.linear_fc{1,2}.{weight,_extra_state}
+        for j in range(self.num_local_experts):
+            for proj in ckpt.PROJECTIONS:
+                weight = self.expert_weight(proj, j)
+                destination[f"{prefix}local_experts.{j}.linear_{proj}.weight"] = weight if keep_vars else weight.detach()
+                destination[f"{prefix}local_experts.{j}.linear_{proj}._extra_state"] = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Accepts SequentialMLP's per-expert keys and the group keys a dist_checkpointing load returns."""
+        consumed = set()
+        with torch.no_grad():
+            for proj in ckpt.PROJECTIONS:
+                loaded_rows = set()
+                for group in GROUPS:
+                    key, param = f"{prefix}{proj}_{group}", getattr(self, f"{proj}_{group}")
+                    if key in state_dict:
+                        consumed.add(key)
+                        if tuple(state_dict[key].shape) != tuple(param.shape):
+                            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(param.shape)}")
+                            continue
+                        param.copy_(state_dict[key])
+                        loaded_rows.update(self._group_ids[group])
+                for j in range(self.num_local_experts):
+                    key = f"{prefix}local_experts.{j}.linear_{proj}.weight"
+                    extra = f"{prefix}local_experts.{j}.linear_{proj}._extra_state"
+                    consumed.add(extra)
+                    if key in state_dict:
+                        consumed.add(key)
+                        target = self.expert_weight(proj, j)
+                        if tuple(state_dict[key].shape) != tuple(target.shape):
+                            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(target.shape)}")
+                            continue
+                        target.copy_(state_dict[key])
+                    elif j not in loaded_rows:
+                        missing_keys.append(key)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in consumed)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """SequentialMLP's on-disk layout; one factory per group Parameter (see checkpoint.py)."""
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = {}
+        for group in GROUPS:
+            ids = self._group_ids[group]
+            if not ids:
+                continue
+            for proj in ckpt.PROJECTIONS:
+                param = getattr(self, f"{proj}_{group}")
+                sharded[f"{prefix}{proj}_{group}"] = ckpt.group_factory(
+                    self, proj, param, ids, prefix, sharded_offsets, metadata
+                )
+        for j in range(self.num_local_experts):
+            for proj in ckpt.PROJECTIONS:
+                sharded.update(ckpt.extra_state_entries(
+                    self, proj, j, self.expert_weight(proj, j).detach(), prefix, sharded_offsets, metadata
+                ))
+        return sharded

@@ -1,0 +1,105 @@
+"""Grouped GEMM primitives for the frozen-aware experts: `torch._grouped_mm` with a per-expert loop fallback.
+
+Facts this relies on (reference: /work/shared/reference/grouped_gemm.md §2):
+* `torch._grouped_mm(x [M, K], w_t [G, K, N], offs int32 [G])` computes `x[s:e] @ w_t[g]` for each group, with
+  `offs` the inclusive end rows (no leading 0). Its autograd formula has separate input and weight branches: when the
+  weight does not require grad the weight-gradient GEMM is not run and `x` is not saved.
+* Runs on CPU (torch >= 2.9, fp32/bf16/fp16) and CUDA; every operand's leading stride must be a multiple of 16 bytes,
+  so K and N must be multiples of 16 / element size. Otherwise we fall back to a loop of `F.linear` per expert.
+* The backward needs a dense, 16-byte aligned output gradient (an expanded grad from `.sum()` fails), so every output
+  passes through `contiguous_grad`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PROBE_CACHE: dict[tuple, bool] = {}
+_LOGGED: set[tuple] = set()
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity in forward; makes the incoming gradient dense in backward (grouped GEMM backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # `is_contiguous()` is also true for empty or size-1 expanded grads whose strides are 0; the kernel's stride
+        # check is stricter, so compare with the canonical strides.
+        if grad.stride() != _canonical_strides(grad.shape):
+            grad = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return grad
+
+
+def _canonical_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
+
+
+def _run_probe(dtype: torch.dtype, device: torch.device, k: int, n: int) -> None:
+    """Forward + backward of a tiny grouped GEMM with the real K, N, dtype and device (raises if unsupported)."""
+    x = torch.zeros(3, k, dtype=dtype, device=device, requires_grad=True)
+    w = torch.zeros(2, n, k, dtype=dtype, device=device, requires_grad=True)
+    offs = torch.tensor([1, 3], dtype=torch.int32, device=device)
+    y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    y.backward(torch.ones(3, n, dtype=dtype, device=device))
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, k: int, n: int) -> bool:
+    """Whether `torch._grouped_mm` runs forward+backward for [*, k] x [G, k, n] here (probed once per key, cached)."""
+    key = (dtype, device.type, k, n)
+    if key in _PROBE_CACHE:
+        return _PROBE_CACHE[key]
+    reason = None
+    if not hasattr(torch, "_grouped_mm"):
+        reason = f"torch {torch.__version__} has no torch._grouped_mm"
+    elif dtype not in _SUPPORTED_DTYPES:
+        reason = f"dtype {dtype} is not supported by torch._grouped_mm"
+    elif (k * torch.finfo(dtype).bits // 8) % 16 or (n * torch.finfo(dtype).bits // 8) % 16:
+        reason = f"K={k} or N={n} rows are not 16-byte aligned for {dtype}"
+    else:
+        try:
+            with torch.enable_grad():
+                _run_probe(dtype, device, k, n)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. no kernel for this device
+            reason = f"probe failed: {' '.join(str(exc).split())[:200]}"
+    _PROBE_CACHE[key] = reason is None
+    if reason is not None and key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.warning("frozen-aware experts: per-expert loop instead of torch._grouped_mm (%s)", reason)
+    return reason is None
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[s:e] = x[s:e] @ weight[g].T for each group g; weight is nn.Linear style [G, N, K]; offs int32 inclusive ends.
+
+    The caller guarantees offs[-1] == x.shape[0] (rows past offs[-1] would be left uninitialised by the kernel).
+    """
+    out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    return contiguous_grad(out)
+
+
+def looped_mm(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Reference/fallback: one F.linear per group. Always touches every group's weight (so a trainable weight gets a
+    zero-filled grad even with zero tokens, as with the grouped GEMM)."""
+    outs = [F.linear(chunk, weight[g]) for g, chunk in enumerate(torch.split(x, list(counts)))]
+    if not outs:
+        return x.new_zeros(x.shape[0], weight.shape[1])
+    return torch.cat(outs, dim=0)

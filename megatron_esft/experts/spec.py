@@ -1,0 +1,51 @@
+"""Put the frozen-aware experts into Megatron-Core layer / block specs (in place of SequentialMLP)."""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+def _experts_class(backend: str):
+    if backend == "torch":
+        from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
+
+        return FrozenAwareGroupedExperts
+    if backend == "te":
+        from megatron_esft.experts.te import FrozenAwareTEGroupedExperts
+
+        return FrozenAwareTEGroupedExperts
+    if backend == "auto":
+        from megatron_esft.compat import have_transformer_engine
+
+        import torch
+
+        return _experts_class("te" if have_transformer_engine() and torch.cuda.is_available() else "torch")
+    raise ValueError(f"unknown experts backend {backend!r} (torch, te, auto)")
+
+
+def _swap_in_layer(layer_spec: ModuleSpec, experts_cls) -> bool:
+    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
+    if not isinstance(mlp, ModuleSpec) or not (isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer)):
+        return False
+    experts = mlp.submodules.experts
+    submodules = experts.submodules if isinstance(experts, ModuleSpec) else None
+    mlp.submodules.experts = ModuleSpec(module=experts_cls, submodules=submodules)
+    return True
+
+
+def use_grouped_experts(spec, backend: str = "torch"):
+    """Return a copy of a layer spec (ModuleSpec) or block spec (TransformerBlockSubmodules) whose MoE layers use the
+    frozen-aware grouped experts. Dense layers are untouched. `backend`: "torch" (torch._grouped_mm, CPU and GPU),
+    "te" (Transformer Engine GroupedLinear, GPU only) or "auto" (TE when importable on a GPU, else torch)."""
+    experts_cls = _experts_class(backend)
+    spec = copy.deepcopy(spec)
+    layer_specs = getattr(spec, "layer_specs", None)
+    swapped = sum(_swap_in_layer(s, experts_cls) for s in layer_specs) if layer_specs is not None else int(
+        _swap_in_layer(spec, experts_cls)
+    )
+    if not swapped:
+        raise ValueError("use_grouped_experts: the spec has no MoE layer")
+    return spec
