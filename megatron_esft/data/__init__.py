@@ -1,0 +1,40 @@
+"""SFT data pipeline: tokenizers, chat formatting with answer-only loss, packing with document masks, indexed data.
+
+Public API (details in each module's docstring):
+
+    from megatron_esft.data import (load_tokenizer, build_tiny_tokenizer, build_sft_datasets, SFTDataLoader,
+                                    eval_batches, build_attention_mask, valid_token_mask)
+
+    tok = load_tokenizer(checkpoint_dir)                  # .encode/.decode/.bos_id/.eos_id/.pad_id/.vocab_size
+    train, valid = build_sft_datasets("task.jsonl", split="98,2", tokenizer=tok, seq_length=4096, seed=1234)
+    loader = SFTDataLoader(train, micro_batch_size=1, dp_rank=r, dp_size=dp)   # endless, resumable
+    batch = next(loader)              # tokens, labels (already shifted), loss_mask, position_ids, document_ids [b, s]
+    attention_mask = build_attention_mask(batch)   # bool [b, 1, s, s], True = masked out, per-document causal
+    real = valid_token_mask(batch)                  # bool [b, s], False on padding (routing statistics skip it)
+
+Modules: tokenizer (HF / sentencepiece adapters), tiny_tokenizer (offline test tokenizer), conversation (JSONL
+validation, ESFT template, chat templates), documents (JSONL and Megatron indexed stores, preprocessing writer),
+packing (sample tensors, attention masks), sft_dataset (split, truncation, epochs), loader (DP sharding, resume).
+Heavy libraries (transformers, megatron.core) are imported only when needed.
+"""
+
+from megatron_esft.data.loader import SFTDataLoader, eval_batches, num_eval_batches
+from megatron_esft.data.packing import build_attention_mask, collate, valid_token_mask
+from megatron_esft.data.sft_dataset import SFTDataset, build_sft_datasets, parse_split
+from megatron_esft.data.tiny_tokenizer import build_tiny_tokenizer
+from megatron_esft.data.tokenizer import TokenizerAdapter, load_tokenizer
+
+__all__ = [
+    "SFTDataLoader",
+    "SFTDataset",
+    "TokenizerAdapter",
+    "build_attention_mask",
+    "build_sft_datasets",
+    "build_tiny_tokenizer",
+    "collate",
+    "eval_batches",
+    "load_tokenizer",
+    "num_eval_batches",
+    "parse_split",
+    "valid_token_mask",
+]
