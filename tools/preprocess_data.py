@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from megatron_esft.data.conversation import TEMPLATES
+from megatron_esft.data.conversation import TEMPLATES, read_conversations
 from megatron_esft.data.documents import write_indexed_documents
 from megatron_esft.data.sft_dataset import TRUNCATE_MODES
 from megatron_esft.data.tokenizer import load_tokenizer
@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     if args.seq_length is not None and args.seq_length < 2:
         raise UserError(f"--seq-length {args.seq_length}: must be at least 2")
     start = time.perf_counter()
+    for path in args.input:  # validate every line first: fail fast, before loading the tokenizer and Megatron-Core
+        for _ in read_conversations(path):
+            pass
     tokenizer = load_tokenizer(args.tokenizer)
     meta = write_indexed_documents(args.input, tokenizer, args.output_prefix, template=args.template,
                                    max_length=args.seq_length, truncate=args.truncate)

@@ -35,6 +35,16 @@ META_SUFFIX = "_meta.json"
 _BATCH = 1024  # conversations per tokenizer call
 
 
+def _indexed_dataset_module():
+    """megatron.core.datasets.indexed_dataset, imported without megatron.core's "no TE/apex" import warnings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 class Documents:
     lengths: np.ndarray  # int64[num_documents]
 
@@ -106,7 +116,7 @@ def indexed_prefix(path: str) -> str | None:
 
 class IndexedDocuments(Documents):
     def __init__(self, prefix: str, tokenizer: TokenizerAdapter | None = None, template: str | None = None):
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        IndexedDataset = _indexed_dataset_module().IndexedDataset
 
         self.prefix = prefix
         meta_path = prefix + META_SUFFIX
@@ -142,10 +152,6 @@ class IndexedDocuments(Documents):
 
     def where(self, i: int) -> str:
         return f"{self.prefix}: document {i}"
-
-
-def _is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".json"))
 
 
 def open_documents(paths, tokenizer: TokenizerAdapter, template: str = "esft") -> Documents:
@@ -186,8 +192,6 @@ def write_indexed_documents(
     `truncate="error"` an over-long sample fails here already. Nothing is left behind on error: everything is written
     to temporary files in the output directory and renamed at the end (the meta file last).
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     check_template(template)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
@@ -195,6 +199,8 @@ def write_indexed_documents(
     for path in input_paths:  # fail on a missing input before doing any work
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file")
+    indexed_dataset = _indexed_dataset_module()
+    DType, IndexedDatasetBuilder = indexed_dataset.DType, indexed_dataset.IndexedDatasetBuilder
     tmp_dir = tempfile.mkdtemp(dir=out_dir, prefix=".preprocess.")
     tmp_prefix = os.path.join(tmp_dir, "data")
     try:
