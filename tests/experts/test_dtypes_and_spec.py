@@ -1,0 +1,64 @@
+"""bf16 on CPU, the per-expert loop fallback for unaligned shapes, and the spec swap."""
+
+import pytest
+import torch
+from tiny import batch, build_model, copy_sequential_to_grouped, freeze_grouped, freeze_sequential, loss_of, tiny_config
+
+from megatron_esft.experts.grouped_mm import grouped_mm_supported
+
+
+def test_grouped_mm_support_probe():
+    cpu = torch.device("cpu")
+    assert grouped_mm_supported(torch.float32, cpu, 32, 32)
+    assert grouped_mm_supported(torch.bfloat16, cpu, 32, 16)
+    assert not grouped_mm_supported(torch.bfloat16, cpu, 32, 12)  # 24-byte rows: not 16-byte aligned
+    assert not grouped_mm_supported(torch.float64, cpu, 32, 32)
+
+
+def _compare(config, trainable, atol):
+    torch.manual_seed(0)
+    ref, ours = build_model(config, grouped=False), build_model(config, grouped=True)
+    copy_sequential_to_grouped(ref, ours)
+    freeze_sequential(ref, trainable)
+    freeze_grouped(ours, trainable)
+    data = batch(seed=2)
+    loss_ref, loss_ours = loss_of(ref, data), loss_of(ours, data)
+    loss_ref.backward()
+    loss_ours.backward()
+    assert torch.isfinite(loss_ours)
+    assert abs(loss_ref.item() - loss_ours.item()) <= atol
+    experts_ref, experts_ours = ref.decoder.layers[1].mlp.experts, ours.decoder.layers[1].mlp.experts
+    for j in trainable[2]:
+        group, row = experts_ours.placement(j)
+        for proj in ("fc1", "fc2"):
+            g_ref = getattr(experts_ref.local_experts[j], f"linear_{proj}").weight.grad.float()
+            g_ours = getattr(experts_ours, f"{proj}_{group}").grad[row].float()
+            assert torch.isfinite(g_ours).all()
+            torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=atol * max(1.0, g_ref.abs().max().item()))
+
+
+def test_fallback_loop_for_unaligned_shapes_matches_sequential(mcore):
+    # moe_ffn_hidden_size 6 -> fp32 rows of 24 bytes: torch._grouped_mm cannot run, the F.linear loop takes over
+    assert not grouped_mm_supported(torch.float32, torch.device("cpu"), 6, 32)
+    _compare(tiny_config(moe_ffn_hidden_size=6), {2: [0, 3, 4]}, atol=1e-6)
+
+
+def test_bf16_forward_backward_smoke(mcore):
+    config = tiny_config(params_dtype=torch.bfloat16, bf16=True)
+    _compare(config, {2: [2, 7, 5]}, atol=5e-2)
+
+
+def test_use_grouped_experts_swaps_only_moe_layers():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_esft.experts import FrozenAwareGroupedExperts, use_grouped_experts
+
+    spec = get_gpt_decoder_block_spec(tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1]), use_transformer_engine=False)
+    swapped = use_grouped_experts(spec)
+    kinds = [getattr(s.submodules.mlp.submodules, "experts", None) for s in swapped.layer_specs]
+    assert kinds[0] is None
+    assert all(k.module is FrozenAwareGroupedExperts for k in kinds[1:])
+    assert spec.layer_specs[1].submodules.mlp.submodules.experts.module is SequentialMLP  # input spec untouched
+    with pytest.raises(ValueError):
+        use_grouped_experts(spec.layer_specs[0])
