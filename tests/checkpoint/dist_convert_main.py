@@ -1,0 +1,48 @@
+"""torchrun worker: convert HF -> Megatron at the given TP/EP layout, then forward+backward on fixed tokens.
+
+Rank 0 writes {"loss": ...} to OUT/result.json. Usage: dist_convert_main.py HF OUT TP EP
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+
+def fixed_batch(vocab: int, batch: int = 2, seq: int = 16):
+    generator = torch.Generator().manual_seed(123)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def forward_backward(model, vocab):
+    tokens, labels = fixed_batch(vocab)
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    loss = model(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return float(loss), grads_finite
+
+
+def main():
+    hf, out, tp, ep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    from megatron_esft import parallel as par
+    from megatron_esft.checkpoint.convert import hf_to_mcore, load_model_weights
+    from megatron_esft.models.hf_config import load_hf_config
+    from megatron_esft.models.provider import build_model
+
+    layout = par.ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    hf_to_mcore(hf, os.path.join(out, "mcore"), layout)
+    cfg = load_hf_config(hf)
+    model = build_model(cfg, layout)
+    load_model_weights(model, os.path.join(out, "mcore"))
+    loss, finite = forward_backward(model, cfg.vocab_size)
+    if par.is_rank0():
+        with open(os.path.join(out, "result.json"), "w") as fh:
+            json.dump({"loss": loss, "grads_finite": finite}, fh)
+    par.destroy()
+
+
+if __name__ == "__main__":
+    main()
