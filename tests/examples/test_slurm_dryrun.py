@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -220,3 +221,21 @@ def test_usr1_stops_the_step_and_requeues(env, tmp_path):
     assert proc.returncode == 0, stderr
     assert log.read_text().splitlines() == ["started", "srun got TERM", "requeue 4242"]
     assert "requeueing job 4242" in stderr
+
+
+def test_flags_are_accepted_by_the_tools_that_exist(env):
+    """Every flag a script passes appears in that tool's own --help (tools still being built are checked once they
+    exist; the conversion and selection tools must already be among the checked ones)."""
+    commands, _ = dry_run(V3, env, SLURM_JOB_NUM_NODES="16", SLURM_JOB_NODELIST="gpu[001-016]")
+    checked = []
+    for command in commands:
+        _, _, script, args = split_launch(command)
+        if not os.path.exists(script):
+            continue
+        result = subprocess.run([sys.executable, script, "--help"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        unknown = [flag for flag in args if flag not in result.stdout]
+        assert unknown == [], f"{os.path.basename(script)} does not accept {unknown}"
+        checked.append(os.path.basename(script))
+    assert {"convert_hf_to_mcore.py", "select_experts.py", "convert_mcore_to_hf.py"} <= set(checked)
