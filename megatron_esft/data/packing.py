@@ -93,9 +93,9 @@ def build_attention_mask(batch) -> torch.Tensor:
     if doc.dim() == 1:
         doc = doc.unsqueeze(0)
     s = doc.shape[-1]
-    same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc.device).tril_()
-    return (~(same_doc & causal)).unsqueeze(1)
+    future = torch.ones(s, s, dtype=torch.bool, device=doc.device).triu_(1)
+    # build it where the model runs (call after moving document_ids to the GPU): s*s bytes per sample
+    return ((doc.unsqueeze(-1) != doc.unsqueeze(-2)) | future).unsqueeze(1)
 
 
 def valid_token_mask(batch) -> torch.Tensor:

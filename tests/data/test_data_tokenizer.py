@@ -118,3 +118,18 @@ def test_bad_tokenizer_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="expected a tokenizer directory"):
         load_tokenizer(str(tmp_path / "notes.txt"))
+
+
+def test_sentencepiece_esft_template(sp_model, small_chat):
+    import sentencepiece
+
+    from megatron_esft.data import build_sft_datasets
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    train, _ = build_sft_datasets(small_chat, tokenizer=load_tokenizer(str(sp_model)), seq_length=512, pack=False)
+    sample = next(train[i] for i in range(len(train)) if int(train[i]["document_ids"][0]) == 0)
+    prompt = sp.encode("User: What is the capital of France?\n\nAssistant:")
+    answer = sp.encode(" Paris.") + [2]
+    expected = [1] + prompt + answer
+    assert sample["tokens"][: len(expected)].tolist() == expected
+    assert sample["labels"][sample["loss_mask"].bool()].tolist() == answer
