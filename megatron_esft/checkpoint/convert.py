@@ -19,6 +19,7 @@ import uuid
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import hf_mapping
@@ -90,7 +91,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     if missing:
         raise UserError(f"{hf_dir}: tensor '{missing[0]}' expected by the config is missing "
                         f"({len(missing)} missing in all; wrong layer or expert count?)")
-    for sh in pieces:
+    for sh in tqdm(pieces, desc="mapping HF tensors", unit="tensor", disable=not par.is_rank0()):
         piece = hf_mapping.resolve(sh.key, sh.global_offset, sh.prepend_axis_num, cfg)
         if piece is None:  # fused qkv (standard attention)
             layer = hf_mapping.qkv_layer(sh.key)
@@ -142,7 +143,7 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
     tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
     try:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        for group in sorted(groups):
+        for group in tqdm(sorted(groups), desc="exporting layers", unit="layer"):
             pieces = groups[group]
             for sh in pieces:
                 dtype = torch.float32 if sh.key.endswith("router.expert_bias") else stored

@@ -1,7 +1,10 @@
 """Hugging Face safetensors checkpoints: zero-copy reading and sharded writing.
 
-Reading memory-maps each file and returns tensors that are views of the page cache (no copy), so converting a 16B
-checkpoint does not need 32 GB of RAM: pages are read when a tensor is written out and can be evicted afterwards.
+Reading memory-maps each tensor and returns a tensor over the page cache (no copy), so converting a 16B checkpoint
+does not need 32 GB of RAM: pages are read when a tensor is written out and can be evicted afterwards. Each tensor
+gets its *own* mapping (numpy.memmap at the tensor's offset, copy-on-write) rather than being a view into one big
+file mapping, because Megatron's checkpoint writer clones every tensor whose storage is larger than the tensor
+(filesystem_async.py `_clone_if_needed`), which would copy the whole model into anonymous memory.
 The safetensors header (8-byte little-endian length + JSON) is read with the safetensors library's own format and
 offsets; `safe_open` validates every file first.
 
@@ -12,10 +15,10 @@ flushing a shard whenever it reaches `max_shard_bytes`, so only one shard is eve
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -51,7 +54,6 @@ class SafetensorsReader:
         if not files:
             raise UserError(f"{directory}: no .safetensors weights found")
         self._entries: dict[str, tuple[str, int, torch.dtype, tuple[int, ...]]] = {}
-        self._maps: dict[str, mmap.mmap] = {}
         for name in files:
             path = os.path.join(directory, name)
             if not os.path.exists(path):
@@ -86,20 +88,18 @@ class SafetensorsReader:
         return self._entries[name][3]
 
     def get(self, name: str) -> torch.Tensor:
-        """A zero-copy (copy-on-write) view of tensor `name`."""
+        """Tensor `name`, memory-mapped copy-on-write (reads come from the page cache; writes stay private)."""
         if name not in self._entries:
             raise UserError(f"{self.directory}: tensor '{name}' not found in the checkpoint")
         path, offset, dtype, shape = self._entries[name]
-        if path not in self._maps:
-            with open(path, "rb") as fh:
-                self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         count = 1
         for dim in shape:
             count *= dim
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._maps[path], dtype=dtype, count=count, offset=offset)
-        return flat.view(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(count * itemsize,))
+        return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class ShardedSafetensorsWriter:

@@ -69,6 +69,7 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,

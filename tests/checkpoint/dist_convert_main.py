@@ -1,6 +1,7 @@
 """torchrun worker: convert HF -> Megatron at the given TP/EP layout, then forward+backward on fixed tokens.
 
-Rank 0 writes {"loss": ...} to OUT/result.json. Usage: dist_convert_main.py HF OUT TP EP
+Rank 0 writes {"loss": ...} to OUT/result.json (with PP>1 only the load is checked: no training schedule here).
+Usage: dist_convert_main.py HF OUT TP EP PP
 """
 
 import json
@@ -26,21 +27,26 @@ def forward_backward(model, vocab):
 
 
 def main():
-    hf, out, tp, ep = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    hf, out, tp, ep, pp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     from megatron_esft import parallel as par
     from megatron_esft.checkpoint.convert import hf_to_mcore, load_model_weights
     from megatron_esft.models.hf_config import load_hf_config
     from megatron_esft.models.provider import build_model
 
-    layout = par.ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    layout = par.ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
     hf_to_mcore(hf, os.path.join(out, "mcore"), layout)
     cfg = load_hf_config(hf)
     model = build_model(cfg, layout)
     load_model_weights(model, os.path.join(out, "mcore"))
-    loss, finite = forward_backward(model, cfg.vocab_size)
+    if pp > 1:
+        layers = sorted(layer.layer_number for layer in model.decoder.layers)
+        loss, finite = None, True
+    else:
+        layers = None
+        loss, finite = forward_backward(model, cfg.vocab_size)
     if par.is_rank0():
         with open(os.path.join(out, "result.json"), "w") as fh:
-            json.dump({"loss": loss, "grads_finite": finite}, fh)
+            json.dump({"loss": loss, "grads_finite": finite, "stage0_layers": layers}, fh)
     par.destroy()
 
 

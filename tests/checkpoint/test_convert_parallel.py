@@ -25,13 +25,16 @@ def single_rank_loss(hf, tmp_path):
     return forward_backward(model, cfg.vocab_size)[0]
 
 
-@pytest.mark.parametrize("arch, tp, ep", [("deepseek-v2", 1, 2), ("deepseek-v2", 2, 1), ("deepseek-v3", 1, 2),
-                                          ("deepseek-moe", 2, 1)])
-def test_two_rank_convert_and_train_step(arch, tp, ep, tiny_hf, tmp_path):
-    hf = tiny_hf(arch)
-    run_torchrun(WORKER, hf, tmp_path, tp, ep)
+@pytest.mark.parametrize("arch, tp, ep, pp", [("deepseek-v2", 1, 2, 1), ("deepseek-v2", 2, 1, 1), ("deepseek-v3", 1, 2, 1),
+                                              ("deepseek-moe", 2, 1, 1), ("deepseek-v3", 1, 1, 2)])
+def test_two_rank_convert_and_train_step(arch, tp, ep, pp, tiny_hf, tmp_path):
+    hf = tiny_hf(arch, layers=4) if pp > 1 else tiny_hf(arch)
+    run_torchrun(WORKER, hf, tmp_path, tp, ep, pp)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["grads_finite"]
-    assert result["loss"] == pytest.approx(single_rank_loss(hf, tmp_path), rel=1e-5, abs=1e-6)
+    if pp > 1:
+        assert result["stage0_layers"] == [1, 2]  # the first stage built (and loaded) layers 1-2 of 4
+    else:
+        assert result["loss"] == pytest.approx(single_rank_loss(hf, tmp_path), rel=1e-5, abs=1e-6)
     mcore_to_hf(str(tmp_path / "mcore"), str(tmp_path / "back"))
     assert_bit_exact(hf, str(tmp_path / "back"))

@@ -1,0 +1,165 @@
+"""Training checkpoints on top of mcore_checkpoint: model + optimizer + per-rank RNG + data position + schedule.
+
+One checkpoint is one `DIR/iter_XXXXXXX/` written atomically by `mcore_checkpoint.save_checkpoint`:
+
+* `model`: the full model (frozen parameters included) in the base checkpoint's layout and keys, so
+  `convert_mcore_to_hf.py` turns a trained checkpoint into the merged HF model and any TP/EP/PP can load it;
+* `optimizer`: Megatron's distributed-optimizer state in the `fully_reshardable` format (loadable under another
+  TP/EP/PP/DP layout);
+* `rng_state`: a ShardedObject with one entry per global rank (restored only when the world size is unchanged);
+* `esft_meta.json`: the base checkpoint's `hf_config` / `params_dtype` / `hf_dtypes` (what the HF exporter needs)
+  plus `kind` ("esft" | "full"), `finetune_mode`, `expert_config`, and `train_state` (iteration, consumed samples,
+  data-loader state, LR-scheduler state, best validation loss, parallel layout).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_esft.checkpoint.mcore_checkpoint import (
+    HF_ASSETS,
+    load_sharded,
+    read_meta,
+    read_tracker,
+    save_checkpoint,
+    strip_extra_state,
+)
+from megatron_esft.errors import UserError
+
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+TRAINED_KINDS = ("esft", "full")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(value) -> object:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = _world()
+    return ShardedObject("rng_state", value, (world,), (rank,), replica_id=0)
+
+
+def _model_sharded(model) -> dict:
+    return strip_extra_state(model.sharded_state_dict())
+
+
+EXPERT_AXIS_KEY = ".mlp.experts.experts."  # SequentialMLP's sharded key: the global expert axis is prepended
+
+
+def _per_expert_optimizer_keys(optimizer_sd: dict):
+    """Give each routed expert's optimizer state its own dist-ckpt key (`<key>.expert<g>`); returns the factories.
+
+    ESFT trains a subset of a layer's experts, so the optimizer state of `...experts.experts.linear_fc1.weight`
+    covers only some slices of the expert axis, which dist_checkpointing's access validation rejects (every global
+    tensor must be covered). One key per global expert is always fully covered, and still reshards freely: a rank
+    finds its experts' state by global expert id under any EP layout. Factories (the SwiGLU gate/up split) are
+    applied here, so the caller must re-merge loaded values with `apply_factory_merges(loaded, factories)`.
+    """
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+
+    factories, _ = extract_matching_values(optimizer_sd, lambda x: isinstance(x, ShardedTensorFactory),
+                                           return_lists_as_dicts=True)
+    apply_factories(optimizer_sd)
+
+    def rename(value):
+        if isinstance(value, ShardedTensor) and EXPERT_AXIS_KEY in value.key and value.prepend_axis_num == 1:
+            expert = value.global_offset[0]
+            return dataclasses.replace(
+                value, key=f"{value.key}.expert{expert}", global_shape=value.global_shape[1:],
+                global_offset=value.global_offset[1:], prepend_axis_num=0,
+                axis_fragmentations=value.axis_fragmentations[1:] if value.axis_fragmentations else None)
+        return value
+
+    dict_list_map_inplace(rename, optimizer_sd)
+    return factories
+
+
+def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None):
+    """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0."""
+    model_sd = _model_sharded(model)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING)
+    _per_expert_optimizer_keys(optimizer_sd)
+    state = {"model": model_sd, "optimizer": optimizer_sd, "rng_state": _rng_sharded(rng_state())}
+    rank, world = _world()
+    meta = dict(meta, world_size=world)
+    return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from)
+
+
+def load_model_only(root: str, iteration: int, model) -> None:
+    loaded = load_sharded(root, iteration, _model_sharded(model))
+    _load_into_model(model, loaded)
+
+
+def _load_into_model(model, loaded: dict) -> None:
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint/model key mismatch: missing {missing[:3]} unexpected {list(unexpected)[:3]}")
+
+
+def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool) -> None:
+    """Collective: model weights, optimizer state and (when `restore_rng`) this rank's RNG states."""
+    from megatron.core.dist_checkpointing.mapping import apply_factory_merges
+
+    model_sd = _model_sharded(model)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)
+    factories = _per_expert_optimizer_keys(optimizer_sd)
+    state = {"model": model_sd, "optimizer": optimizer_sd}
+    if restore_rng:
+        state["rng_state"] = _rng_sharded(None)
+    loaded = load_sharded(root, iteration, state)
+    _load_into_model(model, loaded["model"])
+    optimizer.load_state_dict(apply_factory_merges(loaded["optimizer"], factories))
+    if restore_rng:
+        value = loaded["rng_state"]
+        set_rng_state(value if isinstance(value, dict) else value.data)
+
+
+def describe_load(root: str) -> tuple[int, dict]:
+    """(iteration, meta) of the newest checkpoint under `root` (UserError when there is none)."""
+    iteration = read_tracker(root)
+    return iteration, read_meta(root, iteration)
+
+
+def is_training_checkpoint(meta: dict) -> bool:
+    return meta.get("kind") in TRAINED_KINDS and "train_state" in meta
+
+
+__all__ = ["HF_ASSETS", "save_training_checkpoint", "load_training_checkpoint", "load_model_only", "describe_load",
+           "is_training_checkpoint"]
