@@ -4,12 +4,12 @@ Scoring mode (works now; any system's outputs, ours or the official released com
     python tools/evaluate.py --task intent --completions FILE [FILE ...] [--eval-data FILE] [--output FILE] [--json]
 
 Generation mode (greedy batched generation with our Megatron-Core model, then scoring, plus the loss/perplexity of
-the reference answers):
+the reference answers in the official training layout):
     python tools/evaluate.py --task intent --load DIR --tokenizer DIR --eval-data FILE [--max-new-tokens 128]
-        [--eval-batch-size 8] [--completions-out FILE] [--output FILE] [--json]
-The generation path is complete except loading the checkpoint as a forward callable, which waits for the model and
-checkpoint packages: see `megatron_esft.eval.inference.load_forward` (the only seam). Until then it exits with a
-one-line error.
+        [--eval-batch-size 8] [--padding-side right] [--completions-out FILE] [--output FILE] [--json]
+One process (no torchrun), the whole model on one device (GPU if available), no KV cache. The model comes from
+`megatron_esft.eval.inference.load_forward` and the loop from `megatron_esft.eval.generate.generate`, which takes any
+`logits = forward(tokens, position_ids, attention_mask)` callable.
 
 Prints a small table (or, with --json, one JSON object): samples, correct, score (= mean x 100, the paper's metric),
 intent accuracy, and counts of why samples were wrong. --output writes per-sample records (our completions format plus
@@ -66,7 +66,7 @@ def generate_completions(args) -> tuple[list[Completion], dict]:
 
     samples = load_eval_data(args.eval_data)
     tokenizer = load_tokenizer(args.tokenizer)
-    forward = load_forward(args.load)  # SEAM: raises UserError until the model/checkpoint packages provide it
+    forward = load_forward(args.load)
     prompts = [s.prompt for s in samples]
     texts = generate(forward, tokenizer, prompts, args.max_new_tokens, args.eval_batch_size, args.padding_side)
     loss = reference_answer_loss(forward, tokenizer, prompts, [s.raw_answers[0] for s in samples],

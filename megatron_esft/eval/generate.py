@@ -100,44 +100,69 @@ def generate_ids(
     return outputs
 
 
+def module_device(model) -> torch.device | None:
+    """Where a torch module's parameters live (inputs must go there); None for other callables."""
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return None
+
+
 class TokenizerView:
-    """The few tokenizer operations generation needs, over a transformers tokenizer (encode/decode/eos_token_id) or a
-    Megatron-style one (tokenize/detokenize/eod, optional bos)."""
+    """The few tokenizer operations generation needs, over three kinds of tokenizer:
+    * ours (`megatron_esft.data.tokenizer.TokenizerAdapter`: encode without specials, `bos_id`/`eos_id`/`pad_id`);
+    * transformers (`encode` adds BOS by default, `decode(skip_special_tokens=True)`, `eos_token_id`);
+    * Megatron-style (`tokenize`/`detokenize`, `eod`, optional `bos`).
+    Prompts get BOS in front, as the official evaluator's transformers text-generation pipeline does."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.hf = hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")
-        if not self.hf and not (hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "detokenize")):
-            raise TypeError("tokenizer needs encode/decode (transformers) or tokenize/detokenize (Megatron)")
+        if hasattr(tokenizer, "eos_id") and hasattr(tokenizer, "encode"):
+            self.kind = "adapter"
+        elif hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode"):
+            self.kind = "hf"
+        elif hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "detokenize"):
+            self.kind = "megatron"
+        else:
+            raise TypeError("tokenizer needs encode/decode (ours, transformers) or tokenize/detokenize (Megatron)")
 
     @property
     def eos_id(self) -> int | None:
-        if self.hf:
-            return self.tokenizer.eos_token_id
-        return getattr(self.tokenizer, "eod", None)
+        return {"adapter": lambda t: t.eos_id, "hf": lambda t: t.eos_token_id,
+                "megatron": lambda t: getattr(t, "eod", None)}[self.kind](self.tokenizer)
+
+    @property
+    def bos_id(self) -> int | None:
+        name = {"adapter": "bos_id", "hf": "bos_token_id", "megatron": "bos"}[self.kind]
+        return getattr(self.tokenizer, name, None)
 
     @property
     def pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id" if self.hf else "pad", None)
+        name = {"adapter": "pad_id", "hf": "pad_token_id", "megatron": "pad"}[self.kind]
+        pad = getattr(self.tokenizer, name, None)
         return pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        if self.hf:
-            return list(self.tokenizer.encode(text))  # adds BOS like the official text-generation pipeline does
-        ids = list(self.tokenizer.tokenize(text))
-        bos = getattr(self.tokenizer, "bos", None)
-        return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Tokens of `text` with no special tokens (for an answer appended to a prompt)."""
-        if self.hf:
+        if self.kind == "hf":
             return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.tokenize(text))
+        if self.kind == "megatron":
+            return list(self.tokenizer.tokenize(text))
+        return list(self.tokenizer.encode(text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.kind == "hf":
+            return list(self.tokenizer.encode(text))  # add_special_tokens=True: BOS as the official pipeline
+        ids = self.encode_plain(text)
+        bos = self.bos_id
+        return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
     def decode(self, ids: list[int]) -> str:
-        if self.hf:
+        if self.kind == "hf":
             return self.tokenizer.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.detokenize(ids)
+        if self.kind == "megatron":
+            return self.tokenizer.detokenize(ids)
+        return self.tokenizer.decode(ids)
 
 
 def generate(
@@ -153,6 +178,7 @@ def generate(
     official evaluator's `pipeline('text-generation', do_sample=False, return_full_text=False)`."""
     view = TokenizerView(tokenizer)
     prompt_ids = [view.encode_prompt(p) for p in prompts]
+    device = device if device is not None else module_device(model)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()

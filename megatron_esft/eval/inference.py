@@ -1,6 +1,6 @@
 """Loading what generation mode needs: a tokenizer and the model as a forward callable.
 
-`load_forward` is the one seam left for the model/checkpoint packages (being built in parallel). Its contract:
+`load_forward` is where the model/checkpoint packages plug in (the only place generation mode touches them). Its contract:
 
     forward = load_forward(load_dir)
     logits = forward(tokens, position_ids, attention_mask)
@@ -8,37 +8,50 @@
         attention_mask:       bool [b, 1, s, s], True = masked out (Megatron's convention; see generate.py)
         logits:               [b, s, vocab], the FULL vocabulary (build GPTModel with parallel_output=False under TP)
 
-What it has to do: `megatron_esft.parallel.initialize(ParallelConfig(tp=..., ep=..., pp=1), seed=...)`; build the
-GPTModel from the HF config carried by the checkpoint (megatron_esft.models provider, TorchSDPACoreAttention on CPU);
-load the weights with dist_checkpointing from `load_dir` (base or trained checkpoint: the checkpoint package's loader);
-`model.eval()`; return the model itself (a Megatron-Core GPTModel already has this call signature).
-Pipeline parallelism is out of scope for the simple generation loop.
+It initializes Megatron-Core's parallel state (one rank), builds the GPTModel from the HF config carried by the
+checkpoint (megatron_esft.models.provider), loads the weights with dist_checkpointing and returns the model itself:
+a Megatron-Core GPTModel already has this call signature and returns [b, s, vocab] logits without labels.
+Tensor/pipeline parallel generation would need vocabulary gathering and a pipeline schedule; not done here.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from megatron_esft.errors import UserError
 
 
 def load_tokenizer(tokenizer_dir: str):
-    """A transformers tokenizer from a local directory (what make_tiny_deepseek.py and HF checkpoints carry)."""
-    if not os.path.isdir(tokenizer_dir):
-        raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
-    from transformers import AutoTokenizer
+    """Our tokenizer adapter (megatron_esft.data.tokenizer): HF tokenizer directories and sentencepiece models."""
+    from megatron_esft.data.tokenizer import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--tokenizer {tokenizer_dir}: cannot load a tokenizer ({exc})") from None
+    return load(tokenizer_dir)
 
 
-def load_forward(load_dir: str):
-    """SEAM: the Megatron-Core model of `load_dir` as a forward callable (contract in the module docstring)."""
+def load_forward(load_dir: str, params_dtype: torch.dtype = torch.float32):
+    """The model of checkpoint `load_dir` (base or trained) as a forward callable; contract in the module docstring.
+
+    One process, TP=EP=PP=1 (the whole model on this device): the greedy loop has no pipeline schedule, and under
+    tensor parallelism the logits would be vocabulary shards.
+    """
+    from megatron_esft import parallel as par
+    from megatron_esft.checkpoint.convert import load_model_weights
+    from megatron_esft.checkpoint.mcore_checkpoint import read_meta
+    from megatron_esft.models.hf_config import parse_hf_config
+    from megatron_esft.models.provider import build_model
+
     if not os.path.isdir(load_dir):
         raise UserError(f"--load {load_dir}: not a directory")
-    raise UserError(
-        f"--load {load_dir}: generation mode is not wired to the Megatron-Core model yet "
-        "(megatron_esft.eval.inference.load_forward); score existing outputs with --completions FILE"
-    )
+    if par.world_size() > 1:
+        raise UserError("generation mode runs as one process (no torchrun): the greedy loop has no model parallelism")
+    meta = read_meta(load_dir)
+    if "hf_config" not in meta:
+        raise UserError(f"--load {load_dir}: esft_meta.json has no hf_config")
+    cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
+    par.initialize(par.ParallelConfig())
+    model = build_model(cfg, params_dtype=params_dtype)
+    load_model_weights(model, load_dir)
+    model.eval()
+    return model

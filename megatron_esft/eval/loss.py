@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_esft.eval.generate import Forward, TokenizerView, build_attention_mask
+from megatron_esft.eval.generate import Forward, TokenizerView, build_attention_mask, module_device
 
 IGNORE = -100
 
@@ -61,4 +61,5 @@ def reference_answer_loss(forward: Forward, tokenizer, prompts: Sequence[str], a
         prompt_ids = view.encode_prompt(prompt)
         answer_ids = view.encode_plain(" " + answer) + ([view.eos_id] if view.eos_id is not None else [])
         sequences.append((prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids))
+    device = device if device is not None else module_device(forward)
     return token_loss(forward, sequences, batch_size, view.pad_id, device)

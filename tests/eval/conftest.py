@@ -8,6 +8,9 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, GPT2Config, GP
 
 from eval_tiny_models import PAD, VOCAB
 
+# tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning threads cost a lot
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def tiny_model():
