@@ -71,14 +71,19 @@ class ModelShape:
     params_per_expert: int | None = None  # parameters of one routed expert (gate+up+down projections)
     score_function: str | None = None  # "softmax" (DeepSeek-MoE/V2) or "sigmoid" (V3)
     source: str = "model"
+    # fields that identify the model beyond its MoE shape (same keys as models.hf_config.DeepSeekConfig.summary())
+    identity: dict | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def from_hf_config(cls, path: str | os.PathLike) -> "ModelShape":
-        """Read a HF DeepSeek config.json (a file, or a directory containing one)."""
+        """Read a HF DeepSeek config.json: a file, a HF model directory, or a converted checkpoint (its hf_assets)."""
         path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
+        file = path
+        if path.is_dir():
+            file = next((c for c in (path / "config.json", path / "hf_assets" / "config.json") if c.is_file()),
+                        path / "config.json")
         if not file.is_file():
-            raise UserError(f"{path}: no config.json found")
+            raise UserError(f"{path}: no config.json found (expected a HF model or a converted checkpoint)")
         try:
             cfg = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
@@ -101,6 +106,10 @@ class ModelShape:
         hidden, moe_ffn = cfg.get("hidden_size"), cfg.get("moe_intermediate_size")
         per_expert = 3 * int(hidden) * int(moe_ffn) if hidden and moe_ffn else None  # SwiGLU: gate, up, down
         topk = cfg.get("num_experts_per_tok")
+        arch = {"deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3", "deepseek": "deepseek-moe"}.get(
+            cfg.get("model_type"))
+        identity = {"arch": arch, "num_layers": num_layers, "hidden_size": hidden, "vocab_size": cfg.get("vocab_size"),
+                    "n_routed_experts": num_experts, "num_experts_per_tok": int(topk) if topk else None}
         return cls(
             moe_layer_keys=keys,
             num_experts=num_experts,
@@ -108,6 +117,7 @@ class ModelShape:
             params_per_expert=per_expert,
             score_function=cfg.get("scoring_func", "softmax"),
             source=source,
+            identity={k: v for k, v in identity.items() if v is not None},
         )
 
     def describe(self) -> str:

@@ -41,9 +41,7 @@ import torch.distributed as dist
 
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import layer_number_to_layer_key
-from megatron_esft.routing.scores import ExpertScores
-
-GATE_KINDS = ("raw", "normalized")
+from megatron_esft.routing.scores import GATE_KINDS, ExpertScores
 
 
 def find_routers(model_chunks) -> list:

@@ -1,7 +1,9 @@
 """Forward-only passes over micro-batches with Megatron-Core's schedule (works for PP=1 and PP>1).
 
-A micro-batch is a dict with `tokens` [b, s] (int64) and `valid` [b, s] (bool, True = real token); positions are
-0..s-1. The same global list of micro-batches is dealt out round-robin over the data-parallel ranks (expert-parallel
+A micro-batch is a dict with `tokens` [b, s] (int64) and `valid` [b, s] (bool, True = real token to count), and
+optionally `position_ids` [b, s] and `document_ids` [b, s] (packed samples from megatron_esft.data: attention is then
+causal within each document, so a packed token routes exactly as in its document alone); without them positions
+are 0..s-1 and attention is plainly causal. The same global list of micro-batches is dealt out round-robin over the data-parallel ranks (expert-parallel
 ranks are data-parallel ranks in Megatron-Core); the list is padded with all-padding micro-batches so every rank runs
 the same number of forwards (the expert all-to-all and tensor/pipeline-parallel collectives need every rank).
 """
@@ -44,7 +46,7 @@ def forward_only(model_chunks, micro_batches: list[dict], on_micro_batch=None, p
         chunk.eval()
     b, s = micro_batches[0]["tokens"].shape
     device = next(chunks[0].parameters()).device
-    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    default_positions = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
     def batches():
@@ -58,7 +60,13 @@ def forward_only(model_chunks, micro_batches: list[dict], on_micro_batch=None, p
         if on_micro_batch is not None:
             on_micro_batch(batch)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        output = model(tokens, position_ids, None)
+        positions = batch["position_ids"].to(device) if "position_ids" in batch else default_positions
+        attention_mask = None
+        if "document_ids" in batch:
+            from megatron_esft.data.packing import build_attention_mask
+
+            attention_mask = build_attention_mask(batch["document_ids"].to(device))
+        output = model(tokens, positions, attention_mask)
         if progress is not None and first_stage:
             progress(batch)
 

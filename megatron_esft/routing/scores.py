@@ -39,6 +39,7 @@ from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import ModelShape, atomic_write_bytes
 
 METHODS = ("token", "gate")
+GATE_KINDS = ("raw", "normalized")  # what the collector sums as "gate value" (see routing.collector)
 SCORES_FILE = "scores.json"
 OFFICIAL_SUMMARY_FILE = "summary.json"
 _LOG_NAME = re.compile(r"^expert_weights_(\d+)\.txt$")
@@ -103,6 +104,11 @@ class ExpertScores:
             mismatch.append(f"{self.num_experts} vs {shape.num_experts} experts")
         if self.topk is not None and shape.topk is not None and self.topk != shape.topk:
             mismatch.append(f"top-{self.topk} vs top-{shape.topk} routing")
+        # same MoE shape is not enough: compare what the collector recorded about the model (architecture, sizes)
+        recorded = (self.model or {}).get("summary") or {}
+        for key, value in (shape.identity or {}).items():
+            if key in recorded and recorded[key] is not None and recorded[key] != value:
+                mismatch.append(f"{key} {recorded[key]} vs {value}")
         if mismatch:
             raise UserError(
                 f"{self.source}: scores are from a different model than {shape.source} ({'; '.join(mismatch)})"

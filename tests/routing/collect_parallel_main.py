@@ -1,6 +1,7 @@
 """Multi-rank routing-statistics runs (run by test_collector_parallel.py; not a test module itself).
 
     python collect_parallel_main.py reference DIR             # 1 rank: build, save a dist checkpoint, collect
+                                                              # (the test calls collect("reference", DIR) in-process)
     torchrun --nproc_per_node 2 collect_parallel_main.py parallel DIR   # DP2, EP2, TP2+SP, TP2 (no SP), PP2
 Each run writes DIR/<layout>.json (scores.json content) from rank 0.
 """
@@ -53,7 +54,8 @@ def collect(layout: str, out_dir: str, **parallel_kwargs) -> None:
     if is_rank0():
         with open(os.path.join(out_dir, f"{layout}.json"), "w") as handle:
             json.dump(scores.to_json_dict(), handle)
-    torch.distributed.barrier()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

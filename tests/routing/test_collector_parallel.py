@@ -1,6 +1,6 @@
 """Routing statistics are layout-independent: 1 rank == 2 ranks for DP=2, EP=2, TP=2+SP, TP=2 (no SP), PP=2.
 
-The reference run (1 rank) saves its float64 tiny model as a dist checkpoint; the 2-rank runs load it under each
+The reference run (1 rank, in the test process) saves its float64 tiny model as a dist checkpoint; the 2-rank runs load it under each
 layout. Same micro-batches (with padding) everywhere: counts must be identical, gate sums equal to 1e-9 relative.
 """
 
@@ -24,13 +24,18 @@ def _free_port():
 
 
 def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # drop the rendezvous variables an in-process test may have set (the child must start its own group)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 def test_one_rank_equals_two_ranks_in_every_layout(tmp_path):
-    _run([sys.executable, SCRIPT, "reference", str(tmp_path)])
+    from collect_parallel_main import collect
+
+    collect("reference", str(tmp_path))  # in this process (1 rank): saves the checkpoint, writes reference.json
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
           "--master_port", str(_free_port()), SCRIPT, "parallel", str(tmp_path)])
     ref = json.loads((tmp_path / "reference.json").read_text())
