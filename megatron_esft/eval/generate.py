@@ -162,6 +162,9 @@ class TokenizerView:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
         if self.kind == "megatron":
             return self.tokenizer.detokenize(ids)
+        hf = getattr(self.tokenizer, "hf", None)  # our HFTokenizer wraps a transformers tokenizer
+        if hf is not None:
+            return hf.decode(ids, skip_special_tokens=True)  # as the official pipeline's text output
         return self.tokenizer.decode(ids)
 
 
