@@ -133,10 +133,55 @@ def _load_into_model(model, loaded: dict) -> None:
         raise RuntimeError(f"checkpoint/model key mismatch: missing {missing[:3]} unexpected {list(unexpected)[:3]}")
 
 
+def _init_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer its state tensors (and `step`), which the loading sharded state dict needs.
+
+    This is Megatron's own dummy step (zero grads). It moves the weights by weight decay, which does not matter:
+    the model weights, the fp32 main weights and the step count are all overwritten by the load that follows.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "optimizer", None) is not None and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+            _keep_step_on_load(opt)
+
+
+def _keep_step_on_load(opt) -> None:
+    """megatron-core 0.16.1 + torch AdamW (no Apex/TE): a loaded parameter state has exp_avg/exp_avg_sq/param but
+    no per-parameter `step`, while `_set_main_param_and_optimizer_states` copies every key of the live state (which
+    torch's AdamW gives a `step`) -> KeyError. `load_state_dict` has already set `step` from the checkpoint's param
+    groups by then, so the live value is the right one to keep. Instance-level, only for checkpoint loading."""
+    if getattr(opt, "_esft_step_shim", False):
+        return
+    original = type(opt)._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors, _opt=opt):
+        if "step" not in tensors and not _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            state = _opt.optimizer.state[_opt.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = dict(tensors, step=state["step"])
+        return original(_opt, model_param, tensors)
+
+    opt._set_main_param_and_optimizer_states = set_states
+    opt._esft_step_shim = True
+
+
+def _unshare_step_tensors(optimizer) -> None:
+    """megatron-core 0.16.1 without Apex/TE loads one `step` tensor object into every parameter's state; torch's
+    AdamW increments each parameter's `step` in place, so a shared tensor advances once per parameter per step and
+    the bias correction goes wrong after a resume. Give every parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool) -> None:
     """Collective: model weights, optimizer state and (when `restore_rng`) this rank's RNG states."""
     from megatron.core.dist_checkpointing.mapping import apply_factory_merges
 
+    _init_optimizer_state(optimizer)
     model_sd = _model_sharded(model)
     optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)
     factories = _per_expert_optimizer_keys(optimizer_sd)
@@ -146,6 +191,7 @@ def load_training_checkpoint(root: str, iteration: int, model, optimizer, restor
     loaded = load_sharded(root, iteration, state)
     _load_into_model(model, loaded["model"])
     optimizer.load_state_dict(apply_factory_merges(loaded["optimizer"], factories))
+    _unshare_step_tensors(optimizer)
     if restore_rng:
         value = loaded["rng_state"]
         set_rng_state(value if isinstance(value, dict) else value.data)

@@ -1,0 +1,111 @@
+"""Command-line arguments of pretrain_esft.py (Megatron-LM names) and their validation.
+
+Every check that can fail on user input raises `UserError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_esft.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="ESFT / full fine-tuning of a DeepSeek MoE model on Megatron-Core")
+    g = p.add_argument_group("checkpoints and data")
+    g.add_argument("--load", required=True, help="base checkpoint (convert_hf_to_mcore.py) or a training checkpoint")
+    g.add_argument("--save", default=None, help="directory for training checkpoints")
+    g.add_argument("--train-data", nargs="+", required=True, help="messages JSONL file(s) or indexed prefix(es)")
+    g.add_argument("--valid-data", nargs="+", default=None)
+    g.add_argument("--split", default=None, help="Megatron-style train,valid split of --train-data, e.g. 98,2")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's hf_assets)")
+    g.add_argument("--expert-config", default=None, help="official ESFT expert config JSON")
+    g.add_argument("--finetune-mode", choices=["esft", "full"], default="esft")
+    g.add_argument("--template", default="esft")
+    g.add_argument("--no-pack", action="store_true", help="one conversation per sample instead of packing")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("model and parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 main weights (GPU only)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--moe-router-load-balancing-type", choices=["seq_aux_loss", "aux_loss", "none"],
+                   default="seq_aux_loss", help="seq_aux_loss with --moe-aux-loss-coeff 1e-3 is the reference model's")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="default: the HF config's aux_loss_alpha (0 turns the aux loss off)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=0.0,
+                   help="V3 expert-bias update rate (must be 0 when the router is frozen)")
+
+    g = p.add_argument_group("logging, evaluation, saving")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")
+    g.add_argument("--no-keep-best", action="store_true", help="do not keep the best-validation checkpoint")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    return p
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: must be at least 1")
+
+
+def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    _positive(args, "train-iters", "micro-batch-size", "global-batch-size", "seq-length", "log-interval",
+              "save-interval", "eval-interval", "eval-iters", "tensor-model-parallel-size",
+              "pipeline-model-parallel-size", "expert-model-parallel-size", "recompute-num-layers", "exit-interval")
+    if args.finetune_mode == "full" and args.expert_config:
+        raise UserError("--expert-config is for --finetune-mode esft; --finetune-mode full trains every parameter")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise UserError(f"--lr {args.lr} / --min-lr {args.min_lr}: need 0 <= min-lr <= lr")
+    if args.weight_decay < 0 or args.clip_grad < 0:
+        raise UserError("--weight-decay and --clip-grad must be non-negative")
+    if not 0 <= args.adam_beta1 < 1 or not 0 <= args.adam_beta2 < 1:
+        raise UserError("--adam-beta1/--adam-beta2 must be in [0, 1)")
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
+        raise UserError(f"--lr-warmup-iters {args.lr_warmup_iters}: must be in 0..--train-iters")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise UserError(f"world size {world_size} is not divisible by tensor x pipeline parallel size "
+                        f"({args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size})")
+    dp = world_size // model_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x data-parallel size {dp}")
+    args.data_parallel_size = dp
+    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.eval_interval and not (args.valid_data or args.split):
+        raise UserError("--eval-interval needs --valid-data or --split")
+    if args.bf16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--bf16 needs a GPU (on CPU, training runs in fp32)")
+    return args

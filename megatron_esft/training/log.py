@@ -1,0 +1,81 @@
+"""Training logs: Megatron-LM's stdout lines and TensorBoard scalars (written by global rank 0 only).
+
+Stdout, every --log-interval (Megatron's field names and order, plus the ESFT ones):
+
+    iteration N/ M | consumed samples: S | elapsed time per iteration (ms): X | learning rate: LR |
+    global batch size: G | lm loss: Y | grad norm: Z | trainable params: P | tokens/s: T
+
+TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
+`iteration-time`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
+`expert-load/fraction/layer_K` (a histogram over experts), and `expert-load/drift/layer_K` (validation routing vs the base model's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_esft.parallel import is_rank0, print_rank0
+from megatron_esft.training import expert_load
+
+
+class TrainingLogger:
+    def __init__(self, tensorboard_dir: str | None):
+        self.writer = None
+        if tensorboard_dir and is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
+
+    def scalar(self, key: str, value: float, iteration: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(key, value, iteration)
+
+    def train_line(self, *, iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, trainable,
+                   tokens_per_s, aux_losses: dict | None = None) -> None:
+        parts = [
+            f" iteration {iteration:8d}/{train_iters:8d}",
+            f"consumed samples: {consumed:12d}",
+            f"elapsed time per iteration (ms): {ms_per_iter:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"global batch size: {gbs:5d}",
+            f"lm loss: {loss:.6E}",
+        ]
+        for name, value in (aux_losses or {}).items():
+            parts.append(f"{name}: {value:.6E}")
+        parts += [f"grad norm: {grad_norm:.6f}", f"trainable params: {trainable}", f"tokens/s: {tokens_per_s:.1f}"]
+        print_rank0(" | ".join(parts))
+        for key, value in (("lm loss", loss), ("learning-rate", lr), ("grad-norm", grad_norm), ("batch-size", gbs),
+                           ("iteration-time", ms_per_iter / 1000.0), ("tokens-per-sec", tokens_per_s),
+                           ("trainable-params", trainable)):
+            self.scalar(key, value, iteration)
+        for name, value in (aux_losses or {}).items():
+            self.scalar(name, value, iteration)
+
+    def expert_load(self, counts: torch.Tensor, iteration: int, prefix: str = "expert-load") -> None:
+        if self.writer is None:
+            return
+        imb = expert_load.imbalance(counts)
+        frac = expert_load.load_fractions(counts)
+        for layer in expert_load.moe_rows(counts):
+            self.scalar(f"{prefix}/imbalance/layer_{layer}", float(imb[layer]), iteration)
+            self.writer.add_histogram(f"{prefix}/fraction/layer_{layer}", frac[layer], iteration)
+
+    def validation(self, iteration: int, loss: float, counts: torch.Tensor | None, base: torch.Tensor | None) -> str:
+        self.scalar("lm loss validation", loss, iteration)
+        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E}"
+        if counts is not None and base is not None:
+            d = expert_load.drift(counts, base)
+            rows = expert_load.moe_rows(base)
+            for layer in rows:
+                self.scalar(f"expert-load/drift/layer_{layer}", float(d[layer]), iteration)
+            if rows:
+                line += f" | expert-load drift (max over layers): {max(float(d[r]) for r in rows):.4f}"
+        print_rank0("-" * len(line))
+        print_rank0(line)
+        print_rank0("-" * len(line))
+        return line
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

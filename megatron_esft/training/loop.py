@@ -1,0 +1,270 @@
+"""The fine-tuning loop behind pretrain_esft.py: one readable function, Megatron-Core underneath.
+
+    args -> checks (all user errors before anything is written) -> parallel state -> model (base or resumed weights)
+    -> freeze (esft/freeze.py) + hang guard -> DDP + distributed optimizer + LR schedule -> [resume state]
+    -> for each iteration: global batch -> forward/backward over micro-batches (Megatron's schedules, any PP)
+       -> optimizer step -> log -> eval / keep-best -> save
+
+Loss normalization: the loss of an iteration is the mean over *all* answer tokens of the global batch (each
+micro-batch's summed token loss is divided by the global token count, all-reduced over data-parallel ranks before
+the forward), so any DP/EP/TP/PP layout and any gradient-accumulation split computes the same gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_esft import parallel as par
+from megatron_esft.checkpoint import training_state as ts
+from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, hf_dtype_name
+from megatron_esft.errors import UserError
+from megatron_esft.esft import freeze
+from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json_dict, load_expert_config
+from megatron_esft.esft.hang_guard import install_hang_guard
+from megatron_esft.models.hf_config import parse_hf_config
+from megatron_esft.training import setup
+from megatron_esft.training.arguments import build_parser, validate
+from megatron_esft.training.expert_load import ExpertLoadTracker
+from megatron_esft.training.log import TrainingLogger
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def resolve_run(args):
+    """Read the checkpoint to start from and decide: fresh fine-tuning or exact resume. No side effects."""
+    iteration, meta = ts.describe_load(args.load)
+    source = f"{args.load} (esft_meta.json)"
+    cfg = parse_hf_config(meta["hf_config"], source=source)
+    shape = ModelShape.from_hf_dict(meta["hf_config"], source=args.load)
+    resume = ts.is_training_checkpoint(meta)
+    ecfg = None
+    if resume:
+        saved_mode = meta.get("finetune_mode")
+        if saved_mode != args.finetune_mode:
+            raise UserError(f"--load {args.load}: checkpoint was trained with --finetune-mode {saved_mode}, "
+                            f"not {args.finetune_mode}; resume with the same mode")
+        if saved_mode == "esft":
+            ecfg = expert_config_from_json_dict(meta["expert_config"], source)
+            if args.expert_config:
+                given = load_expert_config(args.expert_config, shape)
+                if given.to_json_dict() != ecfg.to_json_dict():
+                    raise UserError(f"--expert-config {args.expert_config}: differs from the expert config inside "
+                                    f"the checkpoint {args.load} (iteration {iteration}); resume needs the same one")
+        if iteration >= args.train_iters:
+            raise UserError(f"--load {args.load}: checkpoint is at iteration {iteration}, --train-iters is "
+                            f"{args.train_iters}: nothing left to train")
+    elif args.finetune_mode == "esft":
+        if not args.expert_config:
+            raise UserError("--finetune-mode esft needs --expert-config (or --finetune-mode full)")
+        ecfg = load_expert_config(args.expert_config, shape)
+    if ecfg is not None:
+        freeze.validate_for_training(ecfg, shape, args.expert_config or source)
+    return iteration, meta, cfg, shape, resume, ecfg
+
+
+def build_data(args):
+    from megatron_esft.data import build_sft_datasets, load_tokenizer
+
+    tok_dir = args.tokenizer or os.path.join(args.load, HF_ASSETS)
+    tokenizer = load_tokenizer(tok_dir)
+    train, valid = build_sft_datasets(args.train_data, valid_data=args.valid_data, split=args.split,
+                                      tokenizer=tokenizer, seq_length=args.seq_length, pack=not args.no_pack,
+                                      seed=args.seed, template=args.template)
+    return train, valid
+
+
+# ------------------------------------------------------------------------------------------- forward / loss
+def _loss_func(loss_mask, scale, output_tensor):
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    report = torch.stack([loss_sum.detach(), loss_mask.sum().to(torch.float32)])
+    return loss_sum * scale, {"lm loss": report}
+
+
+def _forward_step(tracker, scale, data_iterator, model):
+    from megatron_esft.data import build_attention_mask, valid_token_mask
+
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if tracker is not None:
+        tracker.set_valid_mask(valid_token_mask(batch))
+    output = model(batch["tokens"], batch["position_ids"], build_attention_mask(batch), labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"].float(), scale)
+
+
+def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, tracker, scale),
+        data_iterator=iter(batches),
+        model=[ddp_model],
+        num_microbatches=len(batches),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _global_loss(reports) -> tuple[float, float]:
+    """(mean loss, tokens) over the world from this rank's per-micro-batch [sum, tokens] reports."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:
+        total += report["lm loss"].detach().cpu().to(torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)  # TP/duplicate stages scale sum and count alike: the ratio is exact
+    return float(total[0] / total[1].clamp_min(1)), float(total[1])
+
+
+def evaluate(ddp_model, valid, args, tracker):
+    from megatron_esft.data import eval_batches
+
+    ddp_model.eval()
+    batches = list(eval_batches(valid, args.micro_batch_size))
+    if args.eval_iters:
+        batches = batches[: args.eval_iters]
+    with torch.no_grad():
+        reports = _run_micro_batches(ddp_model, batches, args, tracker, True, 1.0)
+    ddp_model.train()
+    loss, _ = _global_loss(reports)
+    return loss, tracker.reduce()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def pretrain(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    validate(args, par.world_size())
+    start_iteration, meta, cfg, shape, resume, ecfg = resolve_run(args)
+    train_ds, valid_ds = build_data(args)
+    if args.eval_interval and valid_ds is None:
+        raise UserError("--eval-interval: the validation set is empty")
+    parallel = par.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                  args.expert_model_parallel_size)
+    par.initialize(parallel, seed=args.seed)
+    from megatron.core import parallel_state as ps
+
+    from megatron_esft.data import SFTDataLoader, valid_token_mask
+
+    model = setup.build_trainable_model(args, cfg, parallel)
+    if not resume:
+        ts.load_model_only(args.load, start_iteration, model)
+    freeze.apply_finetune_mode(model, args.finetune_mode, ecfg)
+    first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
+    install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
+    report = freeze.count_trainable(model, cfg.num_layers)
+    for line in report.lines():
+        par.print_rank0(line)
+    ddp_model = setup.wrap_ddp(model)
+    optimizer = setup.build_optimizer(args, ddp_model)
+    scheduler = setup.build_scheduler(args, optimizer)
+    setup.configure_schedule_hooks(ddp_model, optimizer)
+
+    loader = SFTDataLoader(train_ds, args.micro_batch_size)
+    iteration, best_loss, base_load = 0, None, None
+    if resume:
+        state = meta["train_state"]
+        same_world = meta.get("world_size") == dist.get_world_size()
+        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world)
+        if not same_world:
+            par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"])
+        iteration, best_loss = start_iteration, state.get("best_validation_loss")
+        base_load = torch.tensor(state["base_expert_load"], dtype=torch.float64) if state.get("base_expert_load") \
+            else None
+        par.print_rank0(f"resumed from {args.load} at iteration {iteration} "
+                        f"(consumed samples {loader.consumed_samples})")
+
+    tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
+    logger = TrainingLogger(args.tensorboard_dir)
+    logger.scalar("trainable-params", report.total, iteration)
+    hf_assets = os.path.join(args.load, HF_ASSETS)
+
+    def save(root, it):
+        train_state = {"iteration": it, "consumed_samples": loader.consumed_samples, "data": loader.state_dict(),
+                       "scheduler": scheduler.state_dict(), "best_validation_loss": best_loss,
+                       "base_expert_load": base_load.tolist() if base_load is not None else None}
+        out_meta = {
+            "hf_config": meta["hf_config"],
+            "params_dtype": hf_dtype_name(torch.bfloat16 if args.bf16 else torch.float32),
+            "hf_dtypes": meta.get("hf_dtypes", {}),
+            "kind": args.finetune_mode,
+            "finetune_mode": args.finetune_mode,
+            "expert_config": ecfg.to_json_dict() if ecfg is not None else None,
+            "base_checkpoint": meta.get("base_checkpoint", {"load": os.path.abspath(args.load),
+                                                            "iteration": start_iteration}),
+            "saved_parallel": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp,
+                               "dp": ps.get_data_parallel_world_size()},
+            "trainable_params": report.total,
+            "train_state": train_state,
+        }
+        t0 = time.perf_counter()
+        ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
+                                    hf_assets if os.path.isdir(hf_assets) else None)
+        par.print_rank0(f"saved checkpoint at iteration {it:7d} to {root} ({time.perf_counter() - t0:.1f} s)")
+
+    def run_eval(it):
+        nonlocal best_loss, base_load
+        loss, counts = evaluate(ddp_model, valid_ds, args, tracker)
+        if base_load is None and it == 0:
+            base_load = counts
+        logger.validation(it, loss, counts, base_load)
+        if it > 0 and (best_loss is None or loss < best_loss):
+            best_loss = loss
+            if args.save and not args.no_keep_best:
+                save(os.path.join(args.save, "best"), it)
+
+    if valid_ds is not None and args.eval_interval and not resume:
+        run_eval(0)  # the base model's validation loss and routing: the reference for the drift
+
+    ddp_model.train()
+    window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
+    while iteration < args.train_iters:
+        batches = [next(loader) for _ in range(args.num_micro_batches)]
+        answer_tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches))], dtype=torch.float64)
+        real_tokens = torch.tensor([float(sum(valid_token_mask(b).sum() for b in batches))], dtype=torch.float64)
+        dist.all_reduce(answer_tokens, group=ps.get_data_parallel_group())
+        dist.all_reduce(real_tokens, group=ps.get_data_parallel_group())
+        scale = args.num_micro_batches * ps.get_data_parallel_world_size() / max(float(answer_tokens), 1.0)
+        t0 = time.perf_counter()
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        iteration += 1
+        loss, _ = _global_loss(reports)
+        window["time"] += time.perf_counter() - t0
+        window["iters"] += 1
+        window["loss"] += loss
+        window["real"] += float(real_tokens)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            counts = tracker.reduce()
+            logger.train_line(
+                iteration=iteration, train_iters=args.train_iters, consumed=loader.consumed_samples,
+                ms_per_iter=1000.0 * window["time"] / window["iters"], lr=scheduler.get_lr(optimizer.param_groups[0])
+                if optimizer.param_groups else args.lr, gbs=args.global_batch_size, loss=window["loss"] / window["iters"],
+                grad_norm=float(grad_norm or 0.0), trainable=report.total,
+                tokens_per_s=window["real"] / max(window["time"], 1e-9))
+            logger.expert_load(counts, iteration)
+            window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
+        if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
+            run_eval(iteration)
+        stop = args.exit_interval and iteration % args.exit_interval == 0
+        if args.save and (iteration == args.train_iters or stop
+                          or (args.save_interval and iteration % args.save_interval == 0)):
+            save(args.save, iteration)
+        if stop:
+            break
+    tracker.remove()
+    logger.close()
+    if best_loss is not None:
+        par.print_rank0(f"best validation loss {best_loss:.6E}")
+    par.destroy()
+    return 0

@@ -1,0 +1,107 @@
+"""Model, DDP, optimizer and LR schedule for fine-tuning (Megatron-Core objects, configured like Megatron-LM).
+
+* Megatron-Core `DistributedDataParallel` with the distributed optimizer (fp32 grad reduction); only parameters
+  left trainable by esft/freeze.py get grad buffers and optimizer state.
+* AdamW (decoupled weight decay; Megatron gives biases and 1-D params no weight decay, like the HF Trainer), global
+  gradient clipping, bf16 parameters with fp32 main weights when --bf16 (GPU), fp32 otherwise.
+* `OptimizerParamScheduler` stepped once per iteration: warmup, then constant / linear / cosine decay to --min-lr.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_esft.models.hf_config import DeepSeekConfig
+from megatron_esft.models.provider import build_model
+from megatron_esft.parallel import ParallelConfig
+
+
+def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> dict:
+    aux_coeff = cfg.aux_loss_alpha if args.moe_aux_loss_coeff is None else args.moe_aux_loss_coeff
+    balancing = args.moe_router_load_balancing_type if aux_coeff > 0 else "none"
+    overrides = dict(
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=aux_coeff if balancing != "none" else 0.0,
+        pipeline_dtype=params_dtype,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+    )
+    if cfg.score_function != "sigmoid":
+        overrides.pop("moe_router_bias_update_rate")
+    if args.recompute_granularity == "full":
+        overrides.update(recompute_granularity="full", recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
+    elif args.recompute_granularity == "selective":
+        overrides.update(recompute_granularity="selective")
+    return overrides
+
+
+def build_trainable_model(args, cfg: DeepSeekConfig, parallel: ParallelConfig):
+    params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return build_model(cfg, parallel, params_dtype=params_dtype, experts=args.experts_impl,
+                       config_overrides=config_overrides(args, cfg, params_dtype))
+
+
+def wrap_ddp(model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,
+        bucket_size=None,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(args, ddp_model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    return get_megatron_optimizer(config, [ddp_model])
+
+
+def build_scheduler(args, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = args.lr_decay_iters or args.train_iters
+    style = args.lr_decay_style
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr if style != "constant" else args.lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
+        lr_decay_style=style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+    )
+
+
+def configure_schedule_hooks(ddp_model, optimizer) -> None:
+    """What Megatron-LM's training loop sets on the model config for `get_forward_backward_func`."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_model.config
+    config.no_sync_func = ddp_model.no_sync
+    config.grad_sync_func = None
+    config.param_sync_func = None
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.timers = None
