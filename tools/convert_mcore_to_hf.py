@@ -15,7 +15,8 @@ def main():
     parser.add_argument("--load", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    parser.add_argument("--max-shard-size-gb", type=float, default=4.0)
+    parser.add_argument("--max-shard-size-gb", type=float, default=2.0,
+                        help="safetensors shard size; the export holds one shard (plus one layer) in memory")
     args = parser.parse_args()
     from megatron_esft.checkpoint.convert import mcore_to_hf
 

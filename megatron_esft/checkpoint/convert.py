@@ -126,7 +126,7 @@ def _layer_group(key: str) -> str:
     return f"layer{int(match.group(1)):06d}" if match else "top"
 
 
-def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_shard_bytes: int = 4 * 1024**3) -> str:
+def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_shard_bytes: int = 2 * 1024**3) -> str:
     iteration = read_tracker(load_dir) if iteration is None else iteration
     meta = read_meta(load_dir, iteration)
     cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
@@ -152,6 +152,9 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
             tensors = [loaded[f"{i}"].reshape(sh.local_shape) for i, sh in enumerate(pieces)]
             for name, tensor in _hf_tensors(pieces, tensors, cfg):
                 writer.add(name, tensor.to(_dtype_of(hf_dtypes.get(name, meta["params_dtype"]))))
+            for sh in pieces:  # the writer holds what it still needs; drop this layer's buffers
+                sh.data = None
+            del loaded, tensors
         writer.close()
         assets = os.path.join(load_dir, HF_ASSETS)
         if os.path.isdir(assets):
