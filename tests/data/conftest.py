@@ -1,15 +1,11 @@
 """Shared fixtures for the data-pipeline tests: the tiny tokenizer and the fixture files."""
 
 import itertools
-from pathlib import Path
 
 import pytest
+from data_fixture_paths import MIXED_CHAT, SMALL_CHAT, official_file
 
 from megatron_esft.data.tiny_tokenizer import build_tiny_tokenizer
-
-HERE = Path(__file__).resolve().parent
-SMALL_CHAT = HERE / "fixtures" / "chat_small.jsonl"
-OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "esft_official" / "datasets"
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +27,9 @@ def small_chat():
     return str(SMALL_CHAT)
 
 
-def official_file(split: str, task: str) -> Path:
-    path = OFFICIAL / split / f"{task}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"official ESFT fixtures not found at {OFFICIAL}")
-    return path
+@pytest.fixture(scope="session")
+def mixed_chat():
+    return str(MIXED_CHAT)
 
 
 @pytest.fixture(scope="session")

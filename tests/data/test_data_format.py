@@ -178,3 +178,15 @@ def test_truncated_last_line_and_missing_file(tmp_path, tok, small_chat):
         build_sft_datasets(str(empty), tokenizer=tok, seq_length=64)
     with pytest.raises(UserError, match="template"):
         build_sft_datasets(small_chat, tokenizer=tok, seq_length=64, template="chatml")
+
+
+def test_full_official_files_validate():
+    from data_fixture_paths import official_file
+
+    from megatron_esft.data.conversation import read_conversations
+
+    counts = {task: sum(1 for _ in read_conversations(str(official_file("train", task)))) for task in ("intent", "law")}
+    assert counts == {"intent": 7280, "law": 927}
+    # the eval files hold pre-formatted prompts, not messages: refused with a hint, at line 1
+    with pytest.raises(UserError, match=r"intent.jsonl:1: no 'messages' field \(this looks like an ESFT eval record"):
+        next(read_conversations(str(official_file("eval", "intent"))))

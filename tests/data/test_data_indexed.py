@@ -29,24 +29,24 @@ def preprocess_main():
 
 
 @pytest.fixture(scope="module")
-def indexed(official_slice, tiny_tokenizer_dir, tmp_path_factory):
+def indexed(mixed_chat, tiny_tokenizer_dir, tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("indexed") / "slice")
-    preprocess_main()(["--input", official_slice, "--tokenizer", tiny_tokenizer_dir, "--output-prefix", prefix])
+    preprocess_main()(["--input", mixed_chat, "--tokenizer", tiny_tokenizer_dir, "--output-prefix", prefix])
     return prefix
 
 
-def test_indexed_equals_jsonl(indexed, official_slice, tok):
+def test_indexed_equals_jsonl(indexed, mixed_chat, tok):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for suffix in ("_tokens.bin", "_tokens.idx", "_target_mask.bin", "_target_mask.idx", "_meta.json"):
         assert os.path.isfile(indexed + suffix)
     kwargs = dict(tokenizer=tok, seq_length=256, split="90,10", seed=5)
-    from_jsonl = build_sft_datasets(official_slice, **kwargs)
+    from_jsonl = build_sft_datasets(mixed_chat, **kwargs)
     from_indexed = build_sft_datasets(indexed, **kwargs)
     # Megatron-Core's own reader sees one sequence per conversation with exactly the JSONL tokens
     raw = IndexedDataset(indexed + "_tokens")
     docs = from_jsonl[0].documents
-    assert len(raw) == len(docs) == 184
+    assert len(raw) == len(docs) == 120
     for i in range(len(docs)):
         assert np.array_equal(raw[i], docs.get(i)[0])
     for a, b in zip(from_jsonl, from_indexed):

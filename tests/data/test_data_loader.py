@@ -11,8 +11,8 @@ SEQ = 256
 
 
 @pytest.fixture(scope="module")
-def datasets(official_slice, tok):
-    return build_sft_datasets(official_slice, split="90,10", tokenizer=tok, seq_length=SEQ, seed=11)
+def datasets(mixed_chat, tok):
+    return build_sft_datasets(mixed_chat, split="90,10", tokenizer=tok, seq_length=SEQ, seed=11)
 
 
 def docs_in(batch):
@@ -38,10 +38,10 @@ def test_dp2_shards_are_disjoint_and_cover_an_epoch(datasets):
     assert loaders[0].consumed_samples == loaders[1].consumed_samples == steps * mbs * dp
 
 
-def test_order_depends_only_on_seed(official_slice, tok, datasets):
+def test_order_depends_only_on_seed(mixed_chat, tok, datasets):
     train, _ = datasets
-    again, _ = build_sft_datasets(official_slice, split="90,10", tokenizer=tok, seq_length=SEQ, seed=11)
-    other, _ = build_sft_datasets(official_slice, split="90,10", tokenizer=tok, seq_length=SEQ, seed=12)
+    again, _ = build_sft_datasets(mixed_chat, split="90,10", tokenizer=tok, seq_length=SEQ, seed=11)
+    other, _ = build_sft_datasets(mixed_chat, split="90,10", tokenizer=tok, seq_length=SEQ, seed=12)
     a, b, c = (SFTDataLoader(d, 2, 0, 1) for d in (train, again, other))
     first = [next(a) for _ in range(3)]
     assert all(equal_batches(x, next(b)) for x in first)
@@ -72,10 +72,10 @@ def test_exact_resume(datasets, workers):
     assert resumed[0].epoch() == 1
 
 
-def test_resume_refuses_a_different_stream(official_slice, tok, datasets):
+def test_resume_refuses_a_different_stream(mixed_chat, tok, datasets):
     train, _ = datasets
     state = SFTDataLoader(train, 2, 0, 1).state_dict()
-    other, _ = build_sft_datasets(official_slice, split="90,10", tokenizer=tok, seq_length=SEQ, seed=99)
+    other, _ = build_sft_datasets(mixed_chat, split="90,10", tokenizer=tok, seq_length=SEQ, seed=99)
     with pytest.raises(UserError, match="exact resume is not possible"):
         SFTDataLoader(other, 2, 0, 1).load_state_dict(state)
 
@@ -83,9 +83,10 @@ def test_resume_refuses_a_different_stream(official_slice, tok, datasets):
 def test_split_and_eval_pass(datasets):
     train, valid = datasets
     assert set(train.doc_ids).isdisjoint(valid.doc_ids)
-    assert len(train.doc_ids) + len(valid.doc_ids) == 184 and len(valid.doc_ids) == round(0.1 * 184)
-    mbs, dp = 3, 2
+    assert len(train.doc_ids) + len(valid.doc_ids) == 120 and len(valid.doc_ids) == round(0.1 * 120)
+    mbs, dp = 4, 2
     steps = num_eval_batches(valid, mbs, dp)
+    assert steps * mbs * dp > len(valid), "the fixture must leave a partial last step"
     per_rank = [list(eval_batches(valid, mbs, r, dp)) for r in range(dp)]
     assert [len(b) for b in per_rank] == [steps, steps]
     seen = [d for batches in per_rank for b in batches for d in docs_in(b)]
@@ -97,15 +98,15 @@ def test_split_and_eval_pass(datasets):
     assert empty_rows == steps * mbs * dp - len(valid) > 0
 
 
-def test_separate_valid_data_and_no_pack(official_slice, small_chat, tok):
-    train, valid = build_sft_datasets(official_slice, valid_data=small_chat, split="50,50", tokenizer=tok,
+def test_separate_valid_data_and_no_pack(mixed_chat, small_chat, tok):
+    train, valid = build_sft_datasets(mixed_chat, valid_data=small_chat, split="50,50", tokenizer=tok,
                                       seq_length=SEQ, pack=False, seed=1)
-    assert train.num_documents == 184 and valid.num_documents == 8  # --split ignored with --valid-data
-    assert len(train) == 184
+    assert train.num_documents == 120 and valid.num_documents == 8  # --split ignored with --valid-data
+    assert len(train) == 120
     sample = train[0]
     real = sample["document_ids"] >= 0
     assert len(torch.unique(sample["document_ids"][real])) == 1
     with pytest.raises(UserError, match="--split"):
-        build_sft_datasets(official_slice, split="a,b", tokenizer=tok, seq_length=SEQ)
-    train, valid = build_sft_datasets(official_slice, tokenizer=tok, seq_length=SEQ)
-    assert valid is None and np.array_equal(train.doc_ids, np.arange(184))
+        build_sft_datasets(mixed_chat, split="a,b", tokenizer=tok, seq_length=SEQ)
+    train, valid = build_sft_datasets(mixed_chat, tokenizer=tok, seq_length=SEQ)
+    assert valid is None and np.array_equal(train.doc_ids, np.arange(120))

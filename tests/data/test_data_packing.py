@@ -1,6 +1,7 @@
 """Packing: every document exactly once per epoch, labels never cross documents, per-document attention masks."""
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_esft.data import SFTDataLoader, build_attention_mask, build_sft_datasets, valid_token_mask
@@ -21,10 +22,16 @@ def test_pack_documents_first_fit():
     assert all(np.array_equal(a, b) for a, b in zip(bins, pack_documents(lengths, order, 64)))
 
 
-def test_packed_samples(official_slice, tok):
+@pytest.fixture(params=["mixed", "official"])
+def corpus(request):
+    """The committed generated corpus, and a slice of the official ESFT data (skipped when absent)."""
+    return request.getfixturevalue("mixed_chat" if request.param == "mixed" else "official_slice")
+
+
+def test_packed_samples(corpus, tok):
     seq = 256
-    train, _ = build_sft_datasets(official_slice, tokenizer=tok, seq_length=seq, pack=True, seed=3)
-    unpacked, _ = build_sft_datasets(official_slice, tokenizer=tok, seq_length=seq, pack=False, seed=3)
+    train, _ = build_sft_datasets(corpus, tokenizer=tok, seq_length=seq, pack=True, seed=3)
+    unpacked, _ = build_sft_datasets(corpus, tokenizer=tok, seq_length=seq, pack=False, seed=3)
     assert len(train) < len(unpacked) == train.num_documents
     seen = []
     total_loss_tokens = 0
@@ -49,9 +56,9 @@ def test_packed_samples(official_slice, tok):
     assert total_loss_tokens == sum(int(train.document(d)[1][1:].sum()) for d in range(train.num_documents))
 
 
-def test_attention_mask_is_block_diagonal_causal(official_slice, tok):
+def test_attention_mask_is_block_diagonal_causal(corpus, tok):
     seq = 256
-    train, _ = build_sft_datasets(official_slice, tokenizer=tok, seq_length=seq, pack=True, seed=1)
+    train, _ = build_sft_datasets(corpus, tokenizer=tok, seq_length=seq, pack=True, seed=1)
     batch = next(SFTDataLoader(train, micro_batch_size=4, dp_rank=0, dp_size=1))
     mask = build_attention_mask(batch)
     assert mask.shape == (4, 1, seq, seq) and mask.dtype == torch.bool
