@@ -3,11 +3,14 @@
     python tools/select_experts.py (--scores PATH | --official-logs DIR) --method {token,gate} --top-p P --out FILE.json
 
 `--scores` takes our scores.json (tools/collect_expert_scores.py) or an official summary.json, or a directory holding
-one. `--official-logs` reads the official routing logs (expert_weights_{layer}.txt). Instead of --top-p, `--budget N`
+one. `--official-logs` reads the official routing logs (expert_weights_{layer}.txt) and, like the official pipeline,
+selects from scores rounded to 4 decimals (`--round-decimals none` for full precision). Instead of --top-p, `--budget N`
 picks the largest p whose routed experts fit N trainable parameters. `--random-control` keeps the number of experts
 per layer but draws them at random (the paper's Table 4 control). `--model` (a HF config.json or its directory)
 checks that scores and config belong to that model.
 """
+
+import argparse
 
 import _bootstrap  # noqa: F401
 
@@ -18,6 +21,16 @@ from megatron_esft.routing.scores import METHODS, load_scores, read_official_log
 from megatron_esft.routing.selection import random_control, select_top_p, select_under_budget
 
 DEFAULT_TOP_P = {"token": 0.2, "gate": 0.1}  # the paper's thresholds
+OFFICIAL_DECIMALS = 4  # the official summary.json rounding
+
+
+def decimals(text: str):
+    """argparse type: an integer >= 0, or 'none'."""
+    if text.lower() == "none":
+        return "none"
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of decimals or 'none', got {text!r}")
+    return int(text)
 
 
 def build_parser() -> ArgumentParser:
@@ -43,6 +56,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--topk", type=int, help="routed experts per token in --official-logs (default: --model's, or 6)")
     parser.add_argument("--num-experts", type=int, help="routed experts per layer in --official-logs "
                         "(default: --model's, or the largest id seen + 1)")
+    parser.add_argument("--round-decimals", type=decimals, help="round scores before selecting, as the official "
+                        "pipeline does (logs -> summary.json at 4 decimals -> config); default: 4 with "
+                        "--official-logs, full precision with --scores; 'none' = full precision")
     parser.add_argument("--out", required=True, help="expert config JSON to write")
     return parser
 
@@ -65,6 +81,10 @@ def main(argv=None) -> int:
         scores = load_scores(args.scores)
     if shape is not None:
         scores.check_model(shape)
+    rounding = args.round_decimals if args.round_decimals is not None else (
+        OFFICIAL_DECIMALS if args.official_logs else "none")
+    if rounding != "none":
+        scores = scores.rounded(rounding)
 
     if args.budget is not None:
         per_expert = args.params_per_expert or (shape.params_per_expert if shape else None)

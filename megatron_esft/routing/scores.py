@@ -92,6 +92,14 @@ class ExpertScores:
             raise UserError(f"--method: unknown scoring method {method!r} (choose from {', '.join(METHODS)})")
         return self.token_scores if method == "token" else self.gate_scores
 
+    def rounded(self, decimals: int) -> "ExpertScores":
+        """Scores rounded like the official summary.json (Python `round`); the official configs were selected from
+        those rounded values, so equal rounded scores then tie and fall back to the lower expert id."""
+        def rnd(table):
+            return np.array([[round(float(v), decimals) for v in row] for row in table], dtype=np.float64)
+
+        return dataclasses.replace(self, token_scores=rnd(self.token_scores), gate_scores=rnd(self.gate_scores))
+
     def layer_index(self, key: str) -> int:
         return self.layers.index(str(key))
 
