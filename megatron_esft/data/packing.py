@@ -98,6 +98,14 @@ def build_attention_mask(batch) -> torch.Tensor:
     return ((doc.unsqueeze(-1) != doc.unsqueeze(-2)) | future).unsqueeze(1)
 
 
+def to_device(batch: dict, device, attention_mask: bool = True) -> dict:
+    """Move a micro-batch to `device` (non-blocking from pinned memory) and add `attention_mask` built there."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if attention_mask:
+        out["attention_mask"] = build_attention_mask(out)
+    return out
+
+
 def valid_token_mask(batch) -> torch.Tensor:
     """bool [b, s], True on real tokens (prompt and answer), False on padding."""
     doc = batch["document_ids"] if isinstance(batch, dict) else batch

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_esft.data import SFTDataLoader, build_attention_mask, build_sft_datasets, valid_token_mask
+from megatron_esft.data import SFTDataLoader, build_attention_mask, build_sft_datasets, to_device, valid_token_mask
 from megatron_esft.data.packing import pack_documents
 
 
@@ -70,3 +70,5 @@ def test_attention_mask_is_block_diagonal_causal(corpus, tok):
         assert (~mask[b, 0]).any(dim=-1).all(), "no fully masked row (softmax must stay finite)"
     assert len(set(docs[docs >= 0].tolist())) > 4, "the batch really packs several documents"
     assert torch.equal(valid_token_mask(batch), docs >= 0)
+    moved = to_device(batch, "cpu")
+    assert torch.equal(moved["attention_mask"], mask) and torch.equal(moved["tokens"], batch["tokens"])
