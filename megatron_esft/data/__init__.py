@@ -16,8 +16,10 @@ Public API (details in each module's docstring):
 
 Differences from the official ESFT data code (deepseek-ai/ESFT utils.py), on purpose: packed samples cannot attend
 to each other (document masks, restarted positions; the official packing lets them, esft.md 7.3 calls masking an
-acceptable improvement); BOS is never dropped at random when packing (the official code drops it with p = 0.2); an
-over-long sample keeps BOS plus its tail instead of being split across sequences; the 98/2 split is per document.
+acceptable improvement); BOS is never dropped at random when packing (the official code drops it with p = 0.2); a
+sample that does not fit the current sequence goes into another one (the official packer cuts its head off to fill
+the sequence), and only samples longer than --seq-length are truncated (BOS plus their tail kept); the 98/2 split is
+per document, not per packed sequence.
 The token layout, stripping and answer-only targets (EOS included) are the official ones.
 
 Modules: tokenizer (HF / sentencepiece adapters), tiny_tokenizer (offline test tokenizer), conversation (JSONL
