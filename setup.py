@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Expert-Specialized Fine-Tuning (ESFT) for DeepSeek MoE models on Megatron-Core",
     packages=find_packages(include=["megatron_esft", "megatron_esft.*"]),
+    package_data={"megatron_esft.data": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         # torch itself is installed first by `make setup` (the CPU build here; clusters bring their own CUDA build)
