@@ -2,7 +2,6 @@
 
 * `FrozenAwareGroupedExperts` (grouped.py): drop-in for Megatron-Core's SequentialMLP (same constructor, forward and
   checkpoint layout), on `torch._grouped_mm` (CPU and GPU) with a per-expert loop fallback.
-* `FrozenAwareTEGroupedExperts` (te.py): the same on Transformer Engine GroupedLinear (GPU; untested on CPU).
 * `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec.
 """
 

@@ -14,16 +14,10 @@ def _experts_class(backend: str):
 
         return FrozenAwareGroupedExperts
     if backend == "te":
-        from megatron_esft.experts.te import FrozenAwareTEGroupedExperts
-
-        return FrozenAwareTEGroupedExperts
-    if backend == "auto":
-        from megatron_esft.compat import have_transformer_engine
-
-        import torch
-
-        return _experts_class("te" if have_transformer_engine() and torch.cuda.is_available() else "torch")
-    raise ValueError(f"unknown experts backend {backend!r} (torch, te, auto)")
+        # Planned: two TE GroupedLinear per projection (trainable / frozen), since TE decides wgrad for all GEMMs
+        # of one module from weights[0].requires_grad. Not written yet (needs a GPU with TE to prove it).
+        raise NotImplementedError("the Transformer Engine experts backend is not implemented yet; use 'torch'")
+    raise ValueError(f"unknown experts backend {backend!r} (torch, te)")
 
 
 def _swap_in_layer(layer_spec: ModuleSpec, experts_cls) -> bool:
@@ -38,8 +32,8 @@ def _swap_in_layer(layer_spec: ModuleSpec, experts_cls) -> bool:
 
 def use_grouped_experts(spec, backend: str = "torch"):
     """Return a copy of a layer spec (ModuleSpec) or block spec (TransformerBlockSubmodules) whose MoE layers use the
-    frozen-aware grouped experts. Dense layers are untouched. `backend`: "torch" (torch._grouped_mm, CPU and GPU),
-    "te" (Transformer Engine GroupedLinear, GPU only) or "auto" (TE when importable on a GPU, else torch)."""
+    frozen-aware grouped experts. Dense layers are untouched. `backend`: "torch" (torch._grouped_mm, CPU and GPU);
+    "te" (Transformer Engine GroupedLinear) is reserved and not implemented yet."""
     experts_cls = _experts_class(backend)
     spec = copy.deepcopy(spec)
     layer_specs = getattr(spec, "layer_specs", None)

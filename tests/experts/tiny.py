@@ -27,8 +27,13 @@ def build_model(config, grouped: bool, vocab: int = 64, seq: int = 16):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     from megatron_esft.experts import use_grouped_experts
 
+    # Megatron's aux-loss tracker is process-global and sized by the first model's num_layers: reset it, so models
+    # with more layers can be built later in the same pytest process.
+    get_moe_layer_wise_logging_tracker().clear()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     if grouped:
         spec = use_grouped_experts(spec)
