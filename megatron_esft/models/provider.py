@@ -194,6 +194,10 @@ def build_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    # Megatron's MoE aux-loss tracker is process-global and sized by the first model built; a new model resets it.
+    get_moe_layer_wise_logging_tracker().clear()
     config = transformer_config(cfg, parallel, params_dtype=params_dtype, **(config_overrides or {}))
     if meta_device:
         config.use_cpu_initialization = True
