@@ -110,14 +110,44 @@ def _per_expert_optimizer_keys(optimizer_sd: dict):
     return factories
 
 
+def live_optimizers(optimizer) -> list:
+    """The Megatron optimizers that hold parameters. ESFT often leaves the dense optimizer empty (its inner
+    optimizer is None), which ChainedOptimizer's own (sharded_)state_dict cannot handle."""
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None) is not None]
+
+
+def optimizer_step(optimizer) -> int:
+    steps = {int(g["step"]) for o in live_optimizers(optimizer) for g in o.optimizer.param_groups
+             if g["params"] and "step" in g}
+    if not steps:  # torch AdamW keeps the step per parameter
+        steps = {int(st["step"]) for o in live_optimizers(optimizer) for st in o.optimizer.state.values()
+                 if "step" in st}
+    return max(steps) if steps else 0
+
+
+def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tuple[list, list, list]:
+    """Per live optimizer: its (state dict, param_state with per-expert keys, factories)."""
+    full, param_states, factories = [], [], []
+    for opt in live_optimizers(optimizer):
+        sd = opt.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+        factories.append(_per_expert_optimizer_keys(sd["param_state"]))
+        full.append(sd)
+        param_states.append(sd["param_state"])
+    return full, param_states, factories
+
+
 def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None):
-    """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0."""
+    """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0.
+
+    Only the optimizer's per-parameter tensors go into the checkpoint (keys: `optimizer.state.{param,exp_avg,
+    exp_avg_sq}.<model key>[.expert<g>]`, independent of how Megatron splits parameters over its dense and expert
+    optimizers in a given layout); the step count goes into the meta, the hyper-parameters come from the command
+    line and the LR schedule."""
     model_sd = _model_sharded(model)
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING)
-    _per_expert_optimizer_keys(optimizer_sd)
-    state = {"model": model_sd, "optimizer": optimizer_sd, "rng_state": _rng_sharded(rng_state())}
+    _, param_states, _ = _optimizer_param_states(optimizer, model_sd, is_loading=False)
+    state = {"model": model_sd, "optimizer": param_states, "rng_state": _rng_sharded(rng_state())}
     rank, world = _world()
-    meta = dict(meta, world_size=world)
+    meta = dict(meta, world_size=world, optimizer_step=optimizer_step(optimizer))
     return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from)
 
 
@@ -177,20 +207,24 @@ def _unshare_step_tensors(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool) -> None:
-    """Collective: model weights, optimizer state and (when `restore_rng`) this rank's RNG states."""
+def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool, step: int) -> None:
+    """Collective: model weights, optimizer state (`step`: the optimizer step saved in the meta) and, when
+    `restore_rng`, this rank's RNG states."""
     from megatron.core.dist_checkpointing.mapping import apply_factory_merges
 
     _init_optimizer_state(optimizer)
     model_sd = _model_sharded(model)
-    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)
-    factories = _per_expert_optimizer_keys(optimizer_sd)
-    state = {"model": model_sd, "optimizer": optimizer_sd}
+    full, param_states, factories = _optimizer_param_states(optimizer, model_sd, is_loading=True)
+    state = {"model": model_sd, "optimizer": param_states}
     if restore_rng:
         state["rng_state"] = _rng_sharded(None)
     loaded = load_sharded(root, iteration, state)
     _load_into_model(model, loaded["model"])
-    optimizer.load_state_dict(apply_factory_merges(loaded["optimizer"], factories))
+    for opt, sd, param_state, facs in zip(live_optimizers(optimizer), full, loaded["optimizer"], factories):
+        sd["param_state"] = apply_factory_merges(param_state, facs)
+        for group in sd["optimizer"]["param_groups"]:
+            group["step"] = step
+        opt.load_state_dict(sd)
     _unshare_step_tensors(optimizer)
     if restore_rng:
         value = loaded["rng_state"]

@@ -144,7 +144,7 @@ def pretrain(argv=None) -> int:
         raise UserError("--eval-interval: the validation set is empty")
     parallel = par.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                   args.expert_model_parallel_size)
-    par.initialize(parallel, seed=args.seed)
+    setup.initialize_parallel(parallel, seed=args.seed)
     from megatron.core import parallel_state as ps
 
     from megatron_esft.data import SFTDataLoader, valid_token_mask
@@ -168,7 +168,8 @@ def pretrain(argv=None) -> int:
     if resume:
         state = meta["train_state"]
         same_world = meta.get("world_size") == dist.get_world_size()
-        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world)
+        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world,
+                                    step=int(meta["optimizer_step"]))
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
         scheduler.load_state_dict(state["scheduler"])

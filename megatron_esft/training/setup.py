@@ -16,6 +16,30 @@ from megatron_esft.models.provider import build_model
 from megatron_esft.parallel import ParallelConfig
 
 
+def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """`megatron_esft.parallel.initialize`, with expert tensor parallelism 1 under TP > 1.
+
+    The model provider builds experts with `expert_tensor_parallel_size=1` (ESFT trains whole experts), but
+    `parallel.initialize` leaves Megatron's default (expert TP = TP); the expert groups must agree with the config.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_esft import parallel as par
+
+    par.initialize(parallel, seed=seed)
+    if parallel.tp > 1 and parallel_state.get_expert_tensor_parallel_world_size() != 1:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=1,
+        )
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+
 def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> dict:
     aux_coeff = cfg.aux_loss_alpha if args.moe_aux_loss_coeff is None else args.moe_aux_loss_coeff
     balancing = args.moe_router_load_balancing_type if aux_coeff > 0 else "none"
@@ -41,8 +65,21 @@ def build_trainable_model(args, cfg: DeepSeekConfig, parallel: ParallelConfig):
                        config_overrides=config_overrides(args, cfg, params_dtype))
 
 
+def mark_routed_experts_expert_parallel(model) -> None:
+    """Routed-expert parameters are replicated over the expert-data-parallel group, which spans the TP ranks too
+    (expert TP is 1): under sequence parallelism each TP rank's experts see only its shard's tokens, so their
+    gradients must be summed over that group. Megatron marks them (`allreduce=False`, reduced over expert-DP) only
+    when EP > 1; with EP = 1 and TP > 1 they would be reduced over the dense DP group only and miss the other TP
+    ranks' tokens. Marking them always is exact in every layout (with EP = TP = 1 both groups are the DP group)."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+
+
 def wrap_ddp(model):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    mark_routed_experts_expert_parallel(model)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
