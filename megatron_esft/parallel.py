@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -39,12 +38,6 @@ class ParallelConfig:
         return self.expert_model_parallel_size
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -53,16 +46,16 @@ def init_process_group() -> None:
     """Create the default process group once (one local rank when not launched by torchrun)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ.setdefault("LOCAL_RANK", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(minutes=int(os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30")))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30"))))
+    if "RANK" not in os.environ:
+        # One local rank: an in-process store, so concurrent single-process runs never race for a TCP port.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:

@@ -23,8 +23,9 @@ def free_port() -> int:
 
 def run_torchrun(script, *args, nproc: int = 2, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `script` under torchrun (gloo, one thread per rank); fail the test with the output on error or timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), *map(str, args)]
+    # --standalone: torchrun binds its rendezvous store to a free port itself (no race between concurrent tests)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
