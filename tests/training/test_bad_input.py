@@ -1,0 +1,65 @@
+"""Bad input to pretrain_esft.py: one-line user errors, no traceback, nothing written."""
+
+import json
+import os
+
+import pytest
+
+from conftest import ECFG, TRAIN, run
+from megatron_esft.errors import UserError
+
+
+def _pretrain(argv):
+    from megatron_esft.training.loop import pretrain
+
+    return pretrain(argv)
+
+
+def _args(env, load, save, *extra):
+    return ["--load", load, "--save", save, "--train-data", env["data"], "--train-iters", "2", *TRAIN, *extra]
+
+
+@pytest.mark.parametrize("experts, message", [
+    ({"1": [0], "2": [1], "7": [0]}, "layer(s) 7 are not MoE layers"),
+    ({"1": [0], "2": [8]}, "expert id(s) [8] outside 0..7"),
+    ({"1": [3, 3], "2": []}, "duplicate expert ids"),
+    ({"1": [], "2": []}, "selects no expert"),
+    ({"1": [0]}, "missing MoE layer(s) 2"),
+])
+def test_bad_expert_config(training_env, tmp_path, experts, message):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps(dict(ECFG, experts=experts)))
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        _pretrain(_args(training_env, training_env["base"], save, "--expert-config", str(cfg)))
+    assert not os.path.exists(save)
+
+
+def test_resume_with_a_different_config_or_mode(training_env, reference, tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(ECFG, experts={"1": [1], "2": [5]})))
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="differs from the expert config inside the checkpoint"):
+        _pretrain(_args(training_env, reference["save"], save, "--train-iters", "8", "--expert-config", str(other)))
+    with pytest.raises(UserError, match="trained with --finetune-mode esft"):
+        _pretrain(_args(training_env, reference["save"], save, "--train-iters", "8", "--finetune-mode", "full"))
+    with pytest.raises(UserError, match="nothing left to train"):
+        _pretrain(_args(training_env, reference["save"], save, "--train-iters", "6"))
+    with pytest.raises(UserError, match="not divisible by tensor x pipeline"):
+        _pretrain(_args(training_env, reference["save"], save, "--train-iters", "8",
+                        "--tensor-model-parallel-size", "2"))
+    assert not os.path.exists(save)
+
+
+def test_cli_error_is_one_line(training_env, tmp_path):
+    cfg = tmp_path / "empty.json"
+    cfg.write_text(json.dumps(dict(ECFG, experts={"1": [], "2": []})))
+    save = str(tmp_path / "out")
+    proc = run(["pretrain_esft.py", *_args(training_env, training_env["base"], save, "--expert-config", str(cfg))],
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "selects no expert" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(save)

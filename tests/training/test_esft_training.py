@@ -1,0 +1,61 @@
+"""Single-rank ESFT training end to end: freezing (bit-identical outside the selected experts, in HF space), exact
+resume, grouped vs sequential experts, Megatron log lines and TensorBoard."""
+
+import glob
+import os
+import re
+
+import torch
+
+from conftest import load_hf, losses, pretrain, selected_name, to_hf
+
+
+def test_only_selected_experts_change_with_weight_decay(training_env, reference):
+    base = load_hf(training_env["hf"])
+    trained = reference["hf6"]
+    assert set(trained) == set(base)
+    changed = sorted(n for n in base if not torch.equal(base[n], trained[n]))
+    # every tensor outside the selected experts is bit-identical (weight decay 0.1 must not touch frozen ones) ...
+    assert all(selected_name(n) for n in changed), changed
+    # ... and every selected expert's three projections moved
+    selected = sorted(n for n in base if selected_name(n))
+    assert len(selected) == 9 and changed == selected
+
+
+def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
+    out = reference["proc"].stdout
+    lines = [line for line in out.splitlines() if line.startswith(" iteration ")]
+    assert len(lines) == 6
+    pattern = (r" iteration +(\d+)/ +6 \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [0-9.]+ \| "
+               r"learning rate: 1\.000000E-03 \| global batch size: +4 \| lm loss: [0-9.E+-]+ \| "
+               r"grad norm: [0-9.]+ \| trainable params: (\d+) \| tokens/s: [0-9.]+")
+    for i, line in enumerate(lines, 1):
+        m = re.fullmatch(pattern, line)
+        assert m, line
+        assert int(m.group(1)) == i and int(m.group(2)) == 4 * i
+        assert int(m.group(3)) == 3 * 3 * 64 * 32  # 3 experts x (gate, up, down) x hidden 64 x moe_ffn 32
+    assert "layer 1: 12,288" in out and "layer 2: 6,144" in out and "layer 0: 0" in out
+    assert glob.glob(os.path.join(str(training_env["root"] / "tb"), "events.out.tfevents.*"))
+    assert all(l > 0 for l in reference["losses"]) and reference["losses"][-1] < reference["losses"][0]
+
+
+def test_resume_is_bit_identical(training_env, reference):
+    """6 iterations straight == 3 iterations + resume for 3 (model, optimizer, data position, schedule, RNG)."""
+    save = str(training_env["root"] / "resume")
+    first = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "6",
+                     "--exit-interval", "3", data=training_env["data"])
+    second = pretrain(save, save, "--train-iters", "6", data=training_env["data"])  # config travels in the checkpoint
+    assert "resumed from" in second.stdout
+    assert losses(first) + losses(second) == reference["losses"]
+    resumed = to_hf(save, str(training_env["root"] / "resume-hf"))
+    for name, tensor in reference["hf6"].items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_grouped_and_sequential_experts_train_alike(training_env, reference):
+    proc = pretrain(training_env["base"], None, "--expert-config", training_env["ecfg"], "--train-iters", "3",
+                    "--experts-impl", "sequential", data=training_env["data"])
+    seq = losses(proc)
+    assert len(seq) == 3
+    for a, b in zip(seq, reference["losses"][:3]):
+        assert abs(a - b) <= 1e-6 * abs(b), (seq, reference["losses"][:3])

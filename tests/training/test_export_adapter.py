@@ -1,0 +1,34 @@
+"""The ESFT adapter: official layout (expert_cfg.json + only the trained experts, HF names), and base + adapter ==
+the merged HF export of the same checkpoint, bit for bit."""
+
+import json
+import os
+
+import torch
+
+from conftest import ECFG, load_hf, run, selected_name
+
+
+def test_adapter_round_trip(training_env, reference):
+    adapter = str(training_env["root"] / "adapter")
+    merged = str(training_env["root"] / "merged")
+    proc = run(["tools/export_esft.py", "--load", reference["save"], "--out", adapter,
+                "--merge-into-hf", training_env["hf"], "--merged-out", merged])
+    assert "9 tensors" in proc.stdout
+    assert sorted(os.listdir(adapter)) == ["expert_cfg.json", "model.safetensors"]
+    with open(os.path.join(adapter, "expert_cfg.json")) as fh:
+        assert json.load(fh) == ECFG
+    weights = load_hf(adapter)
+    assert sorted(weights) == sorted(n for n in reference["hf6"] if selected_name(n))
+    merged_w = load_hf(merged)
+    assert set(merged_w) == set(reference["hf6"])
+    for name, tensor in reference["hf6"].items():
+        assert merged_w[name].dtype == tensor.dtype and torch.equal(merged_w[name], tensor), name
+
+
+def test_export_of_a_base_checkpoint_is_a_user_error(training_env):
+    out = str(training_env["root"] / "no-adapter")
+    proc = run(["tools/export_esft.py", "--load", training_env["base"], "--out", out], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: ") and "not an ESFT training checkpoint" in proc.stderr
+    assert not os.path.exists(out)
