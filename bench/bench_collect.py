@@ -6,7 +6,8 @@ Both sides run the same `routing.forward.forward_only` loop (Megatron-Core's for
 packed micro-batches (document masks, per-document positions), on a randomly initialised DeepSeek-V2-style model
 built by the model provider; one process, CPU. Rounds alternate plain/collect (ABAB...) so machine noise hits both;
 the table gives the median of the rounds and the overhead = plain tokens/s / collect tokens/s - 1.
-Throughput is measured in process CPU time (`time.process_time`, one torch thread by default) as well as wall time:
+The last two columns time the router hook alone (500 calls on the model's router and shapes) and relate it to the
+plain forward: the overhead without the run-to-run noise. Throughput is measured in process CPU time (`time.process_time`, one torch thread by default) as well as wall time:
 on a shared machine the wall clock mostly measures the other jobs, CPU time measures the work.
 """
 
@@ -95,6 +96,24 @@ def bench_size(name, args):
             wall[key].append(time.perf_counter() - start_wall)
     assert int(collector.num_tokens.max()) == tokens * (args.rounds + 1)  # it really counted every round
 
+    # the hook alone, on this model's real router and shapes (noise-free estimate of the overhead)
+    from megatron_esft.routing.collector import find_routers
+
+    router = find_routers(model)[0]
+    seq = args.seq_length
+    logits = torch.randn(seq, cfg.n_routed_experts)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(cfg.num_experts_per_tok)[1], True)
+    hidden = torch.zeros(seq, 1, cfg.hidden_size)
+    collector.set_valid_mask(batches[0]["valid"])
+    calls = 500
+    start = time.process_time()
+    for _ in range(calls):
+        collector._logits[id(router)] = logits
+        collector._on_router_output(router, (hidden, None), {}, (logits, routing_map))
+    hook_us = (time.process_time() - start) / calls * 1e6
+    plain_ms_per_mb = statistics.median(cpu["plain"]) / len(batches) * 1e3
+    hook_share = len(cfg.moe_layers) * hook_us / 1e3 / plain_ms_per_mb
+
     def tps(times, key):
         return tokens / statistics.median(times[key])
 
@@ -103,7 +122,8 @@ def bench_size(name, args):
 
     return [name, f"{params / 1e6:.2f}M", f"{cfg.n_routed_experts}x top-{cfg.num_experts_per_tok}",
             len(cfg.moe_layers), tokens, f"{tps(cpu, 'plain'):,.0f}", f"{tps(cpu, 'collect'):,.0f}", overhead(cpu),
-            f"{tps(wall, 'plain'):,.0f}", f"{tps(wall, 'collect'):,.0f}", overhead(wall)]
+            f"{tps(wall, 'plain'):,.0f}", f"{tps(wall, 'collect'):,.0f}", overhead(wall),
+            f"{hook_us:.0f}", f"{hook_share * 100:.2f}%"]
 
 
 def main():
@@ -125,7 +145,10 @@ def main():
     print(f"\nforward-only, 1 process, CPU ({torch.get_num_threads()} threads), seq {args.seq_length}, "
           f"{args.micro_batches} micro-batches x {args.rounds} rounds (medians)")
     table(["model", "params", "experts", "MoE layers", "tokens/round", "plain tok/CPU-s", "collect tok/CPU-s",
-           "overhead (CPU)", "plain tok/s wall", "collect tok/s wall", "overhead (wall)"], rows)
+           "overhead (CPU)", "plain tok/s wall", "collect tok/s wall", "overhead (wall)", "hook us/call",
+           "hook share"], rows)
+    print("hook us/call: CPU time of one router hook on this model's shapes (seq tokens); hook share: MoE layers x "
+          "hook time / plain forward time per micro-batch")
 
 
 if __name__ == "__main__":

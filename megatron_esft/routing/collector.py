@@ -174,24 +174,15 @@ class RoutingStatsCollector:
         logits = logits.reshape(tokens, self.num_experts)
         if logits.dtype != torch.float64:
             logits = logits.float()  # like the router itself (moe_router_dtype fp32) and HF's gate
-        if self.score_function == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-        else:
-            scores = torch.sigmoid(logits)
-        gates = scores.masked_fill(~routing_map, 0.0)
+        scores = torch.softmax(logits, dim=-1) if self.score_function == "softmax" else torch.sigmoid(logits)
+        selected = routing_map if valid is None else routing_map & valid[:, None]
+        gates = torch.where(selected, scores, 0.0)
         if self.gate == "normalized":
             gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-        selected = routing_map
-        if valid is not None:
-            selected = routing_map & valid[:, None]
-            gates = gates.masked_fill(~valid[:, None], 0.0)
-            n = valid.sum()
-        else:
-            n = tokens
         row = router.layer_number - 1
         self.counts[row] += selected.sum(dim=0)
-        self.gate_sums[row] += gates.to(torch.float64).sum(dim=0)
-        self.num_tokens[row] += n
+        self.gate_sums[row] += gates.sum(dim=0, dtype=torch.float64)
+        self.num_tokens[row] += tokens if valid is None else valid.sum()
 
     # ------------------------------------------------------------------------------------------- results
 

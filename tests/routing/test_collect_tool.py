@@ -3,7 +3,6 @@ DeepseekV2 / DeepseekV3 models: their router outputs on the same tokens, scored 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -32,12 +31,6 @@ def _data(path):
     return path
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(args, nproc=1):
     # drop the rendezvous variables an in-process test may have set (the child must start its own group)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -45,8 +38,7 @@ def _run(args, nproc=1):
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-                     "--master_addr=127.0.0.1"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(launcher + list(map(str, args)), capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -6,7 +6,6 @@ layout. Same micro-batches (with padding) everywhere: counts must be identical, 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "collect_parallel_main.py")
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd):
@@ -36,8 +29,8 @@ def test_one_rank_equals_two_ranks_in_every_layout(tmp_path):
     from collect_parallel_main import collect
 
     collect("reference", str(tmp_path))  # in this process (1 rank): saves the checkpoint, writes reference.json
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), SCRIPT, "parallel", str(tmp_path)])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, "parallel",
+          str(tmp_path)])
     ref = json.loads((tmp_path / "reference.json").read_text())
     total = sum(ref["num_tokens"].values()) // 3
     assert ref["num_tokens"] == {"1": total, "2": total, "3": total} and 0 < total < 6 * 2 * 16  # padding excluded
