@@ -31,6 +31,7 @@ from megatron_esft.experts.grouped_mm import contiguous_grad, grouped_mm_support
 
 
 GROUPS = ("trainable", "frozen")
+GEMM_BACKENDS = ("bf16", "fp8")
 
 
 class FrozenAwareGroupedExperts(MegatronModule):
@@ -78,6 +79,25 @@ class FrozenAwareGroupedExperts(MegatronModule):
                     config.output_layer_init_method(fc2[e])
         self._group_ids: dict[str, list[int]] = {"trainable": list(range(num_local_experts)), "frozen": []}
         self._install({"fc1": fc1, "fc2": fc2})
+        self.gemm_backend, self._fp8_cache = "bf16", None
+
+    def set_gemm_backend(self, backend: str, fp8_weight_cache: str = "frozen") -> None:
+        """"bf16": torch._grouped_mm in the parameters' dtype (default). "fp8": row-wise scaled e4m3 forward and
+        dgrad, bf16 wgrad for trainable groups (experts/fp8.py); bf16 parameters and K, N multiples of 16 needed.
+        `fp8_weight_cache`: "frozen" (keep quantized frozen weights), "all" or "none" (see fp8.FP8WeightCache)."""
+        if backend not in GEMM_BACKENDS:
+            raise ValueError(f"unknown expert GEMM backend {backend!r} (choose from {', '.join(GEMM_BACKENDS)})")
+        if backend == "fp8":
+            from megatron_esft.experts.fp8 import FP8WeightCache
+
+            hidden, ffn = self.config.hidden_size, self.config.moe_ffn_hidden_size
+            if self.config.params_dtype != torch.bfloat16 or hidden % 16 or ffn % 16:
+                raise ValueError(f"fp8 experts need bf16 parameters and hidden/ffn sizes that are multiples of 16 "
+                                 f"(got {self.config.params_dtype}, {hidden}, {ffn})")
+            self._fp8_cache = FP8WeightCache(fp8_weight_cache)
+        else:
+            self._fp8_cache = None
+        self.gemm_backend = backend
 
     # ----------------------------------------------------------------------------------------------- partitioning
     @property
@@ -115,6 +135,8 @@ class FrozenAwareGroupedExperts(MegatronModule):
                     for p in ckpt.PROJECTIONS}
         self._group_ids = {"trainable": ids, "frozen": [j for j in range(self.num_local_experts) if j not in ids]}
         self._install(full)
+        if getattr(self, "_fp8_cache", None) is not None:
+            self._fp8_cache.clear()  # keyed by storage pointers of the replaced Parameters
 
     def _install(self, full: dict[str, torch.Tensor]) -> None:
         """(Re)create the group Parameters from full [E_local, out, in] stacks, with Megatron's parameter attributes."""
@@ -142,6 +164,10 @@ class FrozenAwareGroupedExperts(MegatronModule):
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:
         if offs is None:
             return looped_mm(x, weight, counts)
+        if self.gemm_backend == "fp8":
+            from megatron_esft.experts.fp8 import fp8_grouped_mm
+
+            return contiguous_grad(fp8_grouped_mm(x, weight, offs, self._fp8_cache))
         return contiguous_grad(self._grouped_mm(x, weight.transpose(-2, -1), offs))
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,479 @@
+"""GPU benchmark: ESFT vs full fine-tuning of a DeepSeek-V2-Lite-shaped model, bf16 vs FP8 expert GEMMs.
+
+    python bench/gpu_esft.py                      # correctness checks + expert and model benchmarks (one H100)
+    python bench/gpu_esft.py --only check,experts # a subset; --tiny runs the same code at toy size (CPU works)
+
+Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, MLA with kv_lora_rank 512, 16 heads, 64 routed + 2 shared
+experts of ffn 1408, top-6, vocab 102400; layer 0 dense) with random weights, built by `models.provider.build_model`
+(Megatron-Core GPTModel, local spec + torch SDPA attention: no Transformer Engine on the machine) with the
+frozen-aware grouped experts. ESFT trains 6 of 64 routed experts per MoE layer (random ids, ~10 %), everything else
+frozen via `esft.freeze.apply_finetune_mode` (the trainer's own code); full fine-tuning (FFT) trains everything.
+Optimizer: Megatron-Core DDP (fp32 grad buffers) + distributed optimizer (Adam, fp32 main weights and states),
+i.e. bf16 weights for everything and 16 extra bytes per *trainable* parameter.
+
+Each configuration runs in its own process (clean peak memory, an OOM is reported, not fatal): `--warmup` steps,
+then `--iters` steps timed with CUDA events (median). Reported: time/iteration, tokens/s, model TFLOP/s and peak
+allocated memory. Model FLOPs count useful work only: forward of every layer; dgrad only where a gradient has to
+flow (above the first trainable layer, plus fc2 dgrad of trainable experts inside it); wgrad only for trainable
+weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
+attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim); embedding lookups 0.
+After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
+before training: they must be bit-identical, and the trainable experts must have changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+V2_LITE = {
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "n_group": 1,
+    "topk_group": 1, "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+    "aux_loss_alpha": 0.001, "seq_aux": True, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
+}
+TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+            num_experts_per_tok=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+TRAINABLE_PER_LAYER = 6
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """CUDA events on GPU (perf_counter on CPU); `median_ms` of the recorded intervals."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.spans = []
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.spans.append(self.start.elapsed_time(self.end))
+        else:
+            self.spans.append(1e3 * (time.perf_counter() - self.t0))
+
+    def median_ms(self):
+        return statistics.median(self.spans)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _peak_gib():
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def _init(seed=1):
+    from megatron_esft.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig(), seed=seed)
+
+
+def _experts_layer(raw, trainable_ids, backend, cache, seq_reference=False):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_esft.experts import FrozenAwareGroupedExperts
+
+    gpu = torch.cuda.is_available()
+    config = TransformerConfig(
+        num_layers=1, hidden_size=raw["hidden_size"], num_attention_heads=raw["num_attention_heads"],
+        num_moe_experts=raw["n_routed_experts"], moe_router_topk=raw["num_experts_per_tok"],
+        moe_ffn_hidden_size=raw["moe_intermediate_size"], moe_grouped_gemm=False, use_cpu_initialization=not gpu,
+        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
+        gradient_accumulation_fusion=False, params_dtype=torch.bfloat16, bf16=True)
+    sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    n = raw["n_routed_experts"]
+    if seq_reference:
+        layer = SequentialMLP(n, config, sub, get_default_pg_collection())
+        for j, expert in enumerate(layer.local_experts):
+            expert.requires_grad_(j in trainable_ids)
+        return layer
+    layer = FrozenAwareGroupedExperts(n, config, sub, get_default_pg_collection())
+    layer.set_trainable_experts(trainable_ids)
+    layer.set_gemm_backend(backend, cache)
+    return layer
+
+
+def _routed_inputs(raw, tokens, seed):
+    """Dispatcher-style inputs: rows sorted by expert, top-k counts from a random (non-uniform) routing."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    n, k, h = raw["n_routed_experts"], raw["num_experts_per_tok"], raw["hidden_size"]
+    weights = torch.rand(n, generator=g) + 0.2
+    weights[0] = 0.0  # one expert without tokens (zero-size group)
+    counts = torch.multinomial(weights, tokens * k, replacement=True, generator=g).bincount(minlength=n)
+    x = torch.randn(tokens * k, h, generator=g).to(dev, torch.bfloat16)
+    probs = torch.rand(tokens * k, generator=g).to(dev, torch.float32)
+    dy = torch.randn(tokens * k, h, generator=g).to(dev, torch.bfloat16)
+    return counts, x, probs, dy
+
+
+# ------------------------------------------------------------------------------------- check + expert timing
+def run_check(args, raw):
+    """Grouped experts (bf16, FP8) against Megatron's SequentialMLP at the real expert shape, same weights."""
+    import torch
+
+    _init()
+    trainable = list(range(1, raw["n_routed_experts"], raw["n_routed_experts"] // TRAINABLE_PER_LAYER))[:6]
+    ref = _experts_layer(raw, trainable, None, None, seq_reference=True)
+    counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=11)
+    rows = []
+
+    def fwd_bwd(layer):
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi, counts, probs)
+        out.backward(dy)
+        grads = {}
+        for j in trainable:
+            for proj in ("fc1", "fc2"):
+                if hasattr(layer, "local_experts"):
+                    grads[(j, proj)] = getattr(layer.local_experts[j], f"linear_{proj}").weight.grad
+                else:
+                    group, row = layer.placement(j)
+                    grads[(j, proj)] = getattr(layer, f"{proj}_{group}").grad[row]
+        return out.detach(), xi.grad, grads
+
+    out_ref, dx_ref, g_ref = fwd_bwd(ref)
+    for backend in ("bf16", "fp8"):
+        layer = _experts_layer(raw, trainable, backend, "frozen")
+        layer.load_state_dict(ref.state_dict())
+        out, dx, g = fwd_bwd(layer)
+        wgrad = max(_rel(g[key], g_ref[key]) for key in g_ref)
+        nan = not (torch.isfinite(out).all() and torch.isfinite(dx).all())
+        rows.append({"kind": "check", "backend": backend, "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
+                     "wgrad_rel_max": wgrad, "nan": bool(nan)})
+    return rows
+
+
+def run_experts(args, raw):
+    """One routed-experts layer, forward+backward (input grad needed, as in a middle layer)."""
+    import torch
+
+    _init()
+    n = raw["n_routed_experts"]
+    esft = list(range(1, n, n // TRAINABLE_PER_LAYER))[:TRAINABLE_PER_LAYER]
+    variants = [("esft", "sequential", None), ("esft", "bf16", None), ("esft", "fp8", "none"),
+                ("esft", "fp8", "frozen"), ("fft", "bf16", None), ("fft", "fp8", "none")]
+    counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
+    rows = []
+    for mode, backend, cache in variants:
+        ids = esft if mode == "esft" else list(range(n))
+        layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential")
+        timer = Timer()
+        for it in range(args.warmup + args.iters):
+            xi = x.detach().requires_grad_(True)
+            with (timer if it >= args.warmup else _NullCtx()):
+                out, _ = layer(xi, counts, probs)
+                out.backward(dy)
+        per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
+        trainable_rows = int(sum(counts[j] for j in ids))
+        flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
+        ms = timer.median_ms()
+        rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "ms": ms,
+                     "tflops": flops / ms / 1e9, "rows": x.shape[0]})
+        del layer
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------- model timing
+def _fingerprint(params):
+    """Exact integer hash of the bits of each parameter (chunked by first dim to bound the temporaries)."""
+    import torch
+
+    out = []
+    for p in params:
+        bits = p.detach().view(-1).view(torch.int16) if p.dtype == torch.bfloat16 else p.detach().view(-1).view(torch.int32)
+        acc = torch.zeros((), dtype=torch.int64, device=p.device)
+        step = 1 << 24
+        for s in range(0, bits.numel(), step):
+            chunk = bits[s:s + step].to(torch.int64)
+            pos = torch.arange(s, s + chunk.numel(), device=p.device, dtype=torch.int64) % 1000003 + 1
+            acc += (chunk * pos).sum() + (chunk ^ pos).sum()
+        out.append(acc)
+    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.int64)
+
+
+def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows):
+    """Useful FLOPs of one training step (see the module docstring). rows[layer_number] = (routed, trainable)."""
+    from megatron_esft.esft.freeze import decoder_layers, is_moe_layer
+
+    h, heads = raw["hidden_size"], raw["num_attention_heads"]
+    tokens = seq * mbs
+    per_expert = 3 * h * raw["moe_intermediate_size"]
+    fc2 = h * raw["moe_intermediate_size"]
+    core = 2 * heads * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"] + raw["v_head_dim"]) * (seq + 1) / 2
+    layers = sorted(decoder_layers([model]), key=lambda t: t[0])
+    # ESFT selects experts in every MoE layer: the first MoE layer is the lowest one with trainable weights
+    first_trainable = min(number for number, layer in layers if is_moe_layer(layer)) if mode == "esft" else 0
+    fwd = dgrad = wgrad = 0.0
+    for number, layer in layers:
+        dense = sum(p.numel() for name, p in layer.named_parameters() if p.dim() >= 2 and ".experts." not in f".{name}")
+        routed, trainable = rows.get(number, (0, 0))
+        f_layer = 2 * dense * tokens + core * tokens + 2 * per_expert * routed
+        fwd += f_layer
+        if mode == "fft":
+            dgrad += f_layer + core * tokens  # attention core backward = 2x its forward
+            wgrad += 2 * dense * tokens + 2 * per_expert * routed
+        else:
+            if number > first_trainable:
+                dgrad += f_layer + core * tokens
+            elif number == first_trainable:
+                dgrad += 2 * fc2 * trainable
+            wgrad += 2 * per_expert * trainable
+    out_layer = 2 * raw["vocab_size"] * h * tokens
+    fwd += out_layer
+    dgrad += out_layer
+    wgrad += out_layer if mode == "fft" else 0
+    return fwd + dgrad + wgrad
+
+
+def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_esft.esft.expert_config import ExpertConfig
+    from megatron_esft.esft.freeze import apply_finetune_mode, decoder_layers, is_moe_layer
+    from megatron_esft.models.hf_config import parse_hf_config
+    from megatron_esft.models.provider import build_model
+
+    _init(seed=5)
+    raw = dict(raw, num_hidden_layers=layers)
+    cfg = parse_hf_config(raw)
+    overrides = {}
+    if recompute == "full":
+        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        overrides = dict(recompute_granularity="selective")
+    t0 = time.perf_counter()
+    model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides)
+    build_s = time.perf_counter() - t0
+    n = raw["n_routed_experts"]
+    gen = torch.Generator().manual_seed(7)
+    selection = {str(k): sorted(torch.randperm(n, generator=gen)[:TRAINABLE_PER_LAYER].tolist()) for k in cfg.moe_layers}
+    apply_finetune_mode([model], "full" if mode == "fft" else "esft", ExpertConfig(experts=selection))
+    rows, hooks = {}, []
+    for number, layer in decoder_layers([model]):
+        if not is_moe_layer(layer):
+            continue
+        experts = layer.mlp.experts
+        experts.set_gemm_backend(backend, cache)
+
+        def hook(module, inputs, number=number):
+            if recompute == "full" and torch.is_grad_enabled():
+                return  # the recomputation of a checkpointed layer (first forward runs under no_grad): no new work
+            tpe = inputs[1]
+            ids = module.trainable_local_experts
+            routed, trainable = rows.get(number, (0, 0))
+            rows[number] = (routed + int(tpe.sum()), trainable + int(tpe[ids].sum()) if ids else trainable)
+
+        hooks.append(experts.register_forward_pre_hook(hook))
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False
+    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True, bucket_size=None))
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-4, weight_decay=0.0, bf16=True, params_dtype=torch.bfloat16,
+        use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before_frozen, before_trained = _fingerprint(frozen), _fingerprint(trained)
+    n_trainable = sum(p.numel() for p in trained)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
+    labels = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
+    position_ids = torch.arange(args.seq, device=dev).unsqueeze(0).expand(mbs, -1)
+    timer = Timer()
+    losses = []
+    for it in range(args.warmup + args.iters):
+        if it == args.warmup:
+            rows.clear()
+            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        with (timer if it >= args.warmup else _NullCtx()):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
+            loss.backward()
+            ddp.finish_grad_sync()
+            optimizer.step()
+        losses.append(loss.item())
+    peak = _peak_gib()
+    flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs, {k: (r / args.iters, t / args.iters)
+                                                                    for k, (r, t) in rows.items()})
+    after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
+    ms = timer.median_ms()
+    return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
+             "mbs": mbs, "recompute": recompute, "ms": ms, "tokens_per_s": mbs * args.seq / ms * 1e3,
+             "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
+             "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
+             "trainable_changed": bool(len(trained) == 0 or not torch.equal(before_trained, after_trained)),
+             "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s}]
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+def default_plan(full_layers, fft_layers):
+    """Most informative first (results are appended to results.jsonl as they come)."""
+    plan = [{"job": "check"}, {"job": "experts"}]
+    for mode in ("esft", "fft"):
+        plan.append({"job": "model", "mode": mode, "backend": "bf16", "layers": fft_layers, "cache": "none"})
+    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": full_layers, "cache": "none"})
+    for mode in ("esft", "fft"):
+        plan.append({"job": "model", "mode": mode, "backend": "fp8", "layers": fft_layers, "cache": "frozen"})
+    plan.append({"job": "model", "mode": "esft", "backend": "fp8", "layers": full_layers, "cache": "none"})
+    return plan
+
+
+def run_job(args, job):
+    raw = TINY if args.tiny else V2_LITE
+    if job["job"] == "check":
+        return run_check(args, raw)
+    if job["job"] == "experts":
+        return run_experts(args, raw)
+    return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
+                     job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size))
+
+
+def print_tables(results, device):
+    print(f"\n## device: {device}")
+    checks = [r for r in results if r.get("kind") == "check"]
+    if checks:
+        print("\n| experts backend | out rel. err vs SequentialMLP | dgrad rel. err | max wgrad rel. err | NaN |")
+        print("|---|---|---|---|---|")
+        for r in checks:
+            print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
+    exps = [r for r in results if r.get("kind") == "experts"]
+    if exps:
+        base = {r["mode"]: r["ms"] for r in exps if r["backend"] == "bf16"}
+        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | ms | TFLOP/s | speedup vs bf16 |")
+        print("|---|---|---|---|")
+        for r in exps:
+            label = f"{r['mode']} {r['backend']}" + (f" (weight cache: {r['cache']})" if r["cache"] else "")
+            print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
+    models = [r for r in results if r.get("kind") == "model"]
+    if models:
+        print("\n| mode | experts | layers | seq x mbs | recompute | ms/iter | tokens/s | model TFLOP/s | peak GiB |"
+              " trainable params | frozen bit-identical | loss first->last |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in models:
+            exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
+            print(f"| {r['mode'].upper()} | {exp} | {r['layers']} | {r['seq']}x{r['mbs']} | {r['recompute']} | "
+                  f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
+                  f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable changed: "
+                  f"{r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
+    for r in results:
+        if "error" in r:
+            print(f"- {json.dumps(r['job'])}: {r['error']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="check,experts,model", help="comma list of job kinds: check, experts, model")
+    p.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test of the script itself)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens for the experts-layer check/benchmark")
+    p.add_argument("--layers", type=int, default=27, help="layers of the ESFT full-model runs")
+    p.add_argument("--fft-layers", type=int, default=4, help="layers of the ESFT-vs-FFT comparison runs")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--plan", default=None, help="JSON list of jobs (overrides the default plan)")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.jsonl")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per job")
+    args = p.parse_args(argv)
+    if args.job is not None:
+        rows = run_job(args, json.loads(args.job))
+        print("RESULT " + json.dumps(rows), flush=True)
+        return
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    plan = json.loads(args.plan) if args.plan else default_plan(args.layers, args.fft_layers)
+    kinds = set(args.only.split(","))
+    results, path = [], os.path.join(args.out, "results.jsonl")
+    common = ["--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size), "--tokens", str(args.tokens),
+              "--recompute", args.recompute, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    common += ["--tiny"] if args.tiny else []
+    for job in (j for j in plan if j["job"] in kinds):
+        cmd = [sys.executable, os.path.abspath(__file__), *common, "--job", json.dumps(job)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            with open(os.path.join(args.out, "jobs.log"), "a") as log:
+                log.write(f"=== {json.dumps(job)} rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n")
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if lines:
+                rows = json.loads(lines[-1][len("RESULT "):])
+            else:
+                tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+                rows = [{"job": job, "error": ("OOM: " if "out of memory" in proc.stderr.lower() else "") + tail[-400:]}]
+        except subprocess.TimeoutExpired:
+            rows = [{"job": job, "error": f"timeout after {args.timeout}s"}]
+        for r in rows:
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+        results.extend(rows)
+        with open(path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(json.dumps(rows), flush=True)
+    print_tables(results, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""FP8 (e4m3, row-wise scaled) grouped GEMMs for the frozen-aware experts, with an ESFT-shaped backward.
+
+`fp8_grouped_mm(x [M, K] bf16, weight [G, N, K] bf16, offs int32 [G], cache)` computes, per group g,
+`y[s:e] = x[s:e] @ weight[g].T` like `grouped_mm.grouped_mm`, with these precisions (H100, `torch._scaled_grouped_mm`):
+
+| GEMM | operands | scaling | accumulate / output |
+|---|---|---|---|
+| forward `x @ w.T` | e4m3 x, e4m3 w | one scale per token row of x (amax over K); one per (expert, output column) of w | fp32 (`use_fast_accum`) -> bf16 |
+| dgrad `dy @ w` | e4m3 dy, e4m3 w | one scale per row of dy (amax over N); one per (expert, input column) of w | fp32 (`use_fast_accum`) -> bf16 |
+| wgrad `dy.T @ x` (trainable groups only) | bf16 dy, bf16 x | none | `torch._grouped_mm`, bf16 out |
+
+Why this split:
+* the weight gradient stays in bf16 (TorchAO's "wgrad with high precision" idea): ESFT trains ~10 % of the experts, so
+  wgrad is a small share of the work, and bf16 needs no token-group padding (FP8 wgrad contracts over the token
+  dimension, whose group boundaries would have to be multiples of 16). Forward and dgrad contract over K / N, so the
+  token groups need no padding and no host sync is added;
+* a frozen weight (`requires_grad=False`) gets no wgrad and its input is not saved (only the weight is referenced);
+* scales are "amax -> 448" per row, computed fresh every call (current scaling, no amax history), decode scales are
+  passed to the kernel as float32 reciprocals. Rows that are all zero get scale 1 (exact zeros).
+
+Weights are quantized in two physical layouts (FP8 tensor-core GEMMs need both operands K-major): [G, N, K] for the
+forward and [G, K, N] for dgrad. `FP8WeightCache` keeps them while the weight is unchanged (key: storage pointer and
+autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"` caches only frozen weights
+(2 bytes per frozen parameter: the same as their bf16 copy), `"all"` every weight, `"none"` re-quantizes every call.
+
+On CPU (no `_scaled_grouped_mm` kernel) the scaled GEMM is emulated exactly from the same e4m3 values and scales in
+float32 — for the CPU tests of the quantization and autograd plumbing only; the real kernel is checked on the GPU by
+bench/gpu_esft.py --check.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+CACHE_POLICIES = ("none", "frozen", "all")
+_compiled_quantizer = None
+
+
+def quantize_lastdim_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise e4m3 quantization along the last dim: (q contiguous, decode scale float32 [...]) with
+    t ≈ q.float() * scale[..., None]. `t` may be a transposed view (the result is laid out contiguously)."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, FP8_MAX / amax, torch.ones_like(amax))
+    q = (t.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.contiguous(), scale.reciprocal().squeeze(-1).contiguous()
+
+
+def _quantizer():
+    """torch.compile'd quantizer on CUDA (one fused read-amax-scale-cast kernel instead of ~6 eager passes)."""
+    global _compiled_quantizer
+    if _compiled_quantizer is None:
+        try:
+            _compiled_quantizer = torch.compile(quantize_lastdim_reference, dynamic=True)
+        except Exception as exc:  # noqa: BLE001 - any compile-stack failure: eager is correct, only slower
+            logger.warning("fp8: torch.compile unavailable (%s); eager quantization", exc)
+            _compiled_quantizer = quantize_lastdim_reference
+    return _compiled_quantizer
+
+
+def quantize_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    global _compiled_quantizer
+    if t.device.type != "cuda" or t.numel() == 0:
+        return quantize_lastdim_reference(t)
+    fn = _quantizer()
+    try:
+        return fn(t)
+    except Exception as exc:  # noqa: BLE001 - e.g. Triton missing on the machine
+        if fn is quantize_lastdim_reference:
+            raise
+        logger.warning("fp8: compiled quantizer failed (%s); eager quantization", " ".join(str(exc).split())[:200])
+        _compiled_quantizer = quantize_lastdim_reference
+        return quantize_lastdim_reference(t)
+
+
+def scaled_grouped_mm_supported(device: torch.device) -> bool:
+    """Row-wise FP8 grouped GEMM kernels exist for CUDA compute capability 9.0 / 10.0 (torch >= 2.8)."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) in ((9, 0), (10, 0))
+
+
+def _emulated_scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs):
+    """float32 emulation of `torch._scaled_grouped_mm` (2D x 3D, row-wise scales) from the same e4m3 values."""
+    a = a_q.float() * scale_a[:, None]
+    b = b_q_t.float() * scale_b[:, None, :]  # b_q_t [G, K, N], scale_b [G, N]
+    return torch._grouped_mm(a, b, offs=offs).to(torch.bfloat16)
+
+
+def _scaled_mm(a_q, b_q_t, scale_a, scale_b, offs):
+    if a_q.device.type == "cuda":
+        return torch._scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)
+    return _emulated_scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs)
+
+
+class FP8WeightCache:
+    """Quantized copies of expert weights, reused while the weight is unchanged (see the module docstring)."""
+
+    def __init__(self, policy: str = "frozen"):
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"fp8 weight cache policy {policy!r}: choose from {', '.join(CACHE_POLICIES)}")
+        self.policy = policy
+        self._entries: dict[tuple, tuple] = {}
+        self.quantizations = 0  # how many weight quantizations ran (tests / benchmarks read it)
+
+    def _quantize(self, weight: torch.Tensor, layout: str):
+        self.quantizations += 1
+        g, n, k = weight.shape
+        if layout == "nk":  # forward operand: rows (g, n) over K
+            q, s = quantize_lastdim(weight.detach())
+            return q.view(g, n, k), s.view(g, n)
+        q, s = quantize_lastdim(weight.detach().transpose(-2, -1))  # dgrad operand: rows (g, k) over N
+        return q.view(g, k, n), s.view(g, k)
+
+    def get(self, weight: torch.Tensor, layout: str):
+        """(q, decode scale): layout "nk" -> q [G, N, K], scale [G, N]; "kn" -> q [G, K, N], scale [G, K]."""
+        use = self.policy == "all" or (self.policy == "frozen" and not weight.requires_grad)
+        if not use:
+            return self._quantize(weight, layout)
+        key = (weight.data_ptr(), tuple(weight.shape), layout)
+        stamp = weight._version
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        q, s = self._quantize(weight, layout)
+        self._entries[key] = (stamp, q, s)
+        return q, s
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def nbytes(self) -> int:
+        return sum(q.numel() * q.element_size() + s.numel() * 4 for _, q, s in self._entries.values())
+
+
+class _FP8GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, offs, cache):
+        g, n, k = weight.shape
+        ctx.cache = cache
+        ctx.save_for_backward(x if weight.requires_grad else None, weight, offs)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, n)
+        x_q, x_s = quantize_lastdim(x)
+        w_q, w_s = cache.get(weight, "nk")
+        return _scaled_mm(x_q, w_q.transpose(-2, -1), x_s, w_s, offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if grad.shape[0] == 0:
+                grad_x = grad.new_zeros(0, weight.shape[2])
+            else:
+                g_q, g_s = quantize_lastdim(grad)
+                wt_q, wt_s = ctx.cache.get(weight, "kn")
+                grad_x = _scaled_mm(g_q, wt_q.transpose(-2, -1), g_s, wt_s, offs)
+        if ctx.needs_input_grad[1]:
+            # bf16 wgrad, [G, N, K] in the parameter's own layout; an empty group gets exact zeros
+            grad_w = torch._grouped_mm(grad.t(), x, offs=offs)
+        return grad_x, grad_w, None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, cache: FP8WeightCache) -> torch.Tensor:
+    """y[s:e] = x[s:e] @ weight[g].T with FP8 forward/dgrad and bf16 wgrad (see the module docstring).
+
+    x [M, K] bf16 with M == offs[-1]; weight [G, N, K] bf16; K and N multiples of 16."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"fp8 experts need bf16 activations and weights, got {x.dtype} / {weight.dtype}")
+    if x.shape[1] % 16 or weight.shape[1] % 16:
+        raise ValueError(f"fp8 experts need K and N multiples of 16, got K={x.shape[1]}, N={weight.shape[1]}")
+    return _FP8GroupedMM.apply(x, weight, offs, cache)
