@@ -113,7 +113,8 @@ def _per_expert_optimizer_keys(optimizer_sd: dict):
 def live_optimizers(optimizer) -> list:
     """The Megatron optimizers that hold parameters. ESFT often leaves the dense optimizer empty (its inner
     optimizer is None), which ChainedOptimizer's own (sharded_)state_dict cannot handle."""
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if getattr(o, "optimizer", None) is not None]
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None and any(g["params"] for g in o.optimizer.param_groups)]
 
 
 def optimizer_step(optimizer) -> int:
@@ -122,7 +123,10 @@ def optimizer_step(optimizer) -> int:
     if not steps:  # torch AdamW keeps the step per parameter
         steps = {int(st["step"]) for o in live_optimizers(optimizer) for st in o.optimizer.state.values()
                  if "step" in st}
-    return max(steps) if steps else 0
+    step = torch.tensor([max(steps) if steps else 0], dtype=torch.float64)
+    if dist.is_initialized():  # a rank (PP stage, EP rank) may train nothing at all: take the step of those that do
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    return int(step.item())
 
 
 def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tuple[list, list, list]:

@@ -68,15 +68,16 @@ def expert_sharded_entries(
 
 def _rekey(obj, old: str, new: str):
     """Prefix every sharded key with what the optimizer prepended to the factory key (e.g. `optimizer.state.exp_avg.`)."""
+    # The factory key is authoritative: besides an optimizer prefix, the block may have replaced the stage-local
+    # layer index with the global one (pipeline parallelism) after the factory captured `old`.
     if old == new:
         return obj
-    assert new.endswith(old), (old, new)
-    extra = new[: len(new) - len(old)]
     if isinstance(obj, (list, tuple)):
         return [_rekey(o, old, new) for o in obj]
     if isinstance(obj, dict):
         return {k: _rekey(v, old, new) for k, v in obj.items()}
-    obj.key = extra + obj.key
+    assert obj.key == old, (obj.key, old, new)
+    obj.key = new
     return obj
 
 
