@@ -80,12 +80,15 @@ def _hf_reference(hf_dir, load_dir, data, arch):
     return out
 
 
-@pytest.mark.parametrize("arch, nproc, extra", [("deepseek-v2", 1, []),
-                                                ("deepseek-v3", 2, ["--expert-model-parallel-size", "2"])])
-def test_scores_match_transformers_routers(tiny_hf, tmp_path, arch, nproc, extra):
+@pytest.mark.parametrize("arch, layers, nproc, extra", [
+    ("deepseek-v2", 3, 1, []),
+    ("deepseek-v3", 3, 2, ["--expert-model-parallel-size", "2"]),
+    ("deepseek-v2", 4, 2, ["--pipeline-model-parallel-size", "2"]),  # stage 0: dense layer 0 + MoE layer 1
+])
+def test_scores_match_transformers_routers(tiny_hf, tmp_path, arch, layers, nproc, extra):
     from megatron_esft.checkpoint.convert import hf_to_mcore
 
-    hf = tiny_hf(arch)
+    hf = tiny_hf(arch) if layers == 3 else tiny_hf(arch, layers=layers)
     load = str(tmp_path / "mcore")
     hf_to_mcore(hf, load, ParallelConfig())
     data = _data(tmp_path / "task.jsonl")
@@ -103,7 +106,7 @@ def test_scores_match_transformers_routers(tiny_hf, tmp_path, arch, nproc, extra
     assert (out / "scores_token.png").read_bytes()[:4] == b"\x89PNG"
     assert scores["data"]["tokens"] == MAX_TOKENS and scores["model"]["arch"] == arch
     reference = _hf_reference(hf, load, data, arch)
-    assert sorted(scores["counts"], key=int) == sorted(reference, key=int) == ["1", "2"]
+    assert sorted(scores["counts"], key=int) == sorted(reference, key=int) == [str(i) for i in range(1, layers)]
     for layer, (counts, gates, total) in reference.items():
         assert total == MAX_TOKENS == scores["num_tokens"][layer]
         np.testing.assert_array_equal([scores["counts"][layer][str(e)] for e in range(len(counts))], counts)
@@ -116,7 +119,7 @@ def test_scores_match_transformers_routers(tiny_hf, tmp_path, arch, nproc, extra
     cfg = tmp_path / "cfg.json"
     ok = _run([SELECT, "--scores", out, "--model", load, "--method", "token", "--top-p", "0.5", "--out", cfg])
     assert ok.returncode == 0, ok.stderr
-    assert set(json.loads(cfg.read_text())["experts"]) == {"1", "2"}
+    assert set(json.loads(cfg.read_text())["experts"]) == {str(i) for i in range(1, layers)}
     bad = _run([SELECT, "--scores", out, "--model", other, "--method", "token", "--out", tmp_path / "x.json"])
     assert bad.returncode == 2 and "different model" in bad.stderr and "arch" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.json").exists()
