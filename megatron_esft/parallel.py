@@ -50,9 +50,9 @@ def init_process_group() -> None:
     timeout = timedelta(minutes=int(os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30")))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "RANK" not in os.environ:
-        # One local rank: an in-process store, so concurrent single-process runs never race for a TCP port.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "MASTER_ADDR" not in os.environ and world_size() == 1:
+        # One local rank (not launched by torchrun): an in-process store, so concurrent single-process runs never
+        # race for a TCP port. The environment is left untouched for subprocesses.
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     dist.init_process_group(backend=backend, timeout=timeout)

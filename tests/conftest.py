@@ -58,3 +58,14 @@ def tiny_hf(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _reset_megatron_moe_globals():
+    """Megatron-Core keeps MoE state in process globals (aux-loss tracker, aux-loss backward scale); tests build many
+    models in one process, so each test starts from a clean slate (build_model does the same for real runs)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    yield

@@ -194,10 +194,13 @@ def build_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
-    # Megatron's MoE aux-loss tracker is process-global and sized by the first model built; a new model resets it.
+    # Process-global MoE state of Megatron-Core that must not leak from one model to the next: the aux-loss tracker
+    # is sized by the first model built, and the aux-loss backward scale is created 0-dim by a backward run outside
+    # Megatron's schedules (moe_utils.py:268) and then cannot take the schedules' [1]-shaped scale (moe_utils.py:286).
     get_moe_layer_wise_logging_tracker().clear()
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     config = transformer_config(cfg, parallel, params_dtype=params_dtype, **(config_overrides or {}))
     if meta_device:
         config.use_cpu_initialization = True
