@@ -1,8 +1,9 @@
 """Fixtures for the training tests: a tiny DeepSeek-V2 (HF + converted base checkpoint), SFT data, expert configs,
 and the ESFT reference run (EP=1) that several tests compare against. Everything is made once per session.
 
-Expert config `ECFG`: layer 1 trains experts 0 and 2 (both on EP rank 0 of 2), layer 2 trains expert 5 (EP rank 1):
-under EP=2 each rank trains nothing in one of the layers, the case that hangs without the all-to-all guard.
+Expert config `ECFG` (4 layers: dense 0, MoE 1..3): layer 1 trains experts 0 and 2 (both on EP rank 0 of 2), layer 2
+trains expert 5 (EP rank 1), layer 3 nothing: under EP=2 each rank trains nothing in some layer, the case that hangs
+without the all-to-all guard.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-ECFG = {"experts": {"1": [0, 2], "2": [5]}, "shared_experts": False, "non_expert_modules": False}
+ECFG = {"experts": {"1": [0, 2], "2": [5], "3": []}, "shared_experts": False, "non_expert_modules": False}
 SELECTED = {(1, 0), (1, 2), (2, 5)}
 TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "48", "--lr", "1e-3",
          "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1"]
@@ -94,7 +95,7 @@ def training_env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("training")
     hf = str(root / "hf")
-    make_tiny_deepseek(TinySpec(arch="deepseek-v2", layers=3, hidden=64, experts=8, topk=2, moe_ffn=32, vocab=512,
+    make_tiny_deepseek(TinySpec(arch="deepseek-v2", layers=4, hidden=64, experts=8, topk=2, moe_ffn=32, vocab=512,
                                 seed=3), hf)
     base = str(root / "base")
     run(["tools/convert_hf_to_mcore.py", "--hf", hf, "--out", base])

@@ -20,11 +20,11 @@ def _args(env, load, save, *extra):
 
 
 @pytest.mark.parametrize("experts, message", [
-    ({"1": [0], "2": [1], "7": [0]}, "layer(s) 7 are not MoE layers"),
-    ({"1": [0], "2": [8]}, "expert id(s) [8] outside 0..7"),
-    ({"1": [3, 3], "2": []}, "duplicate expert ids"),
-    ({"1": [], "2": []}, "selects no expert"),
-    ({"1": [0]}, "missing MoE layer(s) 2"),
+    ({"1": [0], "2": [1], "3": [], "7": [0]}, "layer(s) 7 are not MoE layers"),
+    ({"1": [0], "2": [8], "3": []}, "expert id(s) [8] outside 0..7"),
+    ({"1": [3, 3], "2": [], "3": []}, "duplicate expert ids"),
+    ({"1": [], "2": [], "3": []}, "selects no expert"),
+    ({"1": [0]}, "missing MoE layer(s) 2, 3"),
 ])
 def test_bad_expert_config(training_env, tmp_path, experts, message):
     cfg = tmp_path / "bad.json"
@@ -38,7 +38,7 @@ def test_bad_expert_config(training_env, tmp_path, experts, message):
 
 def test_resume_with_a_different_config_or_mode(training_env, reference, tmp_path):
     other = tmp_path / "other.json"
-    other.write_text(json.dumps(dict(ECFG, experts={"1": [1], "2": [5]})))
+    other.write_text(json.dumps(dict(ECFG, experts={"1": [1], "2": [5], "3": []})))
     save = str(tmp_path / "out")
     with pytest.raises(UserError, match="differs from the expert config inside the checkpoint"):
         _pretrain(_args(training_env, reference["save"], save, "--train-iters", "8", "--expert-config", str(other)))
@@ -54,7 +54,7 @@ def test_resume_with_a_different_config_or_mode(training_env, reference, tmp_pat
 
 def test_cli_error_is_one_line(training_env, tmp_path):
     cfg = tmp_path / "empty.json"
-    cfg.write_text(json.dumps(dict(ECFG, experts={"1": [], "2": []})))
+    cfg.write_text(json.dumps(dict(ECFG, experts={"1": [], "2": [], "3": []})))
     save = str(tmp_path / "out")
     proc = run(["pretrain_esft.py", *_args(training_env, training_env["base"], save, "--expert-config", str(cfg))],
                check=False)

@@ -34,7 +34,7 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
         assert m, line
         assert int(m.group(1)) == i and int(m.group(2)) == 4 * i
         assert int(m.group(3)) == 3 * 3 * 64 * 32  # 3 experts x (gate, up, down) x hidden 64 x moe_ffn 32
-    assert "layer 1: 12,288" in out and "layer 2: 6,144" in out and "layer 0: 0" in out
+    assert "layer 1: 12,288" in out and "layer 2: 6,144" in out and "layer 0: 0" in out and "layer 3: 0" in out
     assert glob.glob(os.path.join(str(training_env["root"] / "tb"), "events.out.tfevents.*"))
     assert all(l > 0 for l in reference["losses"]) and reference["losses"][-1] < reference["losses"][0]
 

@@ -36,3 +36,21 @@ def test_tp2_freezes_exactly(training_env, reference):
     first = losses(proc)[0]
     assert abs(first - reference["losses"][0]) <= 1e-5 * reference["losses"][0]  # same forward as TP=1
     _check_frozen(load_hf(training_env["hf"]), to_hf(save, str(training_env["root"] / "tp2-hf")))
+
+
+def test_pp2_with_a_stage_that_trains_nothing(training_env, reference, tmp_path):
+    """PP=2 (Megatron's 1F1B schedule): stage 0 (layers 0-1) trains nothing, so its output does not require grad
+    unless the guard makes it; the schedule still runs backward through it."""
+    import json
+
+    cfg = tmp_path / "late.json"
+    cfg.write_text(json.dumps({"experts": {"1": [], "2": [], "3": [1, 6]}, "shared_experts": False,
+                               "non_expert_modules": False}))
+    save = str(training_env["root"] / "pp2")
+    proc = pretrain(training_env["base"], save, "--expert-config", str(cfg), "--train-iters", "2",
+                    "--pipeline-model-parallel-size", "2", nproc=2, data=training_env["data"])
+    assert abs(losses(proc)[0] - reference["losses"][0]) <= 1e-6 * reference["losses"][0]
+    base, trained = load_hf(training_env["hf"]), to_hf(save, str(training_env["root"] / "pp2-hf"))
+    changed = sorted(n for n in base if not torch.equal(base[n], trained[n]))
+    assert changed == sorted(n for n in base if n.startswith(("model.layers.3.mlp.experts.1.",
+                                                               "model.layers.3.mlp.experts.6.")))
