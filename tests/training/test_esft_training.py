@@ -59,3 +59,15 @@ def test_grouped_and_sequential_experts_train_alike(training_env, reference):
     assert len(seq) == 3
     for a, b in zip(seq, reference["losses"][:3]):
         assert abs(a - b) <= 1e-6 * abs(b), (seq, reference["losses"][:3])
+
+
+def test_full_finetuning_trains_everything(training_env):
+    """--finetune-mode full (the FFT baseline) runs the same loop with every parameter trainable."""
+    save = str(training_env["root"] / "full")
+    proc = pretrain(training_env["base"], save, "--finetune-mode", "full", "--train-iters", "1",
+                    data=training_env["data"])
+    total = int(re.search(r"trainable params: (\d+)", proc.stdout).group(1))
+    assert f"trainable parameters: {total:,} of {total:,} (100.00%)" in proc.stdout
+    base, trained = load_hf(training_env["hf"]), to_hf(save, str(training_env["root"] / "full-hf"))
+    unchanged = [n for n in base if torch.equal(base[n], trained[n])]
+    assert not unchanged, unchanged
