@@ -209,6 +209,12 @@ def run_experts(args, raw):
             with (timer if it >= args.warmup else _NullCtx()):
                 out, _ = layer(xi, counts, probs)
                 out.backward(dy)
+        if args.profile:
+            def step():
+                xi = x.detach().requires_grad_(True)
+                out, _ = layer(xi, counts, probs)
+                out.backward(dy)
+            _profile(f"experts {mode} {backend} {cache}", step)
         per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
         trainable_rows = int(sum(counts[j] for j in ids))
         flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
@@ -218,6 +224,25 @@ def run_experts(args, raw):
         del layer
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
+
+
+def _profile(label, fn, steps=2):
+    """torch.profiler table of the GPU kernels of `steps` calls of fn (--profile)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        _sync()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
+    print(f"PROFILE {label} ({steps} steps)\n{table}", file=sys.stderr, flush=True)
 
 
 class _NullCtx:
@@ -296,6 +321,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
     overrides = {}
     if recompute == "full":
         overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute.startswith("block:"):  # recompute the first N layers of the block, keep the rest's activations
+        overrides = dict(recompute_granularity="full", recompute_method="block",
+                         recompute_num_layers=int(recompute.split(":")[1]))
     elif recompute == "selective":
         overrides = dict(recompute_granularity="selective")
     t0 = time.perf_counter()
@@ -305,7 +333,12 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
     gen = torch.Generator().manual_seed(7)
     selection = {str(k): sorted(torch.randperm(n, generator=gen)[:TRAINABLE_PER_LAYER].tolist()) for k in cfg.moe_layers}
     apply_finetune_mode([model], "full" if mode == "fft" else "esft", ExpertConfig(experts=selection))
-    rows, hooks = {}, []
+    if recompute != "none" and mode == "esft":
+        # Megatron's recompute is an autograd.Function over the layer's *inputs*: with a frozen embedding no input
+        # requires grad, the checkpointed layers' output does not either, and their trainable experts silently get
+        # no gradient. A grad-requiring embedding output fixes it (costs the dgrad of the layers below).
+        model.embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+    rows, hooks, counting = {}, [], [False]
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
             continue
@@ -313,8 +346,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
         experts.set_gemm_backend(backend, cache)
 
         def hook(module, inputs, number=number):
-            if recompute == "full" and torch.is_grad_enabled():
-                return  # the recomputation of a checkpointed layer (first forward runs under no_grad): no new work
+            if not counting[0]:
+                return  # activation recomputation inside backward is not useful work
             tpe = inputs[1]
             ids = module.trainable_local_experts
             routed, trainable = rows.get(number, (0, 0))
@@ -347,12 +380,22 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
         with (timer if it >= args.warmup else _NullCtx()):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
+            counting[0] = True
             loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
+            counting[0] = False
             loss.backward()
             ddp.finish_grad_sync()
             optimizer.step()
         losses.append(loss.item())
     peak = _peak_gib()
+    if args.profile:
+        def step():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            ddp(tokens, position_ids, None, labels=labels).float().mean().backward()
+            ddp.finish_grad_sync()
+            optimizer.step()
+        _profile(f"model {mode} {backend} {layers}L", step, steps=1)
     flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs, {k: (r / args.iters, t / args.iters)
                                                                     for k, (r, t) in rows.items()})
     after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
@@ -361,7 +404,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
              "mbs": mbs, "recompute": recompute, "ms": ms, "tokens_per_s": mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
-             "trainable_changed": bool(len(trained) == 0 or not torch.equal(before_trained, after_trained)),
+             "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
              "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s}]
 
 
@@ -413,8 +456,8 @@ def print_tables(results, device):
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
             print(f"| {r['mode'].upper()} | {exp} | {r['layers']} | {r['seq']}x{r['mbs']} | {r['recompute']} | "
                   f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
-                  f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable changed: "
-                  f"{r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
+                  f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
+                  f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
     for r in results:
         if "error" in r:
             print(f"- {json.dumps(r['job'])}: {r['error']}")
@@ -429,9 +472,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="tokens for the experts-layer check/benchmark")
     p.add_argument("--layers", type=int, default=27, help="layers of the ESFT full-model runs")
     p.add_argument("--fft-layers", type=int, default=4, help="layers of the ESFT-vs-FFT comparison runs")
-    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--recompute", default="none", help="none | selective | full (every layer) | block:N (first N)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables to the jobs' stderr")
     p.add_argument("--plan", default=None, help="JSON list of jobs (overrides the default plan)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.jsonl")
@@ -450,13 +494,15 @@ def main(argv=None):
     common = ["--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size), "--tokens", str(args.tokens),
               "--recompute", args.recompute, "--warmup", str(args.warmup), "--iters", str(args.iters)]
     common += ["--tiny"] if args.tiny else []
+    common += ["--profile"] if args.profile else []
     for job in (j for j in plan if j["job"] in kinds):
         cmd = [sys.executable, os.path.abspath(__file__), *common, "--job", json.dumps(job)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             with open(os.path.join(args.out, "jobs.log"), "a") as log:
-                log.write(f"=== {json.dumps(job)} rc={proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n")
+                log.write(f"=== {json.dumps(job)} rc={proc.returncode}\n{proc.stdout[-4000:]}\n"
+                          + "\n".join(l for l in proc.stderr.splitlines() if "Warning" not in l)[-40000:] + "\n")
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if lines:
                 rows = json.loads(lines[-1][len("RESULT "):])
