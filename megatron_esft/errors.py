@@ -7,12 +7,20 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
 
 class UserError(Exception):
     """Bad input from the user. The message names the file/line/field and the problem, in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a one-line `UserError` (run_cli prints it; no usage dump)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UserError(f"{self.prog}: {message}")
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -1,16 +1,15 @@
 """Compare logits of transformers' DeepSeek implementation (or the DeepSeekMoE float64 reference) with our
 Megatron-Core model on the same random tokens, in fp32."""
 
-import argparse
 import json
 
 import _bootstrap  # noqa: F401
 
-from megatron_esft.errors import run_cli
+from megatron_esft.errors import ArgumentParser, run_cli
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--hf", required=True)
     parser.add_argument("--load", required=True)
     parser.add_argument("--seq-length", type=int, default=32)

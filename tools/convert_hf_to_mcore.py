@@ -4,15 +4,13 @@ The result loads at any TP/EP/PP. Run it as one process (it writes the full tens
 --tp/--ep/--pp to write from that layout.
 """
 
-import argparse
-
 import _bootstrap  # noqa: F401
 
-from megatron_esft.errors import run_cli
+from megatron_esft.errors import ArgumentParser, run_cli
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     parser.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)

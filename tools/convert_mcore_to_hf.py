@@ -3,15 +3,13 @@
 Tensor names and dtypes equal the source HF checkpoint's; config and tokenizer are carried over.
 """
 
-import argparse
-
 import _bootstrap  # noqa: F401
 
-from megatron_esft.errors import run_cli
+from megatron_esft.errors import ArgumentParser, run_cli
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--load", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")

@@ -1,15 +1,13 @@
 """Write a tiny random DeepSeek checkpoint in Hugging Face format (config, safetensors, tokenizer)."""
 
-import argparse
-
 import _bootstrap  # noqa: F401
 
-from megatron_esft.errors import run_cli
+from megatron_esft.errors import ArgumentParser, run_cli
 from megatron_esft.models.tiny import ARCHES, TinySpec, make_tiny_deepseek
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--arch", choices=ARCHES, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)

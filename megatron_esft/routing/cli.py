@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from megatron_esft.errors import UserError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as a one-line `UserError` (run_cli prints it; no usage dump)."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        raise UserError(message)
+from megatron_esft.errors import ArgumentParser, UserError  # noqa: F401 (ArgumentParser re-exported)
 
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
