@@ -24,7 +24,7 @@ PY = sys.executable
 ECFG = {"experts": {"1": [0, 2], "2": [5], "3": []}, "shared_experts": False, "non_expert_modules": False}
 SELECTED = {(1, 0), (1, 2), (2, 5)}
 TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "48", "--lr", "1e-3",
-         "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1"]
+         "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1", "--split", "90,10"]
 WORDS = "the cat sat on a mat dog ran far away blue sky green tree red car fast slow big small".split()
 
 
@@ -116,11 +116,12 @@ def training_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(training_env):
-    """ESFT at EP=1 (grouped experts), 6 iterations straight, checkpoints at 3 and 6, plus HF exports of both."""
+    """ESFT at EP=1 (grouped experts), 6 iterations straight, validation at 0/3/6 (keep-best), checkpoints at 3 and 6,
+    plus HF exports of both."""
     env = training_env
     save = str(env["root"] / "ref")
     proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
-                    "--tensorboard-dir", str(env["root"] / "tb"), data=env["data"])
+                    "--eval-interval", "3", "--tensorboard-dir", str(env["root"] / "tb"), data=env["data"])
     hf3 = to_hf(save, str(env["root"] / "ref-hf-3"), iteration=3)
     hf6 = to_hf(save, str(env["root"] / "ref-hf-6"))
     return {"save": save, "proc": proc, "losses": losses(proc), "hf3": hf3, "hf6": hf6,

@@ -36,15 +36,26 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
         assert int(m.group(3)) == 3 * 3 * 64 * 32  # 3 experts x (gate, up, down) x hidden 64 x moe_ffn 32
     assert "layer 1: 12,288" in out and "layer 2: 6,144" in out and "layer 0: 0" in out and "layer 3: 0" in out
     assert glob.glob(os.path.join(str(training_env["root"] / "tb"), "events.out.tfevents.*"))
-    assert all(l > 0 for l in reference["losses"]) and reference["losses"][-1] < reference["losses"][0]
+    # validation before training (the base model: reference routing, drift 0) and every --eval-interval
+    vals = re.findall(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \| "
+                      r"expert-load drift \(max over layers\): ([0-9.]+)", out)
+    assert [int(v[0]) for v in vals] == [0, 3, 6] and float(vals[0][2]) == 0.0
+    best = min(vals[1:], key=lambda v: float(v[1]))
+    from megatron_esft.checkpoint.mcore_checkpoint import read_meta, read_tracker
+
+    best_dir = os.path.join(reference["save"], "best")
+    assert read_tracker(best_dir) == int(best[0])
+    assert abs(read_meta(best_dir)["train_state"]["best_validation_loss"] - float(best[1])) <= 1e-6 * float(best[1])
+    assert float(best[1]) < float(vals[0][1])  # training the selected experts lowers the validation loss
 
 
 def test_resume_is_bit_identical(training_env, reference):
     """6 iterations straight == 3 iterations + resume for 3 (model, optimizer, data position, schedule, RNG)."""
     save = str(training_env["root"] / "resume")
     first = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "6",
-                     "--exit-interval", "3", data=training_env["data"])
-    second = pretrain(save, save, "--train-iters", "6", data=training_env["data"])  # config travels in the checkpoint
+                     "--exit-interval", "3", "--eval-interval", "3", data=training_env["data"])
+    # the expert config travels in the checkpoint
+    second = pretrain(save, save, "--train-iters", "6", "--eval-interval", "3", data=training_env["data"])
     assert "resumed from" in second.stdout
     assert losses(first) + losses(second) == reference["losses"]
     resumed = to_hf(save, str(training_env["root"] / "resume-hf"))
