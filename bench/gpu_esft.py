@@ -305,7 +305,7 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows):
     return fwd + dgrad + wgrad
 
 
-def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
+def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -380,10 +380,11 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
         with (timer if it >= args.warmup else _NullCtx()):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            counting[0] = True
-            loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
-            counting[0] = False
-            loss.backward()
+            for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
+                counting[0] = True
+                loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
+                counting[0] = False
+                loss.backward()
             ddp.finish_grad_sync()
             optimizer.step()
         losses.append(loss.item())
@@ -396,12 +397,13 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs):
             ddp.finish_grad_sync()
             optimizer.step()
         _profile(f"model {mode} {backend} {layers}L", step, steps=1)
-    flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs, {k: (r / args.iters, t / args.iters)
+    flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
                                                                     for k, (r, t) in rows.items()})
     after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "mbs": mbs, "recompute": recompute, "ms": ms, "tokens_per_s": mbs * args.seq / ms * 1e3,
+             "mbs": mbs, "accum": accum, "recompute": recompute, "ms": ms,
+             "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
              "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
@@ -428,7 +430,7 @@ def run_job(args, job):
     if job["job"] == "experts":
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
-                     job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size))
+                     job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1))
 
 
 def print_tables(results, device):
@@ -449,12 +451,13 @@ def print_tables(results, device):
             print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
     models = [r for r in results if r.get("kind") == "model"]
     if models:
-        print("\n| mode | experts | layers | seq x mbs | recompute | ms/iter | tokens/s | model TFLOP/s | peak GiB |"
+        print("\n| mode | experts | layers | seq x mbs x accum | recompute | ms/iter | tokens/s | model TFLOP/s | peak GiB |"
               " trainable params | frozen bit-identical | loss first->last |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
-            print(f"| {r['mode'].upper()} | {exp} | {r['layers']} | {r['seq']}x{r['mbs']} | {r['recompute']} | "
+            print(f"| {r['mode'].upper()} | {exp} | {r['layers']} | {r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
+                  f"{r['recompute']} | "
                   f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
                   f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
                   f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
