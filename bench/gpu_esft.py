@@ -335,9 +335,11 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
     apply_finetune_mode([model], "full" if mode == "fft" else "esft", ExpertConfig(experts=selection))
     if recompute != "none" and mode == "esft":
         # Megatron's recompute is an autograd.Function over the layer's *inputs*: with a frozen embedding no input
-        # requires grad, the checkpointed layers' output does not either, and their trainable experts silently get
-        # no gradient. A grad-requiring embedding output fixes it (costs the dgrad of the layers below).
-        model.embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+        # requires grad and the checkpointed layers' trainable experts would get no gradient. The trainer's hang
+        # guard handles this by making the decoder input require grad (costs the dgrad of the layers below).
+        from megatron_esft.esft.hang_guard import install_hang_guard
+
+        install_hang_guard([model], min(cfg.moe_layers) + 1, recompute_full=True)
     rows, hooks, counting = {}, [], [False]
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
