@@ -83,6 +83,21 @@ def load_hf(directory) -> dict:
     return out
 
 
+def load_mcore(load, iteration: int) -> dict:
+    """Model tensors of a checkpoint iteration, read with torch's checkpoint reader (no Megatron, no process group);
+    routed experts stay stacked [E, ...] along the global expert axis."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(os.path.join(load, f"iter_{iteration:07d}"))
+    meta = reader.read_metadata().state_dict_metadata
+    keys = [k for k in meta if k.startswith(("decoder.", "embedding.", "output_layer."))
+            and hasattr(meta[k], "size") and not k.endswith("_extra_state")]
+    out = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
 def selected_name(name: str) -> bool:
     m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.", name)
     return bool(m) and (int(m.group(1)), int(m.group(2))) in SELECTED

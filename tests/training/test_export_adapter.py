@@ -4,6 +4,7 @@ the merged HF export of the same checkpoint, bit for bit."""
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import ECFG, load_hf, run, selected_name
@@ -27,8 +28,10 @@ def test_adapter_round_trip(training_env, reference):
 
 
 def test_export_of_a_base_checkpoint_is_a_user_error(training_env):
+    from megatron_esft.checkpoint.adapter import export_adapter
+    from megatron_esft.errors import UserError
+
     out = str(training_env["root"] / "no-adapter")
-    proc = run(["tools/export_esft.py", "--load", training_env["base"], "--out", out], check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith("error: ") and "not an ESFT training checkpoint" in proc.stderr
+    with pytest.raises(UserError, match="is not an ESFT training checkpoint"):
+        export_adapter(training_env["base"], out)
     assert not os.path.exists(out)
