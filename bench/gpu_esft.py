@@ -345,7 +345,6 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
         if not is_moe_layer(layer):
             continue
         experts = layer.mlp.experts
-        experts.set_gemm_backend(backend, cache)
 
         def hook(module, inputs, number=number):
             if not counting[0]:
@@ -356,6 +355,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
             rows[number] = (routed + int(tpe.sum()), trainable + int(tpe[ids].sum()) if ids else trainable)
 
         hooks.append(experts.register_forward_pre_hook(hook))
+    from megatron_esft.experts import set_expert_gemm_backend
+
+    set_expert_gemm_backend([model], backend, cache)
     for name, p in model.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False

@@ -2,10 +2,11 @@
 
 * `FrozenAwareGroupedExperts` (grouped.py): drop-in for Megatron-Core's SequentialMLP (same constructor, forward and
   checkpoint layout), on `torch._grouped_mm` (CPU and GPU) with a per-expert loop fallback.
-* `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec.
+* `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec; `set_expert_gemm_backend(model,
+  "fp8")` switches every such module to FP8 row-wise grouped GEMMs (fp8.py; H100/B200).
 """
 
 from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
-from megatron_esft.experts.spec import use_grouped_experts
+from megatron_esft.experts.spec import set_expert_gemm_backend, use_grouped_experts
 
-__all__ = ["FrozenAwareGroupedExperts", "use_grouped_experts"]
+__all__ = ["FrozenAwareGroupedExperts", "set_expert_gemm_backend", "use_grouped_experts"]

@@ -43,3 +43,19 @@ def use_grouped_experts(spec, backend: str = "torch"):
     if not swapped:
         raise ValueError("use_grouped_experts: the spec has no MoE layer")
     return spec
+
+
+def set_expert_gemm_backend(model_chunks, backend: str = "bf16", fp8_weight_cache: str = "frozen") -> int:
+    """Select the GEMM backend ("bf16" or "fp8", see experts/fp8.py) of every frozen-aware experts module in a model
+    (or list of model chunks, DDP-wrapped or not); returns how many modules were switched. Call after freezing
+    (`set_trainable_experts` replaces the Parameters and clears the FP8 weight cache)."""
+    from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    switched = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, FrozenAwareGroupedExperts):
+                module.set_gemm_backend(backend, fp8_weight_cache)
+                switched += 1
+    return switched

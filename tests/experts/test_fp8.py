@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import batch, build_model, expert_grads, freeze_grouped, loss_of, tiny_config
 
+from megatron_esft.experts import set_expert_gemm_backend
 from megatron_esft.experts.fp8 import (
     FP8_MAX, FP8WeightCache, fp8_grouped_mm, quantize_lastdim_reference, scaled_grouped_mm_supported,
 )
@@ -152,7 +153,7 @@ def test_model_with_fp8_experts_tracks_bf16_experts(mcore):
     freeze_grouped(bf16_model, trainable)
     freeze_grouped(fp8_model, trainable)
     experts = fp8_model.decoder.layers[1].mlp.experts
-    experts.set_gemm_backend("fp8")
+    assert set_expert_gemm_backend([fp8_model], "fp8") == 1 and experts.gemm_backend == "fp8"
     data = batch(seed=4)
     loss_bf16, loss_fp8 = loss_of(bf16_model, data), loss_of(fp8_model, data)
     loss_bf16.backward()
