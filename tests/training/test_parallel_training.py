@@ -27,6 +27,10 @@ def test_ep2_matches_ep1_without_hang(training_env, reference):
         if selected_name(name):
             rel = float((trained[name] - ref).norm() / ref.norm())
             assert rel <= 1e-4, (name, rel)
+    # resharding resume: the EP=2 checkpoint (model + optimizer with per-expert keys) continues at EP=1
+    resumed = pretrain(save, None, "--train-iters", "4", data=training_env["data"])
+    assert "resumed from" in resumed.stdout and "RNG states not restored" in resumed.stdout
+    assert abs(losses(resumed)[0] - reference["losses"][3]) <= 1e-5 * reference["losses"][3]
 
 
 def test_tp2_freezes_exactly(training_env, reference):
