@@ -4,15 +4,13 @@ The output is what the official ESFT `esft.py` (`load_esft_model` / `add_adapter
 --merge-into-hf BASE_HF_DIR --merged-out DIR it also writes base + adapter as a full HF checkpoint.
 """
 
-import argparse
-
 import _bootstrap  # noqa: F401
 
-from megatron_esft.errors import run_cli
+from megatron_esft.errors import ArgumentParser, run_cli
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--load", required=True, help="checkpoint directory written by pretrain_esft.py")
     parser.add_argument("--out", required=True, help="adapter directory to write")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_esft.errors import UserError
+from megatron_esft.errors import ArgumentParser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ESFT / full fine-tuning of a DeepSeek MoE model on Megatron-Core")
+    p = ArgumentParser(description="ESFT / full fine-tuning of a DeepSeek MoE model on Megatron-Core")
     g = p.add_argument_group("checkpoints and data")
     g.add_argument("--load", required=True, help="base checkpoint (convert_hf_to_mcore.py) or a training checkpoint")
     g.add_argument("--save", default=None, help="directory for training checkpoints")
