@@ -83,6 +83,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep,
+        # experts are never tensor-parallel (ESFT trains whole experts; models.provider sets the same in the config)
+        expert_tensor_parallel_size=1,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -30,7 +30,7 @@ DATA = os.path.join(ROOT, "examples", "tiny", "data")
 sys.path.insert(0, ROOT)
 
 PY = sys.executable
-TRAIN_ARGS = ["--micro-batch-size", "4", "--global-batch-size", "8", "--seq-length", "256", "--log-interval", "25",
+TRAIN_ARGS = ["--micro-batch-size", "4", "--global-batch-size", "8", "--seq-length", "384", "--log-interval", "25",
               "--weight-decay", "0.1", "--seed", "1234"]
 
 
@@ -43,9 +43,10 @@ def run(step: str, cmd: list[str], log_dir: str) -> str:
     output = proc.stdout + proc.stderr
     with open(os.path.join(log_dir, f"{step}.log"), "w", encoding="utf-8") as fh:
         fh.write(output)
-    tail = [line for line in output.splitlines() if not line.lstrip().startswith(("warnings.warn", "/"))]
-    for line in tail[-6:]:
-        print("   " + line[:200])
+    keep = ("iteration", "validation", "wrote", "saved", "ESFT-", "best", "max_abs_diff", "collected", "resumed",
+            "trainable", "score", "error")
+    for line in [line for line in output.splitlines() if any(k in line for k in keep)][-8:]:
+        print("   " + line.strip()[:220])
     if proc.returncode:
         sys.exit(f"demo step '{step}' failed (exit {proc.returncode}); full log: {log_dir}/{step}.log")
     print(f"   ({time.perf_counter() - start:.1f} s)")
@@ -96,7 +97,7 @@ def main():
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--pretrain-iters", type=int, default=300)
     parser.add_argument("--finetune-iters", type=int, default=150)
-    parser.add_argument("--eval-samples", type=int, default=24)
+    parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--method", choices=["gate", "token"], default="gate")
     parser.add_argument("--top-p", type=float, default=0.1)
     args = parser.parse_args()
@@ -108,17 +109,18 @@ def main():
     p = lambda *parts: os.path.join(out, *parts)  # noqa: E731
     tool = lambda name: os.path.join(ROOT, "tools", f"{name}.py")  # noqa: E731
     intent_train, law_train = os.path.join(DATA, "intent_train.jsonl"), os.path.join(DATA, "law_train.jsonl")
-    evals = {"intent": os.path.join(DATA, "intent_eval.jsonl"), "law": os.path.join(DATA, "law_eval.jsonl")}
+    # held-out conversations of each task in the official eval-record format (zero-shot "User: ...\n\nAssistant:")
+    evals = {"intent": os.path.join(DATA, "intent_heldout.jsonl"), "law": os.path.join(DATA, "law_heldout.jsonl")}
     started = time.perf_counter()
 
     run("make_tiny", [PY, tool("make_tiny_deepseek"), "--arch", "deepseek-v2", "--out", p("hf_random"), "--layers", "4",
                       "--hidden", "64", "--experts", "16", "--topk", "2", "--moe-ffn", "32", "--vocab", "512"], logs)
     run("convert_random", [PY, tool("convert_hf_to_mcore"), "--hf", p("hf_random"), "--out", p("random_mcore")], logs)
-    # law samples are repeated so the mixture is 1:1 in samples
+    # law samples are repeated so the mixture is about 1:1 in samples (600 intent, 4 x 160 law)
     run("pretrain_mixture", [PY, os.path.join(ROOT, "pretrain_esft.py"), "--load", p("random_mcore"), "--save",
                              p("pretrained"), "--train-data", intent_train, law_train, law_train, law_train, law_train,
-                             law_train, "--finetune-mode", "full", "--train-iters", str(args.pretrain_iters),
-                             "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
+                             "--finetune-mode", "full", "--train-iters", str(args.pretrain_iters),
+                             "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(20, args.pretrain_iters)),
                              *TRAIN_ARGS], logs)
     run("export_base", [PY, tool("convert_mcore_to_hf"), "--load", p("pretrained"), "--out", p("hf_base")], logs)
     run("convert_base", [PY, tool("convert_hf_to_mcore"), "--hf", p("hf_base"), "--out", p("base")], logs)
@@ -127,7 +129,7 @@ def main():
     scores = {}
     for task, data in (("intent", intent_train), ("law", law_train)):
         run(f"collect_{task}", [PY, tool("collect_expert_scores"), "--load", p("base"), "--data", data, "--out",
-                                p(f"scores_{task}"), "--max-tokens", "16384", "--seq-length", "256",
+                                p(f"scores_{task}"), "--max-tokens", "16384", "--seq-length", "384",
                                 "--tensorboard-dir", p("tensorboard", f"scores_{task}"), "--no-progress"], logs)
         with open(p(f"scores_{task}", "scores.json"), encoding="utf-8") as fh:
             scores[task] = json.load(fh)
@@ -136,7 +138,7 @@ def main():
     run("plot", [PY, tool("plot_expert_scores"), "--scores", p("scores_intent"), "--method", args.method,
                  "--expert-config", p("expert_config.json"), "--out", p("heatmap_intent.png")], logs)
 
-    finetune = ["--train-data", intent_train, "--valid-data", intent_train, "--eval-interval", "50", "--eval-iters", "4",
+    finetune = ["--train-data", intent_train, "--split", "90,10", "--eval-interval", str(min(50, args.finetune_iters)),
                 "--train-iters", str(args.finetune_iters), "--lr", "1e-3", *TRAIN_ARGS]
     esft_log = run("train_esft", [PY, os.path.join(ROOT, "pretrain_esft.py"), "--load", p("base"), "--save", p("esft"),
                                   "--expert-config", p("expert_config.json"), "--tensorboard-dir",
@@ -153,7 +155,7 @@ def main():
     intent_em = {}
     for name in ("base", "esft", "fft"):
         result = run(f"evaluate_{name}", [PY, tool("evaluate"), "--task", "intent", "--load", p(name), "--tokenizer",
-                                          p("hf_base"), "--eval-data", subset, "--max-new-tokens", "48", "--eval-batch-size", "8",
+                                          p("hf_base"), "--eval-data", subset, "--max-new-tokens", "64", "--eval-batch-size", "20",
                                           "--json", "--completions-out", p(f"completions_{name}.jsonl")], logs)
         intent_em[name] = json.loads([line for line in result.splitlines() if line.startswith("{")][-1])
 
@@ -192,8 +194,9 @@ def write_report(out, args, scores, losses, intent_em, esft_log, fft_log, second
         "",
         "## Fine-tuning on intent (same steps, data and learning rate)",
         "",
-        "| model | trainable params | ms / iteration (median) | final train loss | intent val loss | law val loss | intent exact match |",
-        "|---|---|---|---|---|---|---|",
+        "| model | trainable params | ms / iteration (median) | final train loss | intent held-out loss | "
+        "law held-out loss | intent exact match (%) | intent name accuracy (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, log in (("base", None), ("esft", esft_log), ("fft", fft_log)):
         times = sorted(iteration_times(log)) if log else []
@@ -201,8 +204,11 @@ def write_report(out, args, scores, losses, intent_em, esft_log, fft_log, second
         lines.append(
             f"| {name} | {trainable[-1] if trainable else '-'} | {times[len(times) // 2] if times else '-'} | "
             f"{last_loss(log) if log else '-'} | {losses[name]['intent']:.3f} | {losses[name]['law']:.3f} | "
-            f"{intent_em[name].get('score', intent_em[name].get('mean', '-'))} |")
+            f"{intent_em[name].get('score', '-')} | {intent_em[name].get('intent_accuracy', '-')} |")
     lines += [
+        "",
+        "Held-out losses: mean answer-token loss on conversations of each task that no training step saw "
+        "(`examples/tiny/data/*_heldout.jsonl`); exact match: the official intent scorer on greedy generations.",
         "",
         "Files: `hf_base/` (base model, HF), `base/` (Megatron base checkpoint), `scores_*/scores.json`, "
         "`expert_config.json`, `heatmap_intent.png`, `esft/`, `fft/` (training checkpoints), `adapter/` (official ESFT "

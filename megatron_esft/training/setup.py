@@ -17,27 +17,10 @@ from megatron_esft.parallel import ParallelConfig
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
-    """`megatron_esft.parallel.initialize`, with expert tensor parallelism 1 under TP > 1.
-
-    The model provider builds experts with `expert_tensor_parallel_size=1` (ESFT trains whole experts), but
-    `parallel.initialize` leaves Megatron's default (expert TP = TP); the expert groups must agree with the config.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
+    """`megatron_esft.parallel.initialize` (expert tensor parallelism is always 1 there, as in the model config)."""
     from megatron_esft import parallel as par
 
-    par.initialize(parallel, seed=seed)
-    if parallel.tp > 1 and parallel_state.get_expert_tensor_parallel_world_size() != 1:
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp,
-            pipeline_model_parallel_size=parallel.pp,
-            expert_model_parallel_size=parallel.ep,
-            expert_tensor_parallel_size=1,
-        )
-        torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed)
+    par.initialize(parallel, seed)
 
 
 def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> dict:

@@ -18,12 +18,19 @@ def fixed_batch(vocab: int, batch: int = 2, seq: int = 16):
 
 
 def forward_backward(model, vocab):
+    """Loss, and the squared norm of the (vocab-sharded) embedding gradient summed over TP ranks: it collects
+    gradient from every path through the network, attention's rope key included."""
+    from megatron.core import parallel_state
+
     tokens, labels = fixed_batch(vocab)
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     loss = model(tokens, positions, None, labels=labels).float().mean()
     loss.backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    return float(loss), grads_finite
+    embedding_sq = model.embedding.word_embeddings.weight.grad.double().pow(2).sum()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(embedding_sq, group=parallel_state.get_tensor_model_parallel_group())
+    return float(loss), grads_finite, float(embedding_sq)
 
 
 def main():
@@ -40,13 +47,13 @@ def main():
     load_model_weights(model, os.path.join(out, "mcore"))
     if pp > 1:
         layers = sorted(layer.layer_number for layer in model.decoder.layers)
-        loss, finite = None, True
+        loss, finite, embedding_sq = None, True, None
     else:
         layers = None
-        loss, finite = forward_backward(model, cfg.vocab_size)
+        loss, finite, embedding_sq = forward_backward(model, cfg.vocab_size)
     if par.is_rank0():
         with open(os.path.join(out, "result.json"), "w") as fh:
-            json.dump({"loss": loss, "grads_finite": finite, "stage0_layers": layers}, fh)
+            json.dump({"loss": loss, "grads_finite": finite, "stage0_layers": layers, "embedding_grad_sq": embedding_sq}, fh)
     par.destroy()
 
 

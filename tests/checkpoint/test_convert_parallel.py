@@ -1,5 +1,5 @@
 """Converting at EP=2 and at TP=2 (2 ranks, gloo): the shards round-trip bit-exactly to HF, and forward+backward at
-that layout gives the 1-rank loss."""
+that layout gives the 1-rank loss and gradient."""
 
 import json
 from pathlib import Path
@@ -22,7 +22,7 @@ def single_rank_loss(hf, tmp_path):
     cfg = load_hf_config(hf)
     model = build_model(cfg)
     load_model_weights(model, str(tmp_path / "single"))
-    return forward_backward(model, cfg.vocab_size)[0]
+    return forward_backward(model, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("arch, tp, ep, pp", [("deepseek-v2", 1, 2, 1), ("deepseek-v2", 2, 1, 1), ("deepseek-v3", 1, 2, 1),
@@ -35,6 +35,13 @@ def test_two_rank_convert_and_train_step(arch, tp, ep, pp, tiny_hf, tmp_path):
     if pp > 1:
         assert result["stage0_layers"] == [1, 2]  # the first stage built (and loaded) layers 1-2 of 4
     else:
-        assert result["loss"] == pytest.approx(single_rank_loss(hf, tmp_path), rel=1e-5, abs=1e-6)
+        loss, _, embedding_sq = single_rank_loss(hf, tmp_path)
+        assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        if tp > 1 and arch != "deepseek-moe":
+            # Known Megatron-Core 0.16.1 gap (local, non-TE spec): MLA's input gradient under TP differs from TP=1 by
+            # ~1% (forward and freezing are exact); see docs/troubleshooting.md. Flips to a failure once fixed.
+            assert result["embedding_grad_sq"] != pytest.approx(embedding_sq, rel=1e-5)
+        else:
+            assert result["embedding_grad_sq"] == pytest.approx(embedding_sq, rel=1e-5)
     mcore_to_hf(str(tmp_path / "mcore"), str(tmp_path / "back"))
     assert_bit_exact(hf, str(tmp_path / "back"))
