@@ -7,7 +7,9 @@ Stdout, every --log-interval (Megatron's field names and order, plus the ESFT on
 
 TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
 `iteration-time`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
-`expert-load/fraction/layer_K` (a histogram over experts), and `expert-load/drift/layer_K` (validation routing vs the base model's).
+`expert-load/fraction/layer_K` (a histogram over experts), `expert-load/selected-share/layer_K` (the share of the
+layer's routed tokens that go to the experts ESFT trains; the rest go to frozen experts), `expert-load/drift/layer_K`
+(validation routing vs the base model's), and a `trainable-params/table` text panel (per-layer trainable counts).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from megatron_esft.training import expert_load
 
 
 class TrainingLogger:
-    def __init__(self, tensorboard_dir: str | None):
+    def __init__(self, tensorboard_dir: str | None, selected: dict[int, list[int]] | None = None):
+        """`selected`: HF layer index -> the global ids of the experts being trained (None for full fine-tuning)."""
+        self.selected = selected
         self.writer = None
         if tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter
@@ -59,6 +63,20 @@ class TrainingLogger:
         for layer in expert_load.moe_rows(counts):
             self.scalar(f"{prefix}/imbalance/layer_{layer}", float(imb[layer]), iteration)
             self.writer.add_histogram(f"{prefix}/fraction/layer_{layer}", frac[layer], iteration)
+            if self.selected is not None:
+                share = float(frac[layer][self.selected.get(layer, [])].sum())
+                self.scalar(f"{prefix}/selected-share/layer_{layer}", share, iteration)
+
+    def trainable_table(self, report, iteration: int = 0) -> None:
+        """The trainable-parameter report (esft/freeze.py TrainableReport) as a Markdown table panel."""
+        if self.writer is None:
+            return
+        rows = ["| part | trainable parameters |", "|---|---|"]
+        rows += [f"| layer {k} | {v:,} |" for k, v in sorted(report.per_layer.items(), key=lambda kv: int(kv[0]))]
+        rows += [f"| embeddings / final norm / output | {report.other:,} |",
+                 f"| **total** | **{report.total:,} of {report.total_params:,} "
+                 f"({100.0 * report.total / max(report.total_params, 1):.2f}%)** |"]
+        self.writer.add_text("trainable-params/table", "\n".join(rows), iteration)
 
     def validation(self, iteration: int, loss: float, counts: torch.Tensor | None, base: torch.Tensor | None) -> str:
         self.scalar("lm loss validation", loss, iteration)

@@ -181,8 +181,10 @@ def pretrain(argv=None) -> int:
                         f"(consumed samples {loader.consumed_samples})")
 
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
-    logger = TrainingLogger(args.tensorboard_dir)
+    selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
+    logger = TrainingLogger(args.tensorboard_dir, selected)
     logger.scalar("trainable-params", report.total, iteration)
+    logger.trainable_table(report, iteration)
     hf_assets = os.path.join(args.load, HF_ASSETS)
 
     def save(root, it):

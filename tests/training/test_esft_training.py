@@ -35,7 +35,16 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
         assert int(m.group(1)) == i and int(m.group(2)) == 4 * i
         assert int(m.group(3)) == 3 * 3 * 64 * 32  # 3 experts x (gate, up, down) x hidden 64 x moe_ffn 32
     assert "layer 1: 12,288" in out and "layer 2: 6,144" in out and "layer 0: 0" in out and "layer 3: 0" in out
-    assert glob.glob(os.path.join(str(training_env["root"] / "tb"), "events.out.tfevents.*"))
+    events = glob.glob(os.path.join(str(training_env["root"] / "tb"), "events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(events[0], size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    table = tb.Tensors("trainable-params/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| layer 1 | 12,288 |" in table and "**total** | **18,432 of" in table
+    # the share of routed tokens reaching the trained experts, per MoE layer, at every log line
+    shares = [e.value for e in tb.Scalars("expert-load/selected-share/layer_1")]
+    assert len(shares) == 6 and all(0.0 < v < 1.0 for v in shares)
     # validation before training (the base model: reference routing, drift 0) and every --eval-interval
     vals = re.findall(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \| "
                       r"expert-load drift \(max over layers\): ([0-9.]+)", out)
