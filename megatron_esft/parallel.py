@@ -90,6 +90,19 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def all_reduce(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """In-place all-reduce of a tensor wherever it lives: nccl reduces only CUDA tensors, so CPU bookkeeping tensors
+    (token counts, parameter counts, losses) take a round trip through the GPU there."""
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend(group) == "nccl" and not tensor.is_cuda:
+        staged = tensor.cuda()
+        dist.all_reduce(staged, op=op, group=group)
+        tensor.copy_(staged.cpu())
+    else:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

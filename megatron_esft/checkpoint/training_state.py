@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_esft.parallel import all_reduce
+
 from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
     load_sharded,
@@ -125,7 +127,7 @@ def optimizer_step(optimizer) -> int:
                  if "step" in st}
     step = torch.tensor([max(steps) if steps else 0], dtype=torch.float64)
     if dist.is_initialized():  # a rank (PP stage, EP rank) may train nothing at all: take the step of those that do
-        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        all_reduce(step, op=dist.ReduceOp.MAX)
     return int(step.item())
 
 

@@ -22,6 +22,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from megatron_esft.parallel import all_reduce
+
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import ExpertConfig, ModelShape, layer_number_to_layer_key
 
@@ -179,7 +181,7 @@ def count_trainable(model_chunks, num_layers: int) -> TrainableReport:
             if is_expert:
                 acc[num_layers + 1] += share
     if dist.is_initialized():
-        dist.all_reduce(acc)
+        all_reduce(acc)
     acc = [int(round(float(x))) for x in acc]
     per_layer = {str(i): acc[i] for i in range(num_layers)}
     return TrainableReport(per_layer=per_layer, other=acc[num_layers], routed_experts=acc[num_layers + 1],

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_esft.parallel import all_reduce
+
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import layer_number_to_layer_key
 from megatron_esft.routing.scores import GATE_KINDS, ExpertScores
@@ -202,7 +204,7 @@ class RoutingStatsCollector:
         num_tokens, owned = self.num_tokens.clone(), self.owned.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             for tensor in (counts, gate_sums, num_tokens, owned):
-                dist.all_reduce(tensor)
+                all_reduce(tensor)
         rows = [i for i in range(self.num_layers) if owned[i] > 0]
         return ExpertScores.from_counts(
             [layer_number_to_layer_key(i + 1) for i in rows],

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 main weights (GPU only)")
+    g.add_argument("--expert-gemm", choices=["bf16", "fp8"], default="bf16",
+                   help="routed-expert GEMMs of --experts-impl grouped: fp8 = row-wise scaled FP8 forward and "
+                        "input-gradient GEMMs, bf16 weight gradients (Hopper GPUs; see docs/gpu.md)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -103,6 +106,13 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.eval_interval and not (args.valid_data or args.split):
         raise UserError("--eval-interval needs --valid-data or --split")
+    if args.expert_gemm == "fp8":
+        import torch
+
+        if args.experts_impl != "grouped":
+            raise UserError("--expert-gemm fp8 needs --experts-impl grouped")
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+            raise UserError("--expert-gemm fp8 needs a GPU with compute capability >= 9.0 (torch._scaled_grouped_mm)")
     if args.bf16:
         import torch
 

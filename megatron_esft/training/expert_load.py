@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_esft.parallel import all_reduce
+
 
 class ExpertLoadTracker:
     def __init__(self, model_chunks, num_layers: int, num_experts: int):
@@ -58,7 +60,7 @@ class ExpertLoadTracker:
         """Global counts (a collective over the world); resets the local table."""
         total = self.counts.clone()
         if dist.is_initialized():
-            dist.all_reduce(total)
+            all_reduce(total)
         self.reset()
         return total
 

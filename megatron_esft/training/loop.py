@@ -116,7 +116,7 @@ def _global_loss(reports) -> tuple[float, float]:
     for report in reports:
         total += report["lm loss"].detach().cpu().to(torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(total)  # TP/duplicate stages scale sum and count alike: the ratio is exact
+        par.all_reduce(total)  # TP/duplicate stages scale sum and count alike: the ratio is exact
     return float(total[0] / total[1].clamp_min(1)), float(total[1])
 
 
@@ -153,6 +153,10 @@ def pretrain(argv=None) -> int:
     if not resume:
         ts.load_model_only(args.load, start_iteration, model)
     freeze.apply_finetune_mode(model, args.finetune_mode, ecfg)
+    if args.expert_gemm != "bf16":  # after freezing: set_trainable_experts rebuilds the expert Parameters
+        from megatron_esft.experts.spec import set_expert_gemm_backend
+
+        set_expert_gemm_backend(model, args.expert_gemm)
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
     install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
     report = freeze.count_trainable(model, cfg.num_layers)
@@ -230,8 +234,8 @@ def pretrain(argv=None) -> int:
         batches = [next(loader) for _ in range(args.num_micro_batches)]
         answer_tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches))], dtype=torch.float64)
         real_tokens = torch.tensor([float(sum(valid_token_mask(b).sum() for b in batches))], dtype=torch.float64)
-        dist.all_reduce(answer_tokens, group=ps.get_data_parallel_group())
-        dist.all_reduce(real_tokens, group=ps.get_data_parallel_group())
+        par.all_reduce(answer_tokens, group=ps.get_data_parallel_group())
+        par.all_reduce(real_tokens, group=ps.get_data_parallel_group())
         scale = args.num_micro_batches * ps.get_data_parallel_world_size() / max(float(answer_tokens), 1.0)
         t0 = time.perf_counter()
         ddp_model.zero_grad_buffer()
