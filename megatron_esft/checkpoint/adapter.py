@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import convert
 from megatron_esft.checkpoint.mcore_checkpoint import copy_hf_assets, iteration_dir, read_meta, read_tracker
+from megatron_esft.atomic import atomic_directory
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import ExpertConfig, expert_config_from_json_dict
 
@@ -46,18 +45,6 @@ def in_adapter(hf_name: str, ecfg: ExpertConfig) -> bool:
     if _SHARED.match(hf_name):
         return ecfg.shared_experts
     return ecfg.non_expert_modules
-
-
-def _atomic_dir(out_dir: str):
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-
-
-def _publish(tmp: str, out_dir: str) -> None:
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
 
 
 def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) -> dict:
@@ -101,15 +88,10 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     for name, tensor in convert._hf_tensors(wanted, tensors, cfg):
         if in_adapter(name, ecfg):
             out[name] = tensor.to(getattr(torch, hf_dtypes.get(name, meta["params_dtype"]))).contiguous()
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_directory(out_dir, prefix=".adapter-") as tmp:
         save_file(out, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(ecfg.to_json_dict(), fh)
-        _publish(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"tensors": len(out), "parameters": sum(t.numel() for t in out.values()), "iteration": iteration}
 
 
@@ -140,8 +122,7 @@ def merge_adapter(base_hf: str, adapter_dir: str, out_dir: str) -> int:
     extra = sorted(n for n in weights if not in_adapter(n, ecfg))
     if extra:
         raise UserError(f"{adapter_dir}: tensor {extra[0]!r} is not trainable under its {ADAPTER_CONFIG}")
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_directory(out_dir, prefix=".adapter-merge-") as tmp:
         writer = ShardedSafetensorsWriter(tmp)
         for name in reader.keys():
             base = reader.get(name)
@@ -154,8 +135,4 @@ def merge_adapter(base_hf: str, adapter_dir: str, out_dir: str) -> int:
             writer.add(name, base)
         writer.close()
         copy_hf_assets(base_hf, tmp)
-        _publish(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return len(weights)

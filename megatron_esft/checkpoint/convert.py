@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import uuid
 from collections import defaultdict
 
@@ -22,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_esft import parallel as par
+from megatron_esft.atomic import atomic_directory
 from megatron_esft.checkpoint import hf_mapping
 from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
@@ -138,10 +137,7 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
     sharded = strip_extra_state(model.sharded_state_dict())
     for sh in _pieces(sharded):
         groups[_layer_group(sh.key)].append(sh)
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-export-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".hf-export-") as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for group in tqdm(sorted(groups), desc="exporting layers", unit="layer"):
             pieces = groups[group]
@@ -159,12 +155,6 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
         assets = os.path.join(load_dir, HF_ASSETS)
         if os.path.isdir(assets):
             copy_hf_assets(assets, tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from megatron_esft.atomic import atomic_write_bytes, read_json  # noqa: F401 (atomic_write_bytes re-exported)
 from megatron_esft.errors import UserError
 
 # ----------------------------------------------------------------------------------------------- key mapping
@@ -209,31 +209,10 @@ def expert_config_from_json_dict(data: object, source: str) -> ExpertConfig:
 def load_expert_config(path: str | os.PathLike, shape: ModelShape | None = None) -> ExpertConfig:
     """Load (and, given a model shape, validate) an expert config written by us or by the official scripts."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    cfg = expert_config_from_json_dict(data, str(path))
+    cfg = expert_config_from_json_dict(read_json(path), str(path))
     if shape is not None:
         cfg.validate(shape, source=str(path))
     return cfg
-
-
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_expert_config(cfg: ExpertConfig, path: str | os.PathLike, shape: ModelShape | None = None) -> None:

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from megatron_esft.atomic import read_json
 from megatron_esft.errors import UserError
 
 ARCH_BY_MODEL_TYPE = {"deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3", "deepseek": "deepseek-moe"}
@@ -218,11 +219,7 @@ def load_hf_config(path: str) -> DeepSeekConfig:
     if not os.path.exists(file):
         where = f"directory {path}" if os.path.isdir(path) else path
         raise UserError(f"{where}: no config.json found")
-    try:
-        with open(file, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    raw = read_json(file)
     if not isinstance(raw, dict):
         raise UserError(f"{file}: expected a JSON object")
     return parse_hf_config(raw, source=file)

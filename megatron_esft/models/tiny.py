@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
+from megatron_esft.atomic import atomic_directory
 from megatron_esft.errors import UserError
 
 ARCHES = ("deepseek-v2", "deepseek-v3", "deepseek-moe")
@@ -191,10 +190,7 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
     spec.validate()
     config = hf_config_dict(spec)
     dtype = getattr(torch, spec.dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".tiny-") as tmp:
         generator = torch.Generator().manual_seed(spec.seed)
         if spec.arch == "deepseek-moe":
             from safetensors.torch import save_file
@@ -225,10 +221,4 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
             from megatron_esft.data.tiny_tokenizer import build_tiny_tokenizer
 
             build_tiny_tokenizer(tmp, vocab_size=spec.vocab)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

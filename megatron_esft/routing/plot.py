@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from megatron_esft.esft.expert_config import atomic_write_bytes  # noqa: E402
+from megatron_esft.atomic import atomic_write_bytes  # noqa: E402
 from megatron_esft.routing.scores import ExpertScores  # noqa: E402
 
 

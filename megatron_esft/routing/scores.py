@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_esft.atomic import atomic_write_bytes, read_json
 from megatron_esft.errors import UserError
-from megatron_esft.esft.expert_config import ModelShape, atomic_write_bytes
+from megatron_esft.esft.expert_config import ModelShape
 
 METHODS = ("token", "gate")
 GATE_KINDS = ("raw", "normalized")  # what the collector sums as "gate value" (see routing.collector)
@@ -210,12 +211,7 @@ def load_scores(path: str | os.PathLike) -> ExpertScores:
         else:
             raise UserError(f"{path}: no {SCORES_FILE} or {OFFICIAL_SUMMARY_FILE} in this directory")
     source = str(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object with token_scores and gate_scores")
     layers, num_experts, token = _table(data, "token_scores", source)

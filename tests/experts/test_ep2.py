@@ -2,7 +2,6 @@
 gradients (and SequentialMLP at EP=2); their EP=2 checkpoint loads back into an EP=1 SequentialMLP model."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,12 +9,6 @@ import torch
 from tiny import batch, build_model, expert_grads, freeze_sequential, loss_of, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ep2_matches_ep1(mcore, tmp_path):
@@ -34,8 +27,7 @@ def test_ep2_matches_ep1(mcore, tmp_path):
 
     (tmp_path / "ep2").mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           os.path.join(HERE, "ep2_worker.py"), str(tmp_path), str(tmp_path / "ep2")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "ep2_worker.py"), str(tmp_path), str(tmp_path / "ep2")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.stdout.count("EP=2 OK") == 2

@@ -46,7 +46,7 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_hf_config(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "deepseek_v2",\n  oops}')
-    with pytest.raises(UserError, match=r"config.json:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"config.json:2: not valid JSON"):
         load_hf_config(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(UserError, match="expected a JSON object"):

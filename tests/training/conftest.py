@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", 
 WORDS = "the cat sat on a mat dog ran far away blue sky green tree red car fast slow big small".split()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(threads: int) -> dict:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
 
@@ -43,8 +36,7 @@ def run(args, nproc: int = 1, timeout: int = 300, check: bool = True, **popen) -
     if nproc == 1:
         cmd = [PY, *map(str, args)]
     else:
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "--master_addr=127.0.0.1", *map(str, args)]
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                               env=_env(1 if nproc > 1 else 2))
