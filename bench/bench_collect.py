@@ -17,6 +17,8 @@ import argparse
 import statistics
 import sys
 import time
+
+from _table import print_table  # noqa: E402 (bench/ is on sys.path when run as a script)
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,13 +32,7 @@ SIZES = {
 }
 
 
-def table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+table = print_table
 
 
 def micro_batches(n, seq, vocab, seed=0):

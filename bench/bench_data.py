@@ -21,6 +21,8 @@ import os
 import sys
 import tempfile
 import time
+
+from _table import print_table  # noqa: E402 (bench/ is on sys.path when run as a script)
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +42,7 @@ def timed(fn, repeat=1):
 
 def table(title, header, rows):
     print(f"\n{title}")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print_table(header, rows)
 
 
 def bench_preprocess(tasks, tok, tmp):
