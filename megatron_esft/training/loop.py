@@ -13,6 +13,7 @@ the forward), so any DP/EP/TP/PP layout and any gradient-accumulation split comp
 from __future__ import annotations
 
 import os
+import signal
 import time
 from functools import partial
 
@@ -108,6 +109,31 @@ def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
         micro_batch_size=args.micro_batch_size,
         forward_only=forward_only,
     )
+
+
+class ExitSignalHandler:
+    """Megatron-LM's --exit-signal-handler: on SIGTERM (what Slurm sends before the time limit, and what the sbatch
+    scripts' USR1 trap forwards), finish the current iteration, save, and exit cleanly. Every rank checks at the same
+    point of the loop and the decision is all-reduced, so all ranks stop at the same iteration."""
+
+    def __init__(self, enabled: bool, signum: int = signal.SIGTERM):
+        self.enabled, self.signum, self._got = enabled, signum, False
+        self._previous = signal.signal(signum, self._handle) if enabled else None
+
+    def _handle(self, signum, frame):
+        self._got = True
+
+    def received(self) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor([1.0 if self._got else 0.0])
+        if dist.is_initialized():
+            par.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        if self.enabled:
+            signal.signal(self.signum, self._previous)
 
 
 def _global_loss(reports) -> tuple[float, float]:
@@ -228,6 +254,7 @@ def pretrain(argv=None) -> int:
     if valid_ds is not None and args.eval_interval and not resume:
         run_eval(0)  # the base model's validation loss and routing: the reference for the drift
 
+    signals = ExitSignalHandler(args.exit_signal_handler)
     ddp_model.train()
     window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
     while iteration < args.train_iters:
@@ -263,12 +290,15 @@ def pretrain(argv=None) -> int:
             window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
-        stop = args.exit_interval and iteration % args.exit_interval == 0
+        stop = bool(args.exit_interval and iteration % args.exit_interval == 0) or signals.received()
+        if stop and iteration < args.train_iters and signals.received():
+            par.print_rank0(f"exit signal received: saving at iteration {iteration} and exiting")
         if args.save and (iteration == args.train_iters or stop
                           or (args.save_interval and iteration % args.save_interval == 0)):
             save(args.save, iteration)
         if stop:
             break
+    signals.restore()
     tracker.remove()
     logger.close()
     if best_loss is not None:
