@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections import defaultdict
 
 import torch
@@ -64,9 +63,10 @@ def _dtype_of(name: str) -> torch.dtype:
         raise UserError(f"unknown dtype {name!r}") from None
 
 
-def expected_hf_names(cfg: DeepSeekConfig, sharded_state_dict: dict) -> set[str]:
+def expected_hf_names(cfg: DeepSeekConfig, pieces) -> set[str]:
+    """Every HF tensor name the pieces (ShardedTensors after factories) read from."""
     names = set()
-    for sh in _pieces(sharded_state_dict):
+    for sh in pieces:
         piece = hf_mapping.resolve(sh.key, sh.global_offset, sh.prepend_axis_num, cfg)
         names.update(hf_mapping.qkv_hf_names(sh.key) if piece is None else [piece.hf_name])
     return names
@@ -85,8 +85,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     qkv_cache: dict[int, torch.Tensor] = {}
     hf_dtypes = {}
     pieces = list(_pieces(sharded))
-    missing = sorted({n for n in expected_hf_names(cfg, strip_extra_state(model.sharded_state_dict()))
-                      if n not in reader})
+    missing = sorted(n for n in expected_hf_names(cfg, pieces) if n not in reader)
     if missing:
         raise UserError(f"{hf_dir}: tensor '{missing[0]}' expected by the config is missing "
                         f"({len(missing)} missing in all; wrong layer or expert count?)")
@@ -182,7 +181,3 @@ def check_same_model(meta: dict, cfg: DeepSeekConfig, where: str) -> None:
     for field, value in cfg.summary().items():
         if saved[field] != value:
             raise UserError(f"{where}: checkpoint has {field}={saved[field]}, the model has {value}")
-
-
-def temp_name(prefix: str) -> str:
-    return f"{prefix}.tmp-{uuid.uuid4().hex[:8]}"

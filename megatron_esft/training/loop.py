@@ -290,8 +290,9 @@ def pretrain(argv=None) -> int:
             window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
-        stop = bool(args.exit_interval and iteration % args.exit_interval == 0) or signals.received()
-        if stop and iteration < args.train_iters and signals.received():
+        signaled = signals.received()  # a collective when enabled: called once per iteration on every rank
+        stop = bool(args.exit_interval and iteration % args.exit_interval == 0) or signaled
+        if signaled and iteration < args.train_iters:
             par.print_rank0(f"exit signal received: saving at iteration {iteration} and exiting")
         if args.save and (iteration == args.train_iters or stop
                           or (args.save_interval and iteration % args.save_interval == 0)):
