@@ -43,7 +43,8 @@ RUN pip install --no-deps "megatron-core==0.16.1" && \
         "tqdm>=4.60" \
         "matplotlib>=3.8" \
         "pytest>=8" \
-        "pytest-timeout>=2.3"
+        "pytest-timeout>=2.3" \
+        "triton>=3.4,<3.7"
 
 # The package itself, editable, without dependency resolution (everything it needs is installed above).
 COPY . /workspace/megatron_esft

@@ -23,7 +23,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # triton: Megatron-Core's Triton MLA-RoPE kernels run on CPU in Triton's interpreter in the tests
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.4,<3.7"],
         # GPU-only extras; never install into a CPU environment (a half-importable TE breaks `import megatron.core`)
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
     },

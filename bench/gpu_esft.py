@@ -105,7 +105,7 @@ def _init(seed=1):
     initialize(ParallelConfig(), seed=seed)
 
 
-def _experts_layer(raw, trainable_ids, backend, cache, seq_reference=False):
+def _experts_layer(raw, trainable_ids, backend, cache, seq_reference=False, fused_swiglu=False):
     import torch
     import torch.nn.functional as F
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -121,7 +121,7 @@ def _experts_layer(raw, trainable_ids, backend, cache, seq_reference=False):
         num_layers=1, hidden_size=raw["hidden_size"], num_attention_heads=raw["num_attention_heads"],
         num_moe_experts=raw["n_routed_experts"], moe_router_topk=raw["num_experts_per_tok"],
         moe_ffn_hidden_size=raw["moe_intermediate_size"], moe_grouped_gemm=False, use_cpu_initialization=not gpu,
-        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
+        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=fused_swiglu,
         gradient_accumulation_fusion=False, params_dtype=torch.bfloat16, bf16=True)
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     n = raw["n_routed_experts"]
@@ -178,13 +178,15 @@ def run_check(args, raw):
         return out.detach(), xi.grad, grads
 
     out_ref, dx_ref, g_ref = fwd_bwd(ref)
-    for backend in ("bf16", "fp8"):
-        layer = _experts_layer(raw, trainable, backend, "frozen")
+    for backend, fused in (("bf16", False), ("bf16", True), ("fp8", False)):
+        # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU
+        layer = _experts_layer(raw, trainable, backend, "frozen", fused_swiglu=fused)
         layer.load_state_dict(ref.state_dict())
         out, dx, g = fwd_bwd(layer)
         wgrad = max(_rel(g[key], g_ref[key]) for key in g_ref)
         nan = not (torch.isfinite(out).all() and torch.isfinite(dx).all())
-        rows.append({"kind": "check", "backend": backend, "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
+        rows.append({"kind": "check", "backend": backend + (" fused SwiGLU" if fused else ""),
+                     "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
                      "wgrad_rel_max": wgrad, "nan": bool(nan)})
     return rows
 
@@ -196,13 +198,16 @@ def run_experts(args, raw):
     _init()
     n = raw["n_routed_experts"]
     esft = list(range(1, n, n // TRAINABLE_PER_LAYER))[:TRAINABLE_PER_LAYER]
-    variants = [("esft", "sequential", None), ("esft", "bf16", None), ("esft", "fp8", "none"),
-                ("esft", "fp8", "frozen"), ("fft", "bf16", None), ("fft", "fp8", "none")]
+    # (mode, backend, fp8 weight cache, Megatron's fused SwiGLU); fp8 always fuses SwiGLU + quantization
+    variants = [("esft", "sequential", None, False), ("esft", "bf16", None, False), ("esft", "bf16", None, True),
+                ("esft", "fp8", "none", True), ("esft", "fp8", "frozen", True), ("fft", "bf16", None, True),
+                ("fft", "fp8", "none", True)]
     counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
     rows = []
-    for mode, backend, cache in variants:
+    for mode, backend, cache, fused in variants:
         ids = esft if mode == "esft" else list(range(n))
-        layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential")
+        layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential",
+                               fused_swiglu=fused and backend == "bf16")
         timer = Timer()
         for it in range(args.warmup + args.iters):
             xi = x.detach().requires_grad_(True)
@@ -219,7 +224,7 @@ def run_experts(args, raw):
         trainable_rows = int(sum(counts[j] for j in ids))
         flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
         ms = timer.median_ms()
-        rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "ms": ms,
+        rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "fused": fused, "ms": ms,
                      "tflops": flops / ms / 1e9, "rows": x.shape[0]})
         del layer
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -305,7 +310,7 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows):
     return fwd + dgrad + wgrad
 
 
-def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
+def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto"):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -327,7 +332,11 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
     elif recompute == "selective":
         overrides = dict(recompute_granularity="selective")
     t0 = time.perf_counter()
-    model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides)
+    model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides,
+                        fusions=fusions)
+    from megatron_esft.models.fusions import describe
+
+    fused = describe(model.config).split(": ", 1)[1]
     build_s = time.perf_counter() - t0
     n = raw["n_routed_experts"]
     gen = torch.Generator().manual_seed(7)
@@ -406,7 +415,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
     after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "mbs": mbs, "accum": accum, "recompute": recompute, "ms": ms,
+             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
@@ -418,6 +427,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1):
 def default_plan(full_layers, fft_layers):
     """Most informative first (results are appended to results.jsonl as they come)."""
     plan = [{"job": "check"}, {"job": "experts"}]
+    # the fused kernels' effect on the whole model, side by side (every other model job uses "auto")
+    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "fusions": "none"})
     for mode in ("esft", "fft"):
         plan.append({"job": "model", "mode": mode, "backend": "bf16", "layers": fft_layers, "cache": "none"})
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": full_layers, "cache": "none"})
@@ -434,7 +445,8 @@ def run_job(args, job):
     if job["job"] == "experts":
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
-                     job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1))
+                     job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
+                     job.get("fusions", "auto"))
 
 
 def print_tables(results, device):
@@ -447,20 +459,24 @@ def print_tables(results, device):
             print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
     exps = [r for r in results if r.get("kind") == "experts"]
     if exps:
-        base = {r["mode"]: r["ms"] for r in exps if r["backend"] == "bf16"}
-        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | ms | TFLOP/s | speedup vs bf16 |")
+        base = {r["mode"]: r["ms"] for r in exps if r["backend"] == "bf16" and r.get("fused", True)}
+        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | ms | TFLOP/s | "
+              "speedup vs bf16 fused SwiGLU |")
         print("|---|---|---|---|")
         for r in exps:
-            label = f"{r['mode']} {r['backend']}" + (f" (weight cache: {r['cache']})" if r["cache"] else "")
+            label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
+                     + (f" (weight cache: {r['cache']})" if r["cache"] else ""))
             print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
     models = [r for r in results if r.get("kind") == "model"]
     if models:
-        print("\n| mode | experts | layers | seq x mbs x accum | recompute | ms/iter | tokens/s | model TFLOP/s | peak GiB |"
+        print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | recompute | ms/iter | tokens/s | "
+              "model TFLOP/s | peak GiB |"
               " trainable params | frozen bit-identical | loss first->last |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
-            print(f"| {r['mode'].upper()} | {exp} | {r['layers']} | {r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
+            print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "
+                  f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
                   f"{r['recompute']} | "
                   f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
                   f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "

@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 CACHE_POLICIES = ("none", "frozen", "all")
-_compiled_quantizer = None
 
 
 def quantize_lastdim_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,35 +50,36 @@ def quantize_lastdim_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q.contiguous(), scale.reciprocal().squeeze(-1).contiguous()
 
 
-def _quantizer():
-    """torch.compile'd quantizer on CUDA (one fused read-amax-scale-cast kernel instead of ~6 eager passes)."""
-    global _compiled_quantizer
-    if _compiled_quantizer is None:
+class CompiledOnCuda:
+    """`reference` as one `torch.compile`d (Triton) kernel for CUDA tensors, eager elsewhere; falls back to eager
+    for good (with a warning) if compilation fails. Only dim 0 of the first argument (rows: tokens of a group) varies
+    between calls (and dim 0 of every other argument with as many rows), so the row length stays static and Inductor
+    specialises the reduction for it."""
+
+    def __init__(self, reference):
+        self.reference = reference
+        self._compiled = None
+        self._failed = False
+
+    def __call__(self, t: torch.Tensor, *args):
+        if t.device.type != "cuda" or t.numel() == 0 or self._failed:
+            return self.reference(t, *args)
         try:
-            _compiled_quantizer = torch.compile(quantize_lastdim_reference)
-        except Exception as exc:  # noqa: BLE001 - any compile-stack failure: eager is correct, only slower
-            logger.warning("fp8: torch.compile unavailable (%s); eager quantization", exc)
-            _compiled_quantizer = quantize_lastdim_reference
-    return _compiled_quantizer
+            if self._compiled is None:
+                self._compiled = torch.compile(self.reference)
+            if t.shape[0] >= 2:
+                for arg in (t, *args):
+                    if torch.is_tensor(arg) and arg.dim() and arg.shape[0] == t.shape[0]:
+                        torch._dynamo.mark_dynamic(arg, 0)
+            return self._compiled(t, *args)
+        except Exception as exc:  # noqa: BLE001 - any compile-stack failure (no Triton, ...): eager is correct
+            self._failed = True
+            logger.warning("fp8: compiling %s failed (%s); eager ops instead", self.reference.__name__,
+                           " ".join(str(exc).split())[:200])
+            return self.reference(t, *args)
 
 
-def quantize_lastdim(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    global _compiled_quantizer
-    if t.device.type != "cuda" or t.numel() == 0:
-        return quantize_lastdim_reference(t)
-    fn = _quantizer()
-    try:
-        if fn is not quantize_lastdim_reference and t.shape[0] >= 2:
-            # only the row count varies (tokens per group, experts per group): the reduction length stays static,
-            # so Inductor can specialise the row kernel for K = 1408 / 2048 / 2816
-            torch._dynamo.mark_dynamic(t, 0)
-        return fn(t)
-    except Exception as exc:  # noqa: BLE001 - e.g. Triton missing on the machine
-        if fn is quantize_lastdim_reference:
-            raise
-        logger.warning("fp8: compiled quantizer failed (%s); eager quantization", " ".join(str(exc).split())[:200])
-        _compiled_quantizer = quantize_lastdim_reference
-        return quantize_lastdim_reference(t)
+quantize_lastdim = CompiledOnCuda(quantize_lastdim_reference)
 
 
 def scaled_grouped_mm_supported(device: torch.device) -> bool:

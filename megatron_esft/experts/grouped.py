@@ -75,6 +75,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
             raise ValueError("FrozenAwareGroupedExperts: moe_latent_size / fp8 / fp4 are not supported yet")
         if config.use_te_activation_func:
             raise ValueError("FrozenAwareGroupedExperts: use_te_activation_func is not supported")
+        if config.bias_activation_fusion and not self._plain_swiglu():
+            # the same restriction as MLP.forward's fused path with per-token scales
+            raise ValueError("FrozenAwareGroupedExperts: bias_activation_fusion supports plain SwiGLU only")
 
         hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
         fc1_out = 2 * ffn if config.gated_linear_unit else ffn
@@ -185,6 +188,12 @@ class FrozenAwareGroupedExperts(MegatronModule):
             return contiguous_grad(fp8_grouped_mm(x, weight, offs, self._fp8_cache))
         return contiguous_grad(self._grouped_mm(x, weight.transpose(-2, -1), offs))
 
+    def _plain_swiglu(self) -> bool:
+        """silu(gate) * up without clamping or offset: the activation the fused kernels implement."""
+        config = self.config
+        return (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+                and config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0)
+
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         config = self.config
         if not config.gated_linear_unit:
@@ -203,9 +212,19 @@ class FrozenAwareGroupedExperts(MegatronModule):
         offs = None
         if use_grouped:
             offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=x.device)
+        if self.gemm_backend == "fp8" and offs is not None and self._plain_swiglu() and x.shape[0] > 0:
+            from megatron_esft.experts.fp8_swiglu import fp8_swiglu_mlp
+
+            return contiguous_grad(fp8_swiglu_mlp(x, probs, fc1, fc2, offs, self._fp8_cache))
         h = self._gemm(x, fc1, counts, offs)
-        act = self._activation(h)
-        act = (act * probs.unsqueeze(-1)).to(x.dtype)  # MLP.forward's per_token_scale
+        if self.config.bias_activation_fusion and h.shape[0] > 0:
+            # MLP.forward's fused path for per-token scales: one compiled kernel forward, one backward
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            act = weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1))
+        else:
+            act = self._activation(h)
+            act = (act * probs.unsqueeze(-1)).to(x.dtype)  # MLP.forward's per_token_scale
         return self._gemm(act, fc2, counts, offs)
 
     def _regroup_permutation(self, tokens_per_expert: torch.Tensor, total: int, device) -> Optional[torch.Tensor]:

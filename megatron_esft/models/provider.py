@@ -12,7 +12,10 @@ Choices that matter for exact parity with the HF implementations:
 * MLA always has its q/kv latent RMSNorms (`qk_layernorm=True`); MLA's RoPE uses DeepSeek's interleaved layout
   (Megatron's `multi_latent_attention` rope path);
 * experts are never tensor-parallel (`expert_tensor_parallel_size=1`): ESFT freezes/trains whole experts, and the
-  frozen-aware grouped experts keep an expert's weights in one place.
+  frozen-aware grouped experts keep an expert's weights in one place;
+* norm weights are stored in the parameter dtype, as Megatron-LM's Float16Module does (Megatron's local-spec
+  `WrappedTorchNorm` creates fp32 weights, and torch's RMSNorm then skips its fused kernel on bf16 inputs);
+* fused kernels (`fusions`, models/fusions.py) are opt-in: the default is the eager torch path.
 """
 
 from __future__ import annotations
@@ -48,9 +51,13 @@ def transformer_config(
     parallel: ParallelConfig = ParallelConfig(),
     *,
     params_dtype: torch.dtype = torch.float32,
+    fusions=None,
     **overrides,
 ):
-    """The (MLA)TransformerConfig for `cfg`. `overrides` are TransformerConfig fields (recompute, aux loss, ...)."""
+    """The (MLA)TransformerConfig for `cfg`. `fusions`: see models/fusions.resolve ("auto", names or None).
+    `overrides` are TransformerConfig fields (recompute, aux loss, ...)."""
+    from megatron_esft.models import fusions as fusion_registry
+
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     _check_divisibility(cfg, parallel)
@@ -74,12 +81,10 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        # fused kernels need apex/TE; the torch paths are exact
+        # these fused kernels need apex/TE; SwiGLU and MLA-RoPE fusions come from `fusions` (below)
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
         persist_layer_norm=False,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -100,6 +105,7 @@ def transformer_config(
         moe_router_score_function=cfg.score_function,
         moe_permute_fusion=False,
     )
+    fields.update(fusion_registry.config_fields(fusion_registry.resolve(fusions, cfg)))
     if cfg.score_function == "softmax":
         # V2 / DeepSeekMoE: softmax over all experts, then top-k; DeepSeekV2TopK handles groups and renormalization.
         fields.update(
@@ -177,6 +183,13 @@ def _attach_v2_topk(model, cfg: DeepSeekConfig) -> None:
             module.router_replay = DeepSeekV2TopK(cfg.n_group, cfg.topk_group, cfg.norm_topk_prob)
 
 
+def _norms_to_params_dtype(model, params_dtype: torch.dtype) -> None:
+    """Cast torch RMSNorm / LayerNorm weights (fp32 from WrappedTorchNorm) to the model's parameter dtype."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(params_dtype)
+
+
 def build_model(
     cfg: DeepSeekConfig,
     parallel: ParallelConfig = ParallelConfig(),
@@ -185,6 +198,7 @@ def build_model(
     experts: str = "sequential",
     meta_device: bool = False,
     config_overrides: dict | None = None,
+    fusions=None,
 ):
     """The GPTModel of this rank's pipeline stage (parallel state must be initialized, see megatron_esft.parallel).
 
@@ -201,7 +215,7 @@ def build_model(
     # Megatron's schedules (moe_utils.py:268) and then cannot take the schedules' [1]-shaped scale (moe_utils.py:286).
     get_moe_layer_wise_logging_tracker().clear()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    config = transformer_config(cfg, parallel, params_dtype=params_dtype, **(config_overrides or {}))
+    config = transformer_config(cfg, parallel, params_dtype=params_dtype, fusions=fusions, **(config_overrides or {}))
     if meta_device:
         config.use_cpu_initialization = True
         config.perform_initialization = False
@@ -231,6 +245,7 @@ def build_model(
             rotary_base=cfg.rope_theta,
         )
     _attach_v2_topk(model, cfg)
+    _norms_to_params_dtype(model, params_dtype)
     if not meta_device and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

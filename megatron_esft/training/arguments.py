@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-gemm", choices=["bf16", "fp8"], default="bf16",
                    help="routed-expert GEMMs of --experts-impl grouped: fp8 = row-wise scaled FP8 forward and "
                         "input-gradient GEMMs, bf16 weight gradients (Hopper GPUs; see docs/gpu.md)")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="eager SwiGLU instead of Megatron-Core's compiled fused kernel (used by default on a GPU)")
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   help="eager MLA YaRN RoPE instead of Megatron-Core's Triton kernels (used by default on a GPU "
+                        "with Triton)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

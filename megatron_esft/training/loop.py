@@ -185,6 +185,9 @@ def pretrain(argv=None) -> int:
         set_expert_gemm_backend(model, args.expert_gemm)
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
     install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
+    from megatron_esft.models.fusions import describe
+
+    par.print_rank0(describe(model.config))
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)

@@ -42,10 +42,19 @@ def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> di
     return overrides
 
 
+def training_fusions(args, cfg: DeepSeekConfig) -> tuple[str, ...]:
+    """Every fused kernel this machine runs (none without CUDA), minus those turned off on the command line."""
+    from megatron_esft.models import fusions
+
+    off = {"swiglu": not args.bias_swiglu_fusion, "rope": not args.apply_rope_fusion}
+    return tuple(name for name in fusions.resolve("auto", cfg) if not off[name])
+
+
 def build_trainable_model(args, cfg: DeepSeekConfig, parallel: ParallelConfig):
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32
     return build_model(cfg, parallel, params_dtype=params_dtype, experts=args.experts_impl,
-                       config_overrides=config_overrides(args, cfg, params_dtype))
+                       config_overrides=config_overrides(args, cfg, params_dtype),
+                       fusions=training_fusions(args, cfg))
 
 
 def mark_routed_experts_expert_parallel(model) -> None:

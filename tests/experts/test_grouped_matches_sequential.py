@@ -26,10 +26,12 @@ def _non_expert_grads(model):
     return {n: p.grad for n, p in model.named_parameters() if ".experts." not in n}
 
 
-@pytest.mark.parametrize("split", sorted(SPLITS))
-def test_loss_and_grads_match_sequential(mcore, split):
+@pytest.mark.parametrize("split,fused", [(s, False) for s in sorted(SPLITS)] + [("mixed", True)])
+def test_loss_and_grads_match_sequential(mcore, split, fused):
+    """fused: Megatron's compiled SwiGLU (bias_activation_fusion) in both, SequentialMLP's per-expert
+    `weighted_bias_swiglu_impl` against the grouped experts' one call per group."""
     trainable = SPLITS[split]
-    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1])
+    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], bias_activation_fusion=fused)
     ref, ours = _pair(config, trainable)
     data = batch(seed=1)
     loss_ref, loss_ours = loss_of(ref, data), loss_of(ours, data)
@@ -58,6 +60,19 @@ def test_loss_and_grads_match_sequential(mcore, split):
         for proj in ("fc1", "fc2"):
             assert getattr(experts, f"{proj}_frozen").requires_grad is False
             assert getattr(experts, f"{proj}_frozen").grad is None
+
+
+def test_fused_swiglu_is_used_and_rejects_other_activations(mcore, monkeypatch):
+    from megatron.core.fusions import fused_bias_swiglu
+
+    calls = []
+    original = fused_bias_swiglu.weighted_bias_swiglu_impl
+    monkeypatch.setattr(fused_bias_swiglu, "weighted_bias_swiglu_impl", lambda *a: calls.append(1) or original(*a))
+    model = build_model(tiny_config(bias_activation_fusion=True), grouped=True)
+    loss_of(model, batch(seed=3)).backward()
+    assert calls  # the grouped experts went through Megatron's fused kernel
+    with pytest.raises(ValueError, match="plain SwiGLU"):
+        build_model(tiny_config(bias_activation_fusion=True, activation_func_clamp_value=7.0), grouped=True)
 
 
 def _float64_experts(x, counts, probs, fc1, fc2):

@@ -1,0 +1,74 @@
+"""Fused kernels a model may use, expressed as Megatron-Core TransformerConfig fields.
+
+Without Transformer Engine the local layer spec runs RoPE and SwiGLU as chains of small elementwise kernels (on an
+H100 about half of an ESFT step's GPU time was such memory-bound work, docs/gpu.md). Megatron-Core ships two fusions
+that need no TE, and this module decides when they can be used:
+
+| name | what runs | needs |
+|---|---|---|
+| `swiglu` | `megatron.core.fusions.fused_bias_swiglu` (`bias_activation_fusion=True`): SwiGLU forward and backward as one `torch.compile`d kernel each, in the dense MLPs, the shared experts, and — weighted by the router probabilities — the routed experts (SequentialMLP's `weighted_bias_swiglu_impl`; the frozen-aware grouped experts call the same function) | `torch.compile` (Triton on CUDA, a C++ compiler on CPU) |
+| `rope` | `megatron.core.fusions.fused_mla_yarn_rope_apply` (`apply_rope_fusion=True`): MLA's YaRN RoPE plus the q / k concatenations as one Triton kernel each way | multi-latent attention with YaRN RoPE, Triton; training forward only (Megatron asserts no inference context) |
+
+Both change only the rounding of intermediate values (one fp32 pass instead of several bf16 roundings); the tests
+compare fused against unfused models. Names and switches follow Megatron-LM (`--no-bias-swiglu-fusion`,
+`--no-rope-fusion`). "auto" = every fusion available on this machine, which is none on a machine without CUDA (CPU
+runs stay on the exact eager path; the tests request fusions explicitly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterable
+
+import torch
+
+FUSIONS = ("swiglu", "rope")
+
+
+def _triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from megatron.core.fusions import fused_mla_yarn_rope_apply
+
+    return bool(fused_mla_yarn_rope_apply.HAVE_TRITON)
+
+
+def unavailable_reason(name: str, cfg) -> str | None:
+    """Why fusion `name` cannot be used for the model config `cfg` (a DeepSeekConfig) on this machine, or None."""
+    if name not in FUSIONS:
+        return f"unknown fusion {name!r} (choose from {', '.join(FUSIONS)})"
+    if name == "rope":
+        if not cfg.multi_latent_attention or not cfg.rope_scaling:
+            return "the fused RoPE kernels are Megatron-Core's MLA YaRN kernels (this model has no MLA with YaRN)"
+        if not _triton_available():
+            return "Triton is not installed (or older than 3.4 on a machine without CUDA)"
+    return None
+
+
+def resolve(requested: str | Iterable[str] | None, cfg) -> tuple[str, ...]:
+    """The fusions to use: "auto" -> all available on CUDA (none on CPU); None / "none" -> none; or explicit names
+    (an unavailable one raises ValueError with the reason)."""
+    if requested is None or requested == "none":
+        return ()
+    if requested == "auto":
+        if not torch.cuda.is_available():
+            return ()
+        return tuple(n for n in FUSIONS if unavailable_reason(n, cfg) is None)
+    names = tuple(dict.fromkeys([requested] if isinstance(requested, str) else requested))
+    for name in names:
+        if (reason := unavailable_reason(name, cfg)) is not None:
+            raise ValueError(f"fusion {name!r} unavailable: {reason}")
+    return names
+
+
+def config_fields(fusions: Iterable[str]) -> dict:
+    """TransformerConfig fields for the resolved `fusions` (every field is set, so "no fusion" is explicit)."""
+    fusions = set(fusions)
+    return dict(bias_activation_fusion="swiglu" in fusions, apply_rope_fusion="rope" in fusions)
+
+
+def describe(config) -> str:
+    """One log line: which fusions a built model's TransformerConfig has on."""
+    on = [name for name, field in (("swiglu", "bias_activation_fusion"), ("rope", "apply_rope_fusion"))
+          if getattr(config, field, False)]
+    return "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")

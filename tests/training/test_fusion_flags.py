@@ -1,0 +1,29 @@
+"""--no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's switches) pick the fused kernels the trainer builds."""
+
+import torch
+
+from megatron_esft.models.hf_config import parse_hf_config
+from megatron_esft.models.tiny import TinySpec, hf_config_dict
+from megatron_esft.training.arguments import build_parser
+from megatron_esft.training.setup import training_fusions
+
+REQUIRED = ["--load", "x", "--save", "y", "--train-data", "d.jsonl", "--train-iters", "1", "--micro-batch-size", "1",
+            "--seq-length", "8", "--lr", "1e-4"]
+
+
+def _fusions(*flags):
+    args = build_parser().parse_args(REQUIRED + list(flags))
+    return training_fusions(args, parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", yarn=True))))
+
+
+def test_cpu_runs_stay_eager():
+    if not torch.cuda.is_available():
+        assert _fusions() == ()
+
+
+def test_flags_turn_fusions_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what "auto" would pick on a GPU machine
+    assert _fusions() == ("swiglu", "rope")  # Triton is installed with the test extras
+    assert _fusions("--no-rope-fusion") == ("swiglu",)
+    assert _fusions("--no-bias-swiglu-fusion") == ("rope",)
+    assert _fusions("--no-bias-swiglu-fusion", "--no-rope-fusion") == ()
