@@ -4,10 +4,11 @@
 `megatron_esft.parallel.initialize`). It applies two groups of fixes:
 
 * `no_te`: Megatron-Core 0.16.1 bugs that fire whenever Transformer Engine is *not importable* (CPU machines and GPU
-  machines without TE alike). Each fix is a no-op when TE is present.
+  machines without TE alike): the router's `te_general_gemm`, MLA's `HAVE_TE`, sequence-parallel torch norms and
+  MLA's rope-key gradient under TP. Each fix is a no-op when TE is present.
 * `cpu`: everything Megatron-Core needs to run on a CPU-only torch build with the gloo backend (RNG tracker, CUDA
-  streams/events, ``current_device``, hard-coded ``device='cuda'`` tensors, alltoall split sizes, sequence-parallel
-  norms). Applied only when CUDA is absent; on a GPU nothing here is touched.
+  streams/events, ``current_device``, hard-coded ``device='cuda'`` tensors, alltoall split sizes). Applied only
+  when CUDA is absent; on a GPU nothing here is touched.
 
 Every patch is documented next to its code with the Megatron-Core 0.16.1 line it works around, and recorded in
 `PATCHED` so `python -m megatron_esft.compat` can list what is active.

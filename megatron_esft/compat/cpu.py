@@ -146,26 +146,6 @@ def apply(patched: list[str]) -> None:
 
     _set(patched, token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
 
-    # transformer/torch_norm.py:32 WrappedTorchNorm asserts `not config.sequence_parallel`, but MoE with TP>1 requires
-    # sequence parallelism (moe_layer.py:379). Build the norm with SP off and tag its parameters sequence_parallel, so
-    # finalize_model_grads all-reduces their gradients over TP exactly as for the TE/apex norms.
-    from megatron.core.transformer import torch_norm
-
-    original_new = torch_norm.WrappedTorchNorm.__new__
-
-    def wrapped_torch_norm_new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
-        sequence_parallel = config.sequence_parallel
-        config.sequence_parallel = False
-        try:
-            norm = original_new(cls, config, hidden_size, eps, *args, **kwargs)
-        finally:
-            config.sequence_parallel = sequence_parallel
-        for param in norm.parameters():
-            param.sequence_parallel = sequence_parallel
-        return norm
-
-    _set(patched, torch_norm.WrappedTorchNorm, "__new__", staticmethod(wrapped_torch_norm_new))
-
     # Hard-coded CUDA placement in optimizer / DDP / clip_grads / MoE metrics (see CudaToCpuMode).
     _MODE = CudaToCpuMode()
     _MODE.__enter__()

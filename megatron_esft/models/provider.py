@@ -221,12 +221,6 @@ def build_model(
         config.perform_initialization = False
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     spec = block_spec(config, experts=experts, pp_rank=pp_rank)
-    if parallel.tp > 1 and cfg.multi_latent_attention and not have_transformer_engine():
-        from megatron_esft.parallel import print_rank0
-
-        print_rank0("warning: MLA with --tensor-model-parallel-size > 1 on Megatron-Core's local spec: the forward is "
-                    "exact but input gradients differ from TP=1 by ~1% (docs/troubleshooting.md); prefer expert "
-                    "parallelism, or install Transformer Engine")
     if cfg.num_nextn_predict_layers:
         from megatron_esft.parallel import print_rank0
 

@@ -18,8 +18,8 @@ def fixed_batch(vocab: int, batch: int = 2, seq: int = 16):
 
 
 def forward_backward(model, vocab):
-    """Loss, and the squared norm of the (vocab-sharded) embedding gradient summed over TP ranks: it collects
-    gradient from every path through the network, attention's rope key included."""
+    """Loss, the squared norm of the (vocab-sharded) embedding gradient summed over TP ranks (it collects gradient
+    from every path through the network, attention's rope key included), and that of MLA's kv down-projections."""
     from megatron.core import parallel_state
 
     tokens, labels = fixed_batch(vocab)
@@ -28,9 +28,13 @@ def forward_backward(model, vocab):
     loss.backward()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     embedding_sq = model.embedding.word_embeddings.weight.grad.double().pow(2).sum()
+    # MLA's kv down-projection (column-parallel under TP): its shards' squared gradient norms add up to the full one
+    kv_down = [m.weight.grad for name, m in model.named_modules() if name.endswith("linear_kv_down_proj")]
+    kv_down_sq = sum(g.double().pow(2).sum() for g in kv_down) if kv_down else torch.zeros((), dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(embedding_sq, group=parallel_state.get_tensor_model_parallel_group())
-    return float(loss), grads_finite, float(embedding_sq)
+        torch.distributed.all_reduce(kv_down_sq, group=parallel_state.get_tensor_model_parallel_group())
+    return float(loss), grads_finite, float(embedding_sq), float(kv_down_sq)
 
 
 def main():
@@ -47,13 +51,14 @@ def main():
     load_model_weights(model, os.path.join(out, "mcore"))
     if pp > 1:
         layers = sorted(layer.layer_number for layer in model.decoder.layers)
-        loss, finite, embedding_sq = None, True, None
+        loss, finite, embedding_sq, kv_down_sq = None, True, None, None
     else:
         layers = None
-        loss, finite, embedding_sq = forward_backward(model, cfg.vocab_size)
+        loss, finite, embedding_sq, kv_down_sq = forward_backward(model, cfg.vocab_size)
     if par.is_rank0():
         with open(os.path.join(out, "result.json"), "w") as fh:
-            json.dump({"loss": loss, "grads_finite": finite, "stage0_layers": layers, "embedding_grad_sq": embedding_sq}, fh)
+            json.dump({"loss": loss, "grads_finite": finite, "stage0_layers": layers, "embedding_grad_sq": embedding_sq,
+                       "kv_down_grad_sq": kv_down_sq}, fh)
     par.destroy()
 
 

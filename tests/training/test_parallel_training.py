@@ -33,17 +33,21 @@ def test_ep2_matches_ep1_without_hang(training_env, reference):
     assert abs(losses(resumed)[0] - reference["losses"][3]) <= 1e-5 * reference["losses"][3]
 
 
-def test_tp2_freezes_exactly(training_env, reference):
-    """TP=2 (+SP): frozen tensors bit-identical, same forward as TP=1. The trained experts are not compared with
-    TP=1: megatron-core 0.16.1's MLA with the local ColumnParallelLinear kv-down projection under-reduces the
-    gradient of the shared rope key (k_pos_emb) over TP ranks (grad norm ~2e-3 relative off here; standard
-    attention matches TP=1 to 1e-6), see the lead's report."""
+def test_tp2_matches_tp1(training_env, reference):
+    """TP=2 (+SP) on the MLA model: frozen tensors bit-identical, and the losses and trained experts land on TP=1's
+    (this needs compat/no_te.py's fix of Megatron-Core 0.16.1's MLA rope-key gradient under TP: without it the
+    trained experts drift ~2e-3 relative from TP=1)."""
     save = str(training_env["root"] / "tp2")
-    proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "2",
+    proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
                     "--tensor-model-parallel-size", "2", nproc=2, data=training_env["data"])
-    first = losses(proc)[0]
-    assert abs(first - reference["losses"][0]) <= 1e-5 * reference["losses"][0]  # same forward as TP=1
-    _check_frozen(load_hf(training_env["hf"]), to_hf(save, str(training_env["root"] / "tp2-hf")))
+    for a, b in zip(losses(proc), reference["losses"][:3]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    trained = to_hf(save, str(training_env["root"] / "tp2-hf"))
+    _check_frozen(load_hf(training_env["hf"]), trained)
+    for name, ref in reference["hf3"].items():
+        if selected_name(name):
+            rel = float((trained[name] - ref).norm() / ref.norm())
+            assert rel <= 1e-4, (name, rel)
 
 
 def test_pp2_with_a_stage_that_trains_nothing(training_env, reference, tmp_path):
