@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-gemm", choices=["bf16", "fp8"], default="bf16",
                    help="routed-expert GEMMs of --experts-impl grouped: fp8 = row-wise scaled FP8 forward and "
                         "input-gradient GEMMs, bf16 weight gradients (Hopper GPUs; see docs/gpu.md)")
+    g.add_argument("--expert-fp8-weight-cache", choices=["frozen", "none", "all"], default="frozen",
+                   help="with --expert-gemm fp8: keep e4m3 copies of frozen expert weights (frozen: fastest, +2 bytes "
+                        "per frozen expert parameter of GPU memory), re-quantize every step (none), or also cache "
+                        "trainable ones between optimizer steps (all)")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="eager SwiGLU instead of Megatron-Core's compiled fused kernel (used by default on a GPU)")
     g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
@@ -113,6 +117,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.eval_interval and not (args.valid_data or args.split):
         raise UserError("--eval-interval needs --valid-data or --split")
+    if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
+        raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
     if args.expert_gemm == "fp8":
         import torch
 

@@ -182,7 +182,7 @@ def pretrain(argv=None) -> int:
     if args.expert_gemm != "bf16":  # after freezing: set_trainable_experts rebuilds the expert Parameters
         from megatron_esft.experts.spec import set_expert_gemm_backend
 
-        set_expert_gemm_backend(model, args.expert_gemm)
+        set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
     install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
     from megatron_esft.models.fusions import describe

@@ -1,5 +1,7 @@
-"""--no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's switches) pick the fused kernels the trainer builds."""
+"""GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) pick the fused kernels,
+--expert-fp8-weight-cache needs FP8 experts."""
 
+import pytest
 import torch
 
 from megatron_esft.models.hf_config import parse_hf_config
@@ -27,3 +29,14 @@ def test_flags_turn_fusions_off(monkeypatch):
     assert _fusions("--no-rope-fusion") == ("swiglu",)
     assert _fusions("--no-bias-swiglu-fusion") == ("rope",)
     assert _fusions("--no-bias-swiglu-fusion", "--no-rope-fusion") == ()
+
+
+def test_fp8_weight_cache_flag_needs_fp8_experts():
+    from megatron_esft.errors import UserError
+    from megatron_esft.training.arguments import validate
+
+    args = build_parser().parse_args(REQUIRED + ["--expert-fp8-weight-cache", "none"])
+    assert args.expert_fp8_weight_cache == "none"
+    with pytest.raises(UserError, match="--expert-fp8-weight-cache needs --expert-gemm fp8"):
+        validate(args, world_size=1)
+    validate(build_parser().parse_args(REQUIRED), world_size=1)  # the default is accepted everywhere
