@@ -26,6 +26,7 @@ def single_rank_loss(hf, tmp_path):
 
 
 @pytest.mark.parametrize("arch, tp, ep, pp", [("deepseek-v2", 1, 2, 1), ("deepseek-v2", 2, 1, 1), ("deepseek-v3", 1, 2, 1),
+                                              ("deepseek-v3", 2, 1, 1),
                                               ("deepseek-moe", 2, 1, 1), ("deepseek-v3", 1, 1, 2)])
 def test_two_rank_convert_and_train_step(arch, tp, ep, pp, tiny_hf, tmp_path):
     hf = tiny_hf(arch, layers=4) if pp > 1 else tiny_hf(arch)
