@@ -73,3 +73,30 @@ def test_fused_model_matches_eager_model():
     # fp32: same loss up to summation order, every gradient within 1e-5 relative
     assert abs(result["loss_fused"] - result["loss_eager"]) <= 1e-5 * abs(result["loss_eager"])
     assert result["max_grad_rel"] < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default ('auto') fusions run only on a GPU")
+def test_cuda_auto_fusions_match_eager(mcore_single):
+    """On the GPU: "auto" turns on Megatron's compiled SwiGLU and its Triton MLA RoPE (Triton ships with CUDA torch);
+    a bf16 model with them gives the eager model's loss and gradients within bf16 rounding."""
+    from megatron_esft.models.fusions import describe
+    from megatron_esft.models.provider import build_model
+
+    cfg = _cfg(arch="deepseek-v2", yarn=True)
+    results = []
+    for fusions in (None, "auto"):
+        torch.manual_seed(0)
+        model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", fusions=fusions)
+        if fusions is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+            assert describe(model.config) == "fused kernels: swiglu, rope"
+        tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).cuda()
+        loss = model(tokens, torch.arange(32, device="cuda")[None].expand(2, -1), None, labels=tokens).float().mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_eager, grads_eager), (loss_fused, grads_fused) = results
+    assert abs(loss_fused - loss_eager) <= 1e-2 * abs(loss_eager)
+    for name, g in grads_eager.items():
+        assert ((grads_fused[name] - g).norm() / g.norm().clamp_min(1e-30)).item() < 5e-2, name
