@@ -16,7 +16,9 @@ then `--iters` steps timed with CUDA events (median). Reported: time/iteration, 
 allocated memory. Model FLOPs count useful work only: forward of every layer; dgrad only where a gradient has to
 flow (above the first trainable layer, plus fc2 dgrad of trainable experts inside it); wgrad only for trainable
 weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
-attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim); embedding lookups 0.
+attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
+(`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
+data); embedding lookups 0. `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -219,7 +221,7 @@ def run_experts(args, raw):
                 xi = x.detach().requires_grad_(True)
                 out, _ = layer(xi, counts, probs)
                 out.backward(dy)
-            _profile(f"experts {mode} {backend} {cache}", step)
+            _profile(f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else ""), step)
         per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
         trainable_rows = int(sum(counts[j] for j in ids))
         flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
@@ -231,23 +233,63 @@ def run_experts(args, raw):
     return rows
 
 
+# (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
+_KERNEL_KINDS = [
+    ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),
+    ("grouped GEMM", r"grouped"),
+    ("attention", r"flash|fmha|attention|cudnn|sdpa"),
+    ("dense GEMM", r"gemm|nvjet|cutlass|xmma|aten::(mm|addmm|bmm|matmul)$"),
+    ("fused (Triton / compiled)", r"^triton|fused|compiled"),
+    ("permutation / indexing", r"index|scatter|gather|sort|masked|nonzero|unique|repeat_interleave"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copies / cat / fill", r"copy|cat|memcpy|memset|fill|zero"),
+    ("reductions / norms / softmax", r"reduce|norm|softmax|sum|mean|max|amax"),
+    ("elementwise", r"elementwise|vectorized|pointwise|mul|add|silu|sigmoid|exp|div|sub|neg|pow|rsqrt|where|clamp"),
+]
+
+
+def kernel_time_by_kind(averages, cuda: bool):
+    """[(kind, ms, share)] of the self device time of GPU kernels (self CPU time of aten ops on CPU), plus the
+    five biggest unclassified names (to refine the patterns)."""
+    import re
+
+    totals, other = {}, {}
+    for event in averages:
+        ms = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e3
+        if ms <= 0 or (not cuda and not event.key.startswith("aten::")):
+            continue
+        kind = next((k for k, pattern in _KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
+        totals[kind] = totals.get(kind, 0.0) + ms
+        if kind == "other":
+            other[event.key] = other.get(event.key, 0.0) + ms
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(((k, ms, ms / whole) for k, ms in totals.items()), key=lambda r: -r[1])
+    return rows, sorted(other.items(), key=lambda kv: -kv[1])[:5]
+
+
 def _profile(label, fn, steps=2):
-    """torch.profiler table of the GPU kernels of `steps` calls of fn (--profile)."""
+    """torch.profiler table of the GPU kernels of `steps` calls of fn, and their time by kind (--profile)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
             fn()
         _sync()
+    averages = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
-            table = prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70)
+            table = averages.table(sort_by=key, row_limit=22, max_name_column_width=70)
             break
         except (AttributeError, KeyError, ValueError, RuntimeError):
             continue
-    print(f"PROFILE {label} ({steps} steps)\n{table}", file=sys.stderr, flush=True)
+    kinds, other = kernel_time_by_kind(averages, cuda)
+    lines = [f"| {'GPU kernels' if cuda else 'CPU aten ops'} by kind | ms | share |", "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.2f} | {share:.1%} |" for kind, ms, share in kinds]
+    lines.append("largest unclassified: " + ", ".join(f"{name} ({ms:.2f} ms)" for name, ms in other))
+    print(f"PROFILE {label} ({steps} steps)\n{table}\n" + "\n".join(lines), file=sys.stderr, flush=True)
 
 
 class _NullCtx:
@@ -276,15 +318,18 @@ def _fingerprint(params):
     return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.int64)
 
 
-def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows):
-    """Useful FLOPs of one training step (see the module docstring). rows[layer_number] = (routed, trainable)."""
+def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
+    """Useful FLOPs of one training step (see the module docstring). rows[layer_number] = (routed, trainable);
+    attended_pairs: (query, key) pairs one sequence attends (default causal s(s+1)/2; per document when packed)."""
     from megatron_esft.esft.freeze import decoder_layers, is_moe_layer
 
     h, heads = raw["hidden_size"], raw["num_attention_heads"]
     tokens = seq * mbs
     per_expert = 3 * h * raw["moe_intermediate_size"]
     fc2 = h * raw["moe_intermediate_size"]
-    core = 2 * heads * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"] + raw["v_head_dim"]) * (seq + 1) / 2
+    pairs = seq * (seq + 1) / 2 if attended_pairs is None else attended_pairs
+    # per token: scores (qk dims) and PV (v dims), 2 FLOPs per MAC, over the pairs of its sequence
+    core = 2 * heads * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"] + raw["v_head_dim"]) * pairs / seq
     layers = sorted(decoder_layers([model]), key=lambda t: t[0])
     # ESFT selects experts in every MoE layer: the first MoE layer is the lowest one with trainable weights
     first_trainable = min(number for number, layer in layers if is_moe_layer(layer)) if mode == "esft" else 0
@@ -310,7 +355,7 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows):
     return fwd + dgrad + wgrad
 
 
-def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto"):
+def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -384,6 +429,18 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     tokens = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
     labels = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
     position_ids = torch.arange(args.seq, device=dev).unsqueeze(0).expand(mbs, -1)
+    attention_mask, pairs = None, None
+    if doc_len:  # packed SFT data: documents of random lengths (mean doc_len), per-document causal masks + positions
+        from megatron_esft.data import build_attention_mask
+
+        lengths = []
+        while sum(lengths) < args.seq:
+            lengths.append(int(torch.randint(doc_len // 2, doc_len * 3 // 2 + 1, (1,), generator=g)))
+        lengths[-1] -= sum(lengths) - args.seq
+        document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        attention_mask = build_attention_mask(document_ids.to(dev).expand(mbs, -1))
+        position_ids = torch.cat([torch.arange(n) for n in lengths]).to(dev).unsqueeze(0).expand(mbs, -1)
+        pairs = sum(n * (n + 1) / 2 for n in lengths)
     timer = Timer()
     losses = []
     for it in range(args.warmup + args.iters):
@@ -395,7 +452,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             optimizer.zero_grad()
             for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
                 counting[0] = True
-                loss = ddp(tokens, position_ids, None, labels=labels).float().mean()
+                loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
                 counting[0] = False
                 loss.backward()
             ddp.finish_grad_sync()
@@ -406,16 +463,16 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         def step():
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            ddp(tokens, position_ids, None, labels=labels).float().mean().backward()
+            ddp(tokens, position_ids, attention_mask, labels=labels).float().mean().backward()
             ddp.finish_grad_sync()
             optimizer.step()
         _profile(f"model {mode} {backend} {layers}L", step, steps=1)
     flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
-                                                                    for k, (r, t) in rows.items()})
+                                                                    for k, (r, t) in rows.items()}, pairs)
     after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "ms": ms,
+             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
@@ -429,6 +486,8 @@ def default_plan(full_layers, fft_layers):
     plan = [{"job": "check"}, {"job": "experts"}]
     # the fused kernels' effect on the whole model, side by side (every other model job uses "auto")
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "fusions": "none"})
+    # packed SFT batches as the trainer feeds them: per-document causal masks (SDPA with a dense boolean mask)
+    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "doc_len": 512})
     for mode in ("esft", "fft"):
         plan.append({"job": "model", "mode": mode, "backend": "bf16", "layers": fft_layers, "cache": "none"})
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": full_layers, "cache": "none"})
@@ -446,7 +505,7 @@ def run_job(args, job):
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
-                     job.get("fusions", "auto"))
+                     job.get("fusions", "auto"), job.get("doc_len", 0))
 
 
 def print_tables(results, device):
@@ -469,14 +528,15 @@ def print_tables(results, device):
             print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
     models = [r for r in results if r.get("kind") == "model"]
     if models:
-        print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | recompute | ms/iter | tokens/s | "
+        print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | documents | recompute | ms/iter | tokens/s | "
               "model TFLOP/s | peak GiB |"
               " trainable params | frozen bit-identical | loss first->last |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
             print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "
                   f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
+                  f"{'mean ' + str(r['doc_len']) + ' tokens' if r.get('doc_len') else 'one (causal)'} | "
                   f"{r['recompute']} | "
                   f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
                   f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
