@@ -381,7 +381,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                         fusions=fusions)
     from megatron_esft.models.fusions import describe
 
-    fused = describe(model.config).split(": ", 1)[1]
+    fused = describe(model).split(": ", 1)[1]
     build_s = time.perf_counter() - t0
     n = raw["n_routed_experts"]
     gen = torch.Generator().manual_seed(7)
@@ -488,6 +488,8 @@ def default_plan(full_layers, fft_layers):
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "fusions": "none"})
     # packed SFT batches as the trainer feeds them: per-document causal masks (SDPA with a dense boolean mask)
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "doc_len": 512})
+    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "doc_len": 512,
+                 "fusions": ["swiglu", "rope", "flex_attention"]})  # the opt-in FlexAttention on the same batch
     for mode in ("esft", "fft"):
         plan.append({"job": "model", "mode": mode, "backend": "bf16", "layers": fft_layers, "cache": "none"})
     plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": full_layers, "cache": "none"})

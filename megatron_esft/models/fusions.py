@@ -8,21 +8,24 @@ that need no TE, and this module decides when they can be used:
 |---|---|---|
 | `swiglu` | `megatron.core.fusions.fused_bias_swiglu` (`bias_activation_fusion=True`): SwiGLU forward and backward as one `torch.compile`d kernel each, in the dense MLPs, the shared experts, and — weighted by the router probabilities — the routed experts (SequentialMLP's `weighted_bias_swiglu_impl`; the frozen-aware grouped experts call the same function) | `torch.compile` (Triton on CUDA, a C++ compiler on CPU) |
 | `rope` | `megatron.core.fusions.fused_mla_yarn_rope_apply` (`apply_rope_fusion=True`): MLA's YaRN RoPE plus the q / k concatenations as one Triton kernel each way | multi-latent attention with YaRN RoPE, Triton; training forward only (Megatron asserts no inference context) |
+| `flex_attention` | `models.attention.TorchFlexCoreAttention`: packed-document (masked) attention through torch FlexAttention with a block mask, skipping fully masked blocks (SDPA computes all seq^2 pairs and masks them) | the local spec (no TE); opt-in, not part of "auto" until measured on a GPU; on CPU only without gradients (FlexAttention has no CPU backward: SDPA is used there) |
 
 Both change only the rounding of intermediate values (one fp32 pass instead of several bf16 roundings); the tests
 compare fused against unfused models. Names and switches follow Megatron-LM (`--no-bias-swiglu-fusion`,
-`--no-rope-fusion`). "auto" = every fusion available on this machine, which is none on a machine without CUDA (CPU
-runs stay on the exact eager path; the tests request fusions explicitly).
+`--no-rope-fusion`; `--flex-attention` is ours). "auto" = `swiglu` and `rope` where available, which is none on a
+machine without CUDA (CPU runs stay on the exact eager path; the tests request fusions explicitly).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Iterable
 
 import torch
 
-FUSIONS = ("swiglu", "rope")
+FUSIONS = ("swiglu", "rope", "flex_attention")
+AUTO = ("swiglu", "rope")  # what "auto" may pick (flex_attention is opt-in until measured on a GPU)
 
 
 def _triton_available() -> bool:
@@ -42,6 +45,8 @@ def unavailable_reason(name: str, cfg) -> str | None:
             return "the fused RoPE kernels are Megatron-Core's MLA YaRN kernels (this model has no MLA with YaRN)"
         if not _triton_available():
             return "Triton is not installed (or older than 3.4 on a machine without CUDA)"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels need a GPU (or Triton's interpreter on CPU: TRITON_INTERPRET=1, tests only)"
     return None
 
 
@@ -53,7 +58,7 @@ def resolve(requested: str | Iterable[str] | None, cfg) -> tuple[str, ...]:
     if requested == "auto":
         if not torch.cuda.is_available():
             return ()
-        return tuple(n for n in FUSIONS if unavailable_reason(n, cfg) is None)
+        return tuple(n for n in AUTO if unavailable_reason(n, cfg) is None)
     names = tuple(dict.fromkeys([requested] if isinstance(requested, str) else requested))
     for name in names:
         if (reason := unavailable_reason(name, cfg)) is not None:
@@ -67,8 +72,13 @@ def config_fields(fusions: Iterable[str]) -> dict:
     return dict(bias_activation_fusion="swiglu" in fusions, apply_rope_fusion="rope" in fusions)
 
 
-def describe(config) -> str:
-    """One log line: which fusions a built model's TransformerConfig has on."""
+def describe(model) -> str:
+    """One log line: which fusions a built model uses."""
+    from megatron_esft.models.attention import TorchFlexCoreAttention
+
+    config = model.config
     on = [name for name, field in (("swiglu", "bias_activation_fusion"), ("rope", "apply_rope_fusion"))
           if getattr(config, field, False)]
+    if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
+        on.append("flex_attention")
     return "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")

@@ -105,7 +105,7 @@ def transformer_config(
         moe_router_score_function=cfg.score_function,
         moe_permute_fusion=False,
     )
-    fields.update(fusion_registry.config_fields(fusion_registry.resolve(fusions, cfg)))
+    fields.update(fusion_registry.config_fields(fusion_registry.resolve(fusions, cfg)))  # flex: block_spec
     if cfg.score_function == "softmax":
         # V2 / DeepSeekMoE: softmax over all experts, then top-k; DeepSeekV2TopK handles groups and renormalization.
         fields.update(
@@ -150,8 +150,10 @@ def transformer_config(
     return TransformerConfig(**fields)
 
 
-def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None):
-    """Decoder block spec for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`."""
+def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None,
+               flex_attention: bool = False):
+    """Decoder block spec for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`.
+    `flex_attention`: packed-document attention through FlexAttention (local spec only, models/attention.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if experts not in EXPERT_IMPLS:
@@ -159,11 +161,14 @@ def block_spec(config, *, experts: str = "sequential", use_te: bool | None = Non
     if use_te is None:
         use_te = torch.cuda.is_available() and have_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage, pp_rank=pp_rank)
+    if flex_attention and use_te:
+        raise UserError("the flex_attention fusion replaces the local spec's attention; Transformer Engine is in use")
     if not use_te:
-        from megatron_esft.models.attention import TorchSDPACoreAttention
+        from megatron_esft.models.attention import TorchFlexCoreAttention, TorchSDPACoreAttention
 
+        core_attention = TorchFlexCoreAttention if flex_attention else TorchSDPACoreAttention
         for layer_spec in spec.layer_specs:
-            layer_spec.submodules.self_attention.submodules.core_attention = TorchSDPACoreAttention
+            layer_spec.submodules.self_attention.submodules.core_attention = core_attention
     if experts == "grouped":
         from megatron_esft.experts.spec import use_grouped_experts
 
@@ -215,12 +220,15 @@ def build_model(
     # Megatron's schedules (moe_utils.py:268) and then cannot take the schedules' [1]-shaped scale (moe_utils.py:286).
     get_moe_layer_wise_logging_tracker().clear()
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    from megatron_esft.models import fusions as fusion_registry
+
+    fusions = fusion_registry.resolve(fusions, cfg)
     config = transformer_config(cfg, parallel, params_dtype=params_dtype, fusions=fusions, **(config_overrides or {}))
     if meta_device:
         config.use_cpu_initialization = True
         config.perform_initialization = False
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    spec = block_spec(config, experts=experts, pp_rank=pp_rank)
+    spec = block_spec(config, experts=experts, pp_rank=pp_rank, flex_attention="flex_attention" in fusions)
     if cfg.num_nextn_predict_layers:
         from megatron_esft.parallel import print_rank0
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
                    help="eager MLA YaRN RoPE instead of Megatron-Core's Triton kernels (used by default on a GPU "
                         "with Triton)")
+    g.add_argument("--flex-attention", action="store_true",
+                   help="packed-document attention through torch FlexAttention with a block mask (skips other "
+                        "documents' blocks; GPU only; not measured yet, see docs/gpu.md)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -117,6 +120,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.eval_interval and not (args.valid_data or args.split):
         raise UserError("--eval-interval needs --valid-data or --split")
+    if args.flex_attention:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--flex-attention needs a GPU (FlexAttention has no backward on CPU)")
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
     if args.expert_gemm == "fp8":

@@ -187,7 +187,7 @@ def pretrain(argv=None) -> int:
     install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
     from megatron_esft.models.fusions import describe
 
-    par.print_rank0(describe(model.config))
+    par.print_rank0(describe(model))
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)

@@ -43,11 +43,13 @@ def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> di
 
 
 def training_fusions(args, cfg: DeepSeekConfig) -> tuple[str, ...]:
-    """Every fused kernel this machine runs (none without CUDA), minus those turned off on the command line."""
+    """Every fused kernel this machine runs (none without CUDA), minus those turned off on the command line, plus
+    FlexAttention when asked for."""
     from megatron_esft.models import fusions
 
     off = {"swiglu": not args.bias_swiglu_fusion, "rope": not args.apply_rope_fusion}
-    return tuple(name for name in fusions.resolve("auto", cfg) if not off[name])
+    chosen = tuple(name for name in fusions.resolve("auto", cfg) if not off[name])
+    return chosen + (("flex_attention",) if args.flex_attention else ())
 
 
 def build_trainable_model(args, cfg: DeepSeekConfig, parallel: ParallelConfig):

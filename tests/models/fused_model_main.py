@@ -65,7 +65,7 @@ def main():
         loss = model(tokens, position_ids, None, labels=tokens).float().mean()
         loss.backward()
         runs[label] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                       describe(model.config))
+                       describe(model))
     eager, fused = runs["eager"], runs["fused"]
     assert eager[1].keys() == fused[1].keys()
     worst = max(((fused[1][n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in eager[1].items())

@@ -1,5 +1,5 @@
 """GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) pick the fused kernels,
---expert-fp8-weight-cache needs FP8 experts."""
+--flex-attention is opt-in, --expert-fp8-weight-cache needs FP8 experts."""
 
 import pytest
 import torch
@@ -40,3 +40,16 @@ def test_fp8_weight_cache_flag_needs_fp8_experts():
     with pytest.raises(UserError, match="--expert-fp8-weight-cache needs --expert-gemm fp8"):
         validate(args, world_size=1)
     validate(build_parser().parse_args(REQUIRED), world_size=1)  # the default is accepted everywhere
+
+
+def test_flex_attention_is_opt_in_and_needs_a_gpu(monkeypatch):
+    from megatron_esft.errors import UserError
+    from megatron_esft.training.arguments import validate
+
+    args = build_parser().parse_args(REQUIRED + ["--flex-attention"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--flex-attention needs a GPU"):
+            validate(args, world_size=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _fusions("--flex-attention") == ("swiglu", "rope", "flex_attention")
+    assert "flex_attention" not in _fusions()
