@@ -1,8 +1,9 @@
-"""Fused kernels a model may use, expressed as Megatron-Core TransformerConfig fields.
+"""Fused kernels a model may use without Transformer Engine, and when each can be used.
 
-Without Transformer Engine the local layer spec runs RoPE and SwiGLU as chains of small elementwise kernels (on an
-H100 about half of an ESFT step's GPU time was such memory-bound work, docs/gpu.md). Megatron-Core ships two fusions
-that need no TE, and this module decides when they can be used:
+Without TE the local layer spec runs RoPE and SwiGLU as chains of small elementwise kernels (on an H100 about half
+of an ESFT step's GPU time was such memory-bound work, docs/gpu.md). Megatron-Core ships two fusions that need no TE
+(switched by TransformerConfig fields, `config_fields`); the third is ours (a core-attention class, chosen by
+`provider.block_spec`):
 
 | name | what runs | needs |
 |---|---|---|
@@ -10,7 +11,7 @@ that need no TE, and this module decides when they can be used:
 | `rope` | `megatron.core.fusions.fused_mla_yarn_rope_apply` (`apply_rope_fusion=True`): MLA's YaRN RoPE plus the q / k concatenations as one Triton kernel each way | multi-latent attention with YaRN RoPE, Triton; training forward only (Megatron asserts no inference context) |
 | `flex_attention` | `models.attention.TorchFlexCoreAttention`: packed-document (masked) attention through torch FlexAttention with a block mask, skipping fully masked blocks (SDPA computes all seq^2 pairs and masks them) | the local spec (no TE); opt-in, not part of "auto" until measured on a GPU; on CPU only without gradients (FlexAttention has no CPU backward: SDPA is used there) |
 
-Both change only the rounding of intermediate values (one fp32 pass instead of several bf16 roundings); the tests
+Each changes only the rounding of intermediate values (one fp32 pass instead of several bf16 roundings); the tests
 compare fused against unfused models. Names and switches follow Megatron-LM (`--no-bias-swiglu-fusion`,
 `--no-rope-fusion`; `--flex-attention` is ours). "auto" = `swiglu` and `rope` where available, which is none on a
 machine without CUDA (CPU runs stay on the exact eager path; the tests request fusions explicitly).
