@@ -50,7 +50,11 @@ def main():
     counting(mlp, "bias_swiglu_impl", "swiglu")  # dense MLP and shared experts
 
     initialize(ParallelConfig(), seed=1)
-    cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", yarn=True)))
+    raw = hf_config_dict(TinySpec(arch="deepseek-v2", yarn=True))
+    # mscale != mscale_all_dim: the rotary embedding itself is scaled (it is 1 for the released DeepSeek configs),
+    # so the fused kernels must apply it too
+    raw["rope_parameters"].update(mscale=1.0, mscale_all_dim=0.707)
+    cfg = parse_hf_config(raw)
     runs = {}
     for label, fusions in (("eager", None), ("fused", ["swiglu", "rope"])):
         torch.manual_seed(0)
