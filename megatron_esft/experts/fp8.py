@@ -31,6 +31,7 @@ bench/gpu_esft.py --check.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -127,20 +128,22 @@ class FP8WeightCache:
         use = self.policy == "all" or (self.policy == "frozen" and not weight.requires_grad)
         if not use:
             return self._quantize(weight, layout)
-        key = (weight.data_ptr(), tuple(weight.shape), layout)
-        stamp = weight._version
+        # keyed by the weight object itself (a weak reference: a freed weight's memory, reused by a new tensor of
+        # the same shape, must not find the old quantization) and its autograd version (bumped by in-place updates)
+        key = (id(weight), layout)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+            return hit[2], hit[3]
         q, s = self._quantize(weight, layout)
-        self._entries[key] = (stamp, q, s)
+        self._entries[key] = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)), weight._version,
+                              q, s)
         return q, s
 
     def clear(self) -> None:
         self._entries.clear()
 
     def nbytes(self) -> int:
-        return sum(q.numel() * q.element_size() + s.numel() * 4 for _, q, s in self._entries.values())
+        return sum(q.numel() * q.element_size() + s.numel() * 4 for _, _, q, s in self._entries.values())
 
 
 class _FP8GroupedMM(torch.autograd.Function):

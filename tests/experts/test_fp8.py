@@ -190,3 +190,17 @@ def test_cuda_kernel_matches_emulation():
     y = fp8._scaled_mm(xq, wq.transpose(-2, -1), xs, ws, offs)
     ref = fp8._emulated_scaled_grouped_mm(xq, wq.transpose(-2, -1), xs, ws, offs)
     assert _rel(y, ref) < 1e-2
+
+
+def test_weight_cache_forgets_freed_weights():
+    """A cached weight that is freed leaves no entry behind, and a new weight (possibly at the same address, with the
+    same shape and version) gets its own quantization."""
+    cache = FP8WeightCache("all")
+    first = (torch.randn(2, 16, 32) * 0.1).bfloat16()
+    cache.get(first, "nk")
+    assert cache.nbytes() > 0
+    del first
+    assert cache.nbytes() == 0  # the entry went with its weight
+    second = torch.full((2, 16, 32), 0.5).bfloat16()
+    q, s = cache.get(second, "nk")
+    torch.testing.assert_close((q.float() * s[..., None]), second.float())
