@@ -482,21 +482,20 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
 
 # ---------------------------------------------------------------------------------------------- orchestration
 def default_plan(full_layers, fft_layers):
-    """Most informative first (results are appended to results.jsonl as they come)."""
-    plan = [{"job": "check"}, {"job": "experts"}]
-    # the fused kernels' effect on the whole model, side by side (every other model job uses "auto")
-    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "fusions": "none"})
-    # packed SFT batches as the trainer feeds them: per-document causal masks (SDPA with a dense boolean mask)
-    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "doc_len": 512})
-    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers, "doc_len": 512,
-                 "fusions": ["swiglu", "rope", "flex_attention"]})  # the opt-in FlexAttention on the same batch
-    for mode in ("esft", "fft"):
-        plan.append({"job": "model", "mode": mode, "backend": "bf16", "layers": fft_layers, "cache": "none"})
-    plan.append({"job": "model", "mode": "esft", "backend": "bf16", "layers": full_layers, "cache": "none"})
-    for mode in ("esft", "fft"):
-        plan.append({"job": "model", "mode": mode, "backend": "fp8", "layers": fft_layers, "cache": "frozen"})
-    plan.append({"job": "model", "mode": "esft", "backend": "fp8", "layers": full_layers, "cache": "none"})
-    return plan
+    """Most informative first (results are appended to results.jsonl as they come); the pairs compared with each
+    other sit next to each other, so `--part K/3` slices keep them in one command."""
+    esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
+    return [
+        {"job": "check"}, {"job": "experts"},
+        # the fused kernels' effect on the whole model: "auto" (the default) next to eager ("none")
+        dict(esft_small), dict(esft_small, fusions="none"),
+        dict(esft_small, mode="fft"),
+        # packed SFT batches as the trainer feeds them (per-document causal masks), SDPA and then FlexAttention
+        dict(esft_small, doc_len=512), dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"]),
+        dict(esft_small, layers=full_layers),
+        dict(esft_small, backend="fp8", cache="frozen"), dict(esft_small, mode="fft", backend="fp8", cache="frozen"),
+        dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
+    ]
 
 
 def run_job(args, job):
@@ -562,6 +561,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables to the jobs' stderr")
     p.add_argument("--plan", default=None, help="JSON list of jobs (overrides the default plan)")
+    p.add_argument("--part", default="1/1", help="K/N: run the K-th of N equal slices of the (filtered) plan, to fit "
+                                                 "a time limit per command (e.g. the device's 10 minutes)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.jsonl")
     p.add_argument("--timeout", type=int, default=240, help="seconds per job")
@@ -580,7 +581,12 @@ def main(argv=None):
               "--recompute", args.recompute, "--warmup", str(args.warmup), "--iters", str(args.iters)]
     common += ["--tiny"] if args.tiny else []
     common += ["--profile"] if args.profile else []
-    for job in (j for j in plan if j["job"] in kinds):
+    jobs = [j for j in plan if j["job"] in kinds]
+    part, parts = (int(x) for x in args.part.split("/"))
+    if not 1 <= part <= parts:
+        p.error(f"--part {args.part}: K must be in 1..N")
+    size = -(-len(jobs) // parts)
+    for job in jobs[(part - 1) * size: part * size]:
         cmd = [sys.executable, os.path.abspath(__file__), *common, "--job", json.dumps(job)]
         t0 = time.perf_counter()
         try:
