@@ -19,13 +19,14 @@ Why this split:
   passed to the kernel as float32 reciprocals. Rows that are all zero get scale 1 (exact zeros).
 
 Weights are quantized in two physical layouts (FP8 tensor-core GEMMs need both operands K-major): [G, N, K] for the
-forward and [G, K, N] for dgrad. `FP8WeightCache` keeps them while the weight is unchanged (key: storage pointer and
-autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"` caches only frozen weights
+forward and [G, K, N] for dgrad. `FP8WeightCache` keeps them while the weight is unchanged (key: the weight object,
+weakly referenced, and its autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"` caches only frozen weights
 (2 bytes per frozen parameter: the same as their bf16 copy), `"all"` every weight, `"none"` re-quantizes every call.
 
 On CPU (no `_scaled_grouped_mm` kernel) the scaled GEMM is emulated exactly from the same e4m3 values and scales in
 float32 — for the CPU tests of the quantization and autograd plumbing only; the real kernel is checked on the GPU by
-bench/gpu_esft.py --check.
+bench/gpu_esft.py's `check` job and the GPU-only tests. The expert MLP with plain SwiGLU does not chain two of these
+GEMMs: experts/fp8_swiglu.py fuses the activation's quantization into the SwiGLU kernels.
 """
 
 from __future__ import annotations

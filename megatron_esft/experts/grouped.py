@@ -10,7 +10,9 @@ The local experts of a layer live in two groups, each stored as stacked nn.Linea
 
 Forward contract is SequentialMLP's: `(permuted_local_hidden_states [T, H], tokens_per_expert [E_local],
 permuted_probs [T]) -> (output [T, H], None)`, rows sorted by local expert. Probabilities are applied after the
-activation (or on the input with `moe_apply_probs_on_input`), exactly as MLP.forward does with `per_token_scale`.
+activation (or on the input with `moe_apply_probs_on_input`), exactly as MLP.forward does with `per_token_scale`;
+with `bias_activation_fusion` through the same fused kernel MLP.forward uses (`weighted_bias_swiglu_impl`), and with
+the FP8 backend through experts/fp8_swiglu.py (quantization fused into the SwiGLU kernels).
 Checkpoint layout: see checkpoint.py. Expert tensor parallelism must be 1 (the model provider sets it).
 """
 
