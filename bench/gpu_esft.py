@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, profile_kernels  # noqa: E402 (bench/ is on sys.path)
 
 V2_LITE = {
     "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -53,52 +53,8 @@ TRAINABLE_PER_LAYER = 6
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class Timer:
-    """CUDA events on GPU (perf_counter on CPU); `median_ms` of the recorded intervals."""
-
-    def __init__(self):
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        self.spans = []
-
-    def __enter__(self):
-        import torch
-
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.spans.append(self.start.elapsed_time(self.end))
-        else:
-            self.spans.append(1e3 * (time.perf_counter() - self.t0))
-
-    def median_ms(self):
-        return statistics.median(self.spans)
-
-
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _peak_gib():
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def _init(seed=1):
@@ -213,7 +169,7 @@ def run_experts(args, raw):
         timer = Timer()
         for it in range(args.warmup + args.iters):
             xi = x.detach().requires_grad_(True)
-            with (timer if it >= args.warmup else _NullCtx()):
+            with (timer if it >= args.warmup else NullCtx()):
                 out, _ = layer(xi, counts, probs)
                 out.backward(dy)
         if args.profile:
@@ -221,7 +177,7 @@ def run_experts(args, raw):
                 xi = x.detach().requires_grad_(True)
                 out, _ = layer(xi, counts, probs)
                 out.backward(dy)
-            _profile(f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else ""), step)
+            profile_kernels(f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else ""), step)
         per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
         trainable_rows = int(sum(counts[j] for j in ids))
         flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
@@ -233,91 +189,7 @@ def run_experts(args, raw):
     return rows
 
 
-# (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
-_KERNEL_KINDS = [
-    ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),
-    ("grouped GEMM", r"grouped"),
-    ("attention", r"flash|fmha|attention|cudnn|sdpa"),
-    ("dense GEMM", r"gemm|nvjet|cutlass|xmma|aten::(mm|addmm|bmm|matmul)$"),
-    ("fused (Triton / compiled)", r"^triton|fused|compiled"),
-    ("permutation / indexing", r"index|scatter|gather|sort|masked|nonzero|unique|repeat_interleave"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("copies / cat / fill", r"copy|cat|memcpy|memset|fill|zero"),
-    ("reductions / norms / softmax", r"reduce|norm|softmax|sum|mean|max|amax"),
-    ("elementwise", r"elementwise|vectorized|pointwise|mul|add|silu|sigmoid|exp|div|sub|neg|pow|rsqrt|where|clamp"),
-]
-
-
-def kernel_time_by_kind(averages, cuda: bool):
-    """[(kind, ms, share)] of the self device time of GPU kernels (self CPU time of aten ops on CPU), plus the
-    five biggest unclassified names (to refine the patterns)."""
-    import re
-
-    totals, other = {}, {}
-    for event in averages:
-        ms = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e3
-        if ms <= 0 or (not cuda and not event.key.startswith("aten::")):
-            continue
-        kind = next((k for k, pattern in _KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
-        totals[kind] = totals.get(kind, 0.0) + ms
-        if kind == "other":
-            other[event.key] = other.get(event.key, 0.0) + ms
-    whole = sum(totals.values()) or 1.0
-    rows = sorted(((k, ms, ms / whole) for k, ms in totals.items()), key=lambda r: -r[1])
-    return rows, sorted(other.items(), key=lambda kv: -kv[1])[:5]
-
-
-def _profile(label, fn, steps=2):
-    """torch.profiler table of the GPU kernels of `steps` calls of fn, and their time by kind (--profile)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            fn()
-        _sync()
-    averages = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-        try:
-            table = averages.table(sort_by=key, row_limit=22, max_name_column_width=70)
-            break
-        except (AttributeError, KeyError, ValueError, RuntimeError):
-            continue
-    kinds, other = kernel_time_by_kind(averages, cuda)
-    lines = [f"| {'GPU kernels' if cuda else 'CPU aten ops'} by kind | ms | share |", "|---|---|---|"]
-    lines += [f"| {kind} | {ms:.2f} | {share:.1%} |" for kind, ms, share in kinds]
-    lines.append("largest unclassified: " + ", ".join(f"{name} ({ms:.2f} ms)" for name, ms in other))
-    print(f"PROFILE {label} ({steps} steps)\n{table}\n" + "\n".join(lines), file=sys.stderr, flush=True)
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------------------------- model timing
-def _fingerprint(params):
-    """Exact integer hash of the bits of each parameter (chunked by first dim to bound the temporaries)."""
-    import torch
-
-    out = []
-    for p in params:
-        bits = p.detach().view(-1).view(torch.int16) if p.dtype == torch.bfloat16 else p.detach().view(-1).view(torch.int32)
-        acc = torch.zeros((), dtype=torch.int64, device=p.device)
-        step = 1 << 24
-        for s in range(0, bits.numel(), step):
-            chunk = bits[s:s + step].to(torch.int64)
-            pos = torch.arange(s, s + chunk.numel(), device=p.device, dtype=torch.int64) % 1000003 + 1
-            acc += (chunk * pos).sum() + (chunk ^ pos).sum()
-        out.append(acc)
-    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.int64)
-
-
 def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
     """Useful FLOPs of one training step (see the module docstring). rows[layer_number] = (routed, trainable);
     attended_pairs: (query, key) pairs one sequence attends (default causal s(s+1)/2; per document when packed)."""
@@ -422,7 +294,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         use_distributed_optimizer=True, clip_grad=1.0), [ddp])
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trained = [p for p in model.parameters() if p.requires_grad]
-    before_frozen, before_trained = _fingerprint(frozen), _fingerprint(trained)
+    before_frozen, before_trained = fingerprint(frozen), fingerprint(trained)
     n_trainable = sum(p.numel() for p in trained)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(9)
@@ -447,7 +319,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         if it == args.warmup:
             rows.clear()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        with (timer if it >= args.warmup else _NullCtx()):
+        with (timer if it >= args.warmup else NullCtx()):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
@@ -458,7 +330,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp.finish_grad_sync()
             optimizer.step()
         losses.append(loss.item())
-    peak = _peak_gib()
+    peak = peak_gib()
     if args.profile:
         def step():
             ddp.zero_grad_buffer()
@@ -466,10 +338,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp(tokens, position_ids, attention_mask, labels=labels).float().mean().backward()
             ddp.finish_grad_sync()
             optimizer.step()
-        _profile(f"model {mode} {backend} {layers}L", step, steps=1)
+        profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
     flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
                                                                     for k, (r, t) in rows.items()}, pairs)
-    after_frozen, after_trained = _fingerprint(frozen), _fingerprint(trained)
+    after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
              "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len, "ms": ms,

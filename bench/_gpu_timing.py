@@ -1,0 +1,135 @@
+"""Timing, profiling and fingerprint helpers of bench/gpu_esft.py (CUDA events on a GPU, perf_counter on CPU)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """CUDA events on GPU (perf_counter on CPU); `median_ms` of the recorded intervals."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.spans = []
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.spans.append(self.start.elapsed_time(self.end))
+        else:
+            self.spans.append(1e3 * (time.perf_counter() - self.t0))
+
+    def median_ms(self):
+        return statistics.median(self.spans)
+
+
+def peak_gib():
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+# (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
+_KERNEL_KINDS = [
+    ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),
+    ("grouped GEMM", r"grouped"),
+    ("attention", r"flash|fmha|attention|cudnn|sdpa"),
+    ("dense GEMM", r"gemm|nvjet|cutlass|xmma|aten::(mm|addmm|bmm|matmul)$"),
+    ("fused (Triton / compiled)", r"^triton|fused|compiled"),
+    ("permutation / indexing", r"index|scatter|gather|sort|masked|nonzero|unique|repeat_interleave"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copies / cat / fill", r"copy|cat|memcpy|memset|fill|zero"),
+    ("reductions / norms / softmax", r"reduce|norm|softmax|sum|mean|max|amax"),
+    ("elementwise", r"elementwise|vectorized|pointwise|mul|add|silu|sigmoid|exp|div|sub|neg|pow|rsqrt|where|clamp"),
+]
+
+
+def kernel_time_by_kind(averages, cuda: bool):
+    """[(kind, ms, share)] of the self device time of GPU kernels (self CPU time of aten ops on CPU), plus the
+    five biggest unclassified names (to refine the patterns)."""
+    import re
+
+    totals, other = {}, {}
+    for event in averages:
+        ms = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e3
+        if ms <= 0 or (not cuda and not event.key.startswith("aten::")):
+            continue
+        kind = next((k for k, pattern in _KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
+        totals[kind] = totals.get(kind, 0.0) + ms
+        if kind == "other":
+            other[event.key] = other.get(event.key, 0.0) + ms
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(((k, ms, ms / whole) for k, ms in totals.items()), key=lambda r: -r[1])
+    return rows, sorted(other.items(), key=lambda kv: -kv[1])[:5]
+
+
+def profile_kernels(label, fn, steps=2):
+    """torch.profiler table of the GPU kernels of `steps` calls of fn, and their time by kind (--profile)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = averages.table(sort_by=key, row_limit=22, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
+    kinds, other = kernel_time_by_kind(averages, cuda)
+    lines = [f"| {'GPU kernels' if cuda else 'CPU aten ops'} by kind | ms | share |", "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.2f} | {share:.1%} |" for kind, ms, share in kinds]
+    lines.append("largest unclassified: " + ", ".join(f"{name} ({ms:.2f} ms)" for name, ms in other))
+    print(f"PROFILE {label} ({steps} steps)\n{table}\n" + "\n".join(lines), file=sys.stderr, flush=True)
+
+
+class NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fingerprint(params):
+    """Exact integer hash of the bits of each parameter (chunked by first dim to bound the temporaries)."""
+    import torch
+
+    out = []
+    for p in params:
+        bits = p.detach().view(-1).view(torch.int16) if p.dtype == torch.bfloat16 else p.detach().view(-1).view(torch.int32)
+        acc = torch.zeros((), dtype=torch.int64, device=p.device)
+        step = 1 << 24
+        for s in range(0, bits.numel(), step):
+            chunk = bits[s:s + step].to(torch.int64)
+            pos = torch.arange(s, s + chunk.numel(), device=p.device, dtype=torch.int64) % 1000003 + 1
+            acc += (chunk * pos).sum() + (chunk ^ pos).sum()
+        out.append(acc)
+    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.int64)
