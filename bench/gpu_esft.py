@@ -8,8 +8,9 @@ experts of ffn 1408, top-6, vocab 102400; layer 0 dense) with random weights, bu
 (Megatron-Core GPTModel, local spec + torch SDPA attention: no Transformer Engine on the machine) with the
 frozen-aware grouped experts. ESFT trains 6 of 64 routed experts per MoE layer (random ids, ~10 %), everything else
 frozen via `esft.freeze.apply_finetune_mode` (the trainer's own code); full fine-tuning (FFT) trains everything.
-Optimizer: Megatron-Core DDP (fp32 grad buffers) + distributed optimizer (Adam, fp32 main weights and states),
-i.e. bf16 weights for everything and 16 extra bytes per *trainable* parameter.
+Optimizer: Megatron-Core DDP (fp32 grad buffers) + distributed optimizer (Adam, fp32 main weights and states; torch's
+fused AdamW kernel as in the trainer, except for `"fusions": "none"` jobs), i.e. bf16 weights for everything and 16
+extra bytes per *trainable* parameter.
 
 Each configuration runs in its own process (clean peak memory, an OOM is reported, not fatal): `--warmup` steps,
 then `--iters` steps timed with CUDA events (median). Reported: time/iteration, tokens/s, model TFLOP/s and peak
@@ -292,6 +293,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=1e-4, weight_decay=0.0, bf16=True, params_dtype=torch.bfloat16,
         use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+    if fusions != "none":  # the trainer's default: torch's fused AdamW (training/setup.use_fused_adam)
+        from megatron_esft.training.setup import use_fused_adam
+
+        use_fused_adam(optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trained = [p for p in model.parameters() if p.requires_grad]
     before_frozen, before_trained = fingerprint(frozen), fingerprint(trained)

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
+                   help="torch's multi-tensor AdamW instead of its fused kernel (the default, as Megatron-LM's "
+                        "apex/TE FusedAdam)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("model and parallelism")

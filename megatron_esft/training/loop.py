@@ -203,6 +203,8 @@ def pretrain(argv=None) -> int:
         same_world = meta.get("world_size") == dist.get_world_size()
         ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world,
                                     step=int(meta["optimizer_step"]))
+        if args.fused_adam:
+            setup.use_fused_adam(optimizer)  # the loaded param groups carry the checkpoint's flags
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
         scheduler.load_state_dict(state["scheduler"])

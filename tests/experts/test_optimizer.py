@@ -132,3 +132,32 @@ def _adam_state(optimizer):
 
 def _same_state(a, b):
     return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_fused_adamw_matches_foreach_adamw(mcore, monkeypatch):
+    """training/setup.use_fused_adam switches Megatron's torch AdamW to torch's fused kernel: the kernel runs, and
+    3 steps land on the multi-tensor ("foreach") AdamW's weights (same update; float rounding only)."""
+    from megatron_esft.training.setup import use_fused_adam
+
+    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1])
+    torch.manual_seed(0)
+    foreach_model, fused_model = build_model(config, grouped=True), build_model(config, grouped=True)
+    fused_model.load_state_dict(foreach_model.state_dict())
+    runs = []
+    for model, fused in ((foreach_model, False), (fused_model, True)):
+        freeze_grouped(model, TRAINABLE)
+        ddp, optimizer = _train_setup(model, config, use_distributed_optimizer=True)
+        if fused:
+            assert use_fused_adam(optimizer) >= 1
+        calls = []
+        original = torch._fused_adamw_
+        monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or original(*a, **k))
+        for step in range(3):
+            _step(ddp, optimizer, batch(seed=step))
+        monkeypatch.setattr(torch, "_fused_adamw_", original)
+        assert bool(calls) == fused
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    foreach_weights, fused_weights = runs
+    assert foreach_weights.keys() == fused_weights.keys() and foreach_weights
+    for name, w in foreach_weights.items():
+        torch.testing.assert_close(fused_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
