@@ -34,20 +34,20 @@ def apply(patched: list[str]) -> None:
     # finalize_model_grads all-reduces their gradients over TP exactly as for the TE/apex norms.
     from megatron.core.transformer import torch_norm
 
-    original_new = torch_norm.WrappedTorchNorm.__new__
-
-    def wrapped_torch_norm_new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
-        sequence_parallel = config.sequence_parallel
-        config.sequence_parallel = False
-        try:
-            norm = original_new(cls, config, hidden_size, eps, *args, **kwargs)
-        finally:
-            config.sequence_parallel = sequence_parallel
-        for param in norm.parameters():
-            param.sequence_parallel = sequence_parallel
-        return norm
-
     if not getattr(torch_norm.WrappedTorchNorm, "_esft_sequence_parallel", False):
+        original_new = torch_norm.WrappedTorchNorm.__new__
+
+        def wrapped_torch_norm_new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+            sequence_parallel = config.sequence_parallel
+            config.sequence_parallel = False
+            try:
+                norm = original_new(cls, config, hidden_size, eps, *args, **kwargs)
+            finally:
+                config.sequence_parallel = sequence_parallel
+            for param in norm.parameters():
+                param.sequence_parallel = sequence_parallel
+            return norm
+
         torch_norm.WrappedTorchNorm.__new__ = staticmethod(wrapped_torch_norm_new)
         torch_norm.WrappedTorchNorm._esft_sequence_parallel = True
         patched.append("WrappedTorchNorm.__new__ (sequence-parallel norms)")

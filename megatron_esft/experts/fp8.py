@@ -20,8 +20,9 @@ Why this split:
 
 Weights are quantized in two physical layouts (FP8 tensor-core GEMMs need both operands K-major): [G, N, K] for the
 forward and [G, K, N] for dgrad. `FP8WeightCache` keeps them while the weight is unchanged (key: the weight object,
-weakly referenced, and its autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"` caches only frozen weights
-(2 bytes per frozen parameter: the same as their bf16 copy), `"all"` every weight, `"none"` re-quantizes every call.
+weakly referenced, and its autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"`
+caches only frozen weights (2 bytes per frozen parameter: the same as their bf16 copy), `"all"` every weight, `"none"`
+re-quantizes every call.
 
 On CPU (no `_scaled_grouped_mm` kernel) the scaled GEMM is emulated exactly from the same e4m3 values and scales in
 float32 — for the CPU tests of the quantization and autograd plumbing only; the real kernel is checked on the GPU by

@@ -27,6 +27,7 @@ import torch
 
 FUSIONS = ("swiglu", "rope", "flex_attention")
 AUTO = ("swiglu", "rope")  # what "auto" may pick (flex_attention is opt-in until measured on a GPU)
+CONFIG_FIELDS = {"swiglu": "bias_activation_fusion", "rope": "apply_rope_fusion"}  # Megatron's switches
 
 
 def _triton_available() -> bool:
@@ -70,16 +71,14 @@ def resolve(requested: str | Iterable[str] | None, cfg) -> tuple[str, ...]:
 def config_fields(fusions: Iterable[str]) -> dict:
     """TransformerConfig fields for the resolved `fusions` (every field is set, so "no fusion" is explicit)."""
     fusions = set(fusions)
-    return dict(bias_activation_fusion="swiglu" in fusions, apply_rope_fusion="rope" in fusions)
+    return {field: name in fusions for name, field in CONFIG_FIELDS.items()}
 
 
 def describe(model) -> str:
     """One log line: which fusions a built model uses."""
     from megatron_esft.models.attention import TorchFlexCoreAttention
 
-    config = model.config
-    on = [name for name, field in (("swiglu", "bias_activation_fusion"), ("rope", "apply_rope_fusion"))
-          if getattr(config, field, False)]
+    on = [name for name, field in CONFIG_FIELDS.items() if getattr(model.config, field, False)]
     if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
         on.append("flex_attention")
     return "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")

@@ -51,10 +51,10 @@ def transformer_config(
     parallel: ParallelConfig = ParallelConfig(),
     *,
     params_dtype: torch.dtype = torch.float32,
-    fusions=None,
+    fusions: tuple[str, ...] = (),
     **overrides,
 ):
-    """The (MLA)TransformerConfig for `cfg`. `fusions`: see models/fusions.resolve ("auto", names or None).
+    """The (MLA)TransformerConfig for `cfg`. `fusions`: names already resolved by models/fusions.resolve.
     `overrides` are TransformerConfig fields (recompute, aux loss, ...)."""
     from megatron_esft.models import fusions as fusion_registry
 
@@ -105,7 +105,7 @@ def transformer_config(
         moe_router_score_function=cfg.score_function,
         moe_permute_fusion=False,
     )
-    fields.update(fusion_registry.config_fields(fusion_registry.resolve(fusions, cfg)))  # flex: block_spec
+    fields.update(fusion_registry.config_fields(fusions))  # flex_attention is a core-attention class: block_spec
     if cfg.score_function == "softmax":
         # V2 / DeepSeekMoE: softmax over all experts, then top-k; DeepSeekV2TopK handles groups and renormalization.
         fields.update(

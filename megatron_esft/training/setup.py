@@ -117,9 +117,11 @@ def use_fused_adam(optimizer) -> int:
     group, so it is set there. Call it again after loading optimizer state: the loaded groups carry the checkpoint's
     flags, and Megatron restores the per-parameter `step` as a CPU tensor, which the fused kernel wants on the
     parameter's device. Returns how many torch optimizers were switched."""
+    from megatron_esft.checkpoint.training_state import live_optimizers
+
     switched = 0
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
+    for live in live_optimizers(optimizer):
+        inner = live.optimizer
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
