@@ -20,14 +20,13 @@ def _experts_class(backend: str):
     raise ValueError(f"unknown experts backend {backend!r} (torch, te)")
 
 
-def _swap_in_layer(layer_spec: ModuleSpec, experts_cls) -> bool:
-    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
-    if not isinstance(mlp, ModuleSpec) or not (isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer)):
-        return False
-    experts = mlp.submodules.experts
-    submodules = experts.submodules if isinstance(experts, ModuleSpec) else None
-    mlp.submodules.experts = ModuleSpec(module=experts_cls, submodules=submodules)
-    return True
+def _moe_mlp_specs(spec):
+    """The MLP ModuleSpecs of the MoE layers in a layer spec (ModuleSpec) or block spec (TransformerBlockSubmodules)."""
+    layer_specs = getattr(spec, "layer_specs", None)
+    for layer_spec in layer_specs if layer_specs is not None else [spec]:
+        mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
+        if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer):
+            yield mlp
 
 
 def use_grouped_experts(spec, backend: str = "torch"):
@@ -36,12 +35,25 @@ def use_grouped_experts(spec, backend: str = "torch"):
     "te" (Transformer Engine GroupedLinear) is reserved and not implemented yet."""
     experts_cls = _experts_class(backend)
     spec = copy.deepcopy(spec)
-    layer_specs = getattr(spec, "layer_specs", None)
-    swapped = sum(_swap_in_layer(s, experts_cls) for s in layer_specs) if layer_specs is not None else int(
-        _swap_in_layer(spec, experts_cls)
-    )
-    if not swapped:
+    mlps = list(_moe_mlp_specs(spec))
+    if not mlps:
         raise ValueError("use_grouped_experts: the spec has no MoE layer")
+    for mlp in mlps:
+        experts = mlp.submodules.experts
+        submodules = experts.submodules if isinstance(experts, ModuleSpec) else None
+        mlp.submodules.experts = ModuleSpec(module=experts_cls, submodules=submodules)
+    return spec
+
+
+def use_gather_permutation(spec):
+    """Return a copy of a layer or block spec whose MoE layers dispatch tokens with the atomic-free, sync-free
+    permutation of experts/permutation.py (Megatron's own is still one `set_moe_permutation` call away)."""
+    from megatron_esft.experts.permutation import GatherPermutationMoELayer
+
+    spec = copy.deepcopy(spec)
+    for mlp in _moe_mlp_specs(spec):
+        if mlp.module is MoELayer:
+            mlp.module = GatherPermutationMoELayer
     return spec
 
 

@@ -75,10 +75,14 @@ def config_fields(fusions: Iterable[str]) -> dict:
 
 
 def describe(model) -> str:
-    """One log line: which fusions a built model uses."""
+    """One log line: which fusions a built model uses (and, for MoE models, which token permutation)."""
     from megatron_esft.models.attention import TorchFlexCoreAttention
 
     on = [name for name, field in CONFIG_FIELDS.items() if getattr(model.config, field, False)]
     if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
         on.append("flex_attention")
-    return "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")
+    line = "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")
+    dispatchers = [m.token_dispatcher for m in model.modules() if getattr(m, "token_dispatcher", None) is not None]
+    if dispatchers:  # MoE models: which token permutation (experts/permutation.py)
+        line += f"; MoE token permutation: {getattr(dispatchers[0], 'permutation', 'megatron')}"
+    return line

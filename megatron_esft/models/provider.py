@@ -153,7 +153,8 @@ def transformer_config(
 def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None,
                flex_attention: bool = False):
     """Decoder block spec for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`.
-    `flex_attention`: packed-document attention through FlexAttention (local spec only, models/attention.py)."""
+    `flex_attention`: packed-document attention through FlexAttention (local spec only, models/attention.py). MoE
+    layers dispatch with the gather permutation (experts/permutation.py; switchable after the build)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if experts not in EXPERT_IMPLS:
@@ -169,11 +170,11 @@ def block_spec(config, *, experts: str = "sequential", use_te: bool | None = Non
         core_attention = TorchFlexCoreAttention if flex_attention else TorchSDPACoreAttention
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = core_attention
-    if experts == "grouped":
-        from megatron_esft.experts.spec import use_grouped_experts
+    from megatron_esft.experts.spec import use_gather_permutation, use_grouped_experts
 
+    if experts == "grouped":
         spec = use_grouped_experts(spec)
-    return spec
+    return use_gather_permutation(spec)
 
 
 def _attach_v2_topk(model, cfg: DeepSeekConfig) -> None:
@@ -204,11 +205,13 @@ def build_model(
     meta_device: bool = False,
     config_overrides: dict | None = None,
     fusions=None,
+    moe_permutation: str = "gather",
 ):
     """The GPTModel of this rank's pipeline stage (parallel state must be initialized, see megatron_esft.parallel).
 
     `meta_device=True` builds shapes only (no memory), which is how the converters get the sharded-state-dict layout
-    of a model too large to materialize.
+    of a model too large to materialize. `moe_permutation`: "gather" (experts/permutation.py: no atomics, no host
+    sync) or "megatron" (Megatron-Core's unfused permute/unpermute).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -248,6 +251,9 @@ def build_model(
         )
     _attach_v2_topk(model, cfg)
     _norms_to_params_dtype(model, params_dtype)
+    from megatron_esft.experts.permutation import set_moe_permutation
+
+    set_moe_permutation(model, moe_permutation)
     if not meta_device and torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

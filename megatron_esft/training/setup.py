@@ -56,7 +56,7 @@ def build_trainable_model(args, cfg: DeepSeekConfig, parallel: ParallelConfig):
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32
     return build_model(cfg, parallel, params_dtype=params_dtype, experts=args.experts_impl,
                        config_overrides=config_overrides(args, cfg, params_dtype),
-                       fusions=training_fusions(args, cfg))
+                       fusions=training_fusions(args, cfg), moe_permutation=args.moe_permutation)
 
 
 def mark_routed_experts_expert_parallel(model) -> None:

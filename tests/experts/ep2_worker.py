@@ -27,7 +27,8 @@ def main(ref_dir, out_dir):
 
     models = {}
     for grouped in (False, True):
-        model = build_model(config, grouped=grouped)
+        # the grouped model also dispatches with the gather permutation, checked against Megatron's at EP=2 and EP=1
+        model = build_model(config, grouped=grouped, gather_permutation=grouped)
         sharded = model.sharded_state_dict()
         model.load_state_dict(dist_checkpointing.load(sharded, os.path.join(ref_dir, "ckpt")), strict=True)
         local = {layer: [g - 4 * rank for g in ids if g // 4 == rank] for layer, ids in TRAINABLE_GLOBAL.items()}

@@ -23,13 +23,14 @@ def tiny_config(**overrides):
     return TransformerConfig(**fields)
 
 
-def build_model(config, grouped: bool, vocab: int = 64, seq: int = 16):
+def build_model(config, grouped: bool, vocab: int = 64, seq: int = 16, gather_permutation: bool = False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from megatron_esft.experts import use_grouped_experts
+    from megatron_esft.experts.spec import use_gather_permutation
 
     # Megatron's aux-loss tracker is process-global and sized by the first model's num_layers: reset it, so models
     # with more layers can be built later in the same pytest process.
@@ -37,6 +38,8 @@ def build_model(config, grouped: bool, vocab: int = 64, seq: int = 16):
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     if grouped:
         spec = use_grouped_experts(spec)
+    if gather_permutation:  # otherwise Megatron-Core's own MoELayer, dispatcher and permutation (the reference)
+        spec = use_gather_permutation(spec)
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
                     position_embedding_type="rope")
 

@@ -53,3 +53,24 @@ def test_flex_attention_is_opt_in_and_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _fusions("--flex-attention") == ("swiglu", "rope", "flex_attention")
     assert "flex_attention" not in _fusions()
+
+
+def test_moe_permutation_flag_reaches_the_model():
+    """--moe-permutation picks the dispatcher's permutation of every MoE layer; the trainer logs it."""
+    from megatron_esft.models.fusions import describe
+    from megatron_esft.parallel import ParallelConfig, initialize
+    from megatron_esft.training.setup import build_trainable_model
+
+    initialize(ParallelConfig(), seed=1)
+    cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2")))
+    for flags, expected in (([], "gather"), (["--moe-permutation", "megatron"], "megatron")):
+        args = build_parser().parse_args(REQUIRED + flags)
+        model = build_trainable_model(args, cfg, ParallelConfig())
+        permutations = {layer.mlp.token_dispatcher.permutation for layer in model.decoder.layers
+                        if hasattr(layer.mlp, "token_dispatcher")}
+        assert permutations == {expected}
+        assert describe(model).endswith(f"MoE token permutation: {expected}")
+    from megatron_esft.errors import UserError
+
+    with pytest.raises(UserError, match="--moe-permutation: invalid choice: 'fast'"):
+        build_parser().parse_args(REQUIRED + ["--moe-permutation", "fast"])

@@ -1,0 +1,188 @@
+"""Token permutation for dropless top-k routing without atomics or host syncs (what TE's `moe_permute_fusion` gives
+Megatron-LM, which needs Transformer Engine).
+
+Megatron-Core's unfused `permute` / `unpermute` (moe_utils.py) find the permuted rows with `masked_select` (a host
+sync: its output size is data-dependent), scatter the rows back with an atomic `scatter_add_` in the activation
+dtype (on a GPU, one bf16 rounding per expert a token visited) and take the permutation's gradient with index_select's atomic
+`index_add`. With dropless top-k routing every token has exactly k rows, so the whole mapping is static in size:
+
+* `topk_permutation(routing_map, k)` computes, on the device, which token each permuted row holds (`token_of_row`,
+  rows by expert and then by token: Megatron's order) and the inverse, which row each (token, j-th expert) pair went
+  to (`row_of_pair`).
+* Permuting is the gather `tokens[token_of_row]`; un-permuting is the gather `rows[row_of_pair]` viewed as
+  [T, k, H] and summed over k (fp32 accumulation, one rounding). Each is the other's backward, so forward and
+  backward are gathers: deterministic, no atomics, no host sync.
+
+`GatherPermutationAlltoAllDispatcher` is Megatron's alltoall dispatcher with these two steps swapped in, and with the
+second permutation (sorting the received chunks by local expert) skipped when there is a single chunk per expert
+(EP = expert-TP = 1: the sort is the identity, but Megatron runs it as a split into E chunks and a `cat`, a full copy
+of the rows in forward and backward, twice per layer). It falls back to Megatron's own code for token dropping,
+padding for quantization, TE's fused permutation, or `moe_permutation = "megatron"`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+PERMUTATIONS = ("gather", "megatron")
+
+
+def topk_permutation(routing_map: torch.Tensor, topk: int):
+    """(token_of_row [T*k], expert_of_row [T*k], row_of_pair [T*k]) for a [T, E] bool routing map with exactly `topk`
+    experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
+    pair p = t * k + j is token t's j-th expert in ascending expert order."""
+    num_tokens = routing_map.shape[0]
+    # argsort rather than nonzero/masked_select: a static output size, so no host sync (Megatron's drop-and-pad path
+    # uses the same call); stable, so a token's k experts come in ascending order
+    experts = routing_map.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :topk]
+    tokens = torch.arange(num_tokens, device=routing_map.device)
+    sorted_keys, order = (experts * num_tokens + tokens.unsqueeze(1)).view(-1).sort()
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return sorted_keys % num_tokens, sorted_keys // num_tokens, row_of_pair
+
+
+def _gather_rows(tokens, token_of_row):
+    return tokens.index_select(0, token_of_row)
+
+
+def _sum_pairs(rows, row_of_pair, topk):
+    pairs = rows.index_select(0, row_of_pair)
+    return pairs.view(-1, topk, rows.shape[-1]).sum(dim=1)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """tokens [T, H] -> rows [T*k, H]; backward: each token's k row gradients gathered and summed."""
+
+    @staticmethod
+    def forward(ctx, tokens, token_of_row, row_of_pair, topk):
+        ctx.save_for_backward(row_of_pair)
+        ctx.topk = topk
+        return _gather_rows(tokens, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_of_pair,) = ctx.saved_tensors
+        return _sum_pairs(grad_rows, row_of_pair, ctx.topk), None, None, None
+
+
+class _UnpermuteTokens(torch.autograd.Function):
+    """rows [T*k, H] -> tokens [T, H] (each token's k rows summed); backward: the gather of _PermuteTokens."""
+
+    @staticmethod
+    def forward(ctx, rows, token_of_row, row_of_pair, topk):
+        ctx.save_for_backward(token_of_row)
+        return _sum_pairs(rows, row_of_pair, topk)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        (token_of_row,) = ctx.saved_tensors
+        return _gather_rows(grad_tokens, token_of_row), None, None, None
+
+
+def permute_tokens(tokens, probs, routing_map, topk):
+    """Drop-in for Megatron's `permute(tokens, routing_map, probs=probs)` under dropless top-k routing: returns
+    (permuted tokens, permuted probs, the mapping `unpermute_tokens` takes)."""
+    token_of_row, expert_of_row, row_of_pair = topk_permutation(routing_map, topk)
+    rows = _PermuteTokens.apply(tokens, token_of_row, row_of_pair, topk)
+    # T*k scalars: index_select's atomic backward is negligible here
+    permuted_probs = probs.reshape(-1).index_select(0, token_of_row * probs.shape[1] + expert_of_row)
+    return rows, permuted_probs, (token_of_row, row_of_pair, topk)
+
+
+def unpermute_tokens(rows, mapping):
+    """Drop-in for Megatron's `unpermute(rows, sorted_indices, restore_shape)` (no probs: the experts applied them)."""
+    token_of_row, row_of_pair, topk = mapping
+    return _UnpermuteTokens.apply(rows, token_of_row, row_of_pair, topk)
+
+
+class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """Megatron-Core's alltoall token dispatcher with the atomic-free, sync-free permutation (module docstring).
+    `permutation` ("gather" or "megatron") can be switched at any time between forward passes."""
+
+    permutation = "gather"
+
+    def _gather_applies(self) -> bool:
+        config = self.config
+        return (self.permutation == "gather" and not self.drop_and_pad and config.moe_expert_capacity_factor is None
+                and not config.moe_router_padding_for_quantization and not config.moe_permute_fusion)
+
+    def _single_chunk_per_expert(self) -> bool:
+        return self._gather_applies() and self.tp_size * self.ep_size == 1
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self._gathered = self._gather_applies()
+        if not self._gathered:
+            return super().dispatch_preprocess(hidden_states, routing_map, probs)
+        # MoEAlltoAllTokenDispatcher.dispatch_preprocess with `permute` replaced (no padding branch: excluded above)
+        self.hidden_shape = hidden_states.shape
+        self.probs = probs
+        self.routing_map = routing_map
+        hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+        self.tokens_per_expert = self.preprocess(routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
+        self.hidden_shape_before_permute = hidden_states.shape
+        rows, permuted_probs, self.reversed_local_input_permutation_mapping = permute_tokens(
+            hidden_states, probs, routing_map, self.config.moe_router_topk)
+        return rows, permuted_probs
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        if not self._single_chunk_per_expert():
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+        # nothing to gather over TP and the sort by local expert is the identity: only the sync points remain
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
+        tokens_per_expert = self._maybe_dtoh_and_synchronize("before_finish", self.tokens_per_expert)
+        self.tokens_per_expert = None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states):
+        if not self._single_chunk_per_expert():
+            return super().combine_preprocess(hidden_states)
+        return hidden_states
+
+    def combine_postprocess(self, permutated_local_input_tokens):
+        if not self._gathered:
+            return super().combine_postprocess(permutated_local_input_tokens)
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc2_forward(permutated_local_input_tokens)
+            self.shared_experts.post_forward_comm()
+        output = unpermute_tokens(permutated_local_input_tokens, self.reversed_local_input_permutation_mapping)
+        output = output.view(self.hidden_shape)
+        if self.shared_experts is not None:
+            output += self.shared_experts.get_output()
+        return output
+
+
+class GatherPermutationMoELayer(MoELayer):
+    """Megatron-Core's MoELayer whose alltoall dispatcher is a `GatherPermutationAlltoAllDispatcher`."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if type(self.token_dispatcher) is MoEAlltoAllTokenDispatcher:
+            self.token_dispatcher = GatherPermutationAlltoAllDispatcher(
+                self.num_local_experts, self.local_expert_indices, config=self.config,
+                pg_collection=pg_collection or get_default_pg_collection())
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+
+def set_moe_permutation(model_chunks, permutation: str = "gather") -> int:
+    """Select the token permutation ("gather": this module's; "megatron": Megatron-Core's own) of every MoE layer in a
+    model (or list of model chunks); returns how many dispatchers were switched."""
+    if permutation not in PERMUTATIONS:
+        raise ValueError(f"unknown MoE permutation {permutation!r} (choose from {', '.join(PERMUTATIONS)})")
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    switched = 0
+    for chunk in chunks:
+        for module in chunk.modules():  # the dispatcher is a plain object held by its MoE layer, not a submodule
+            dispatcher = getattr(module, "token_dispatcher", None)
+            if isinstance(dispatcher, GatherPermutationAlltoAllDispatcher):
+                dispatcher.permutation = permutation
+                switched += 1
+    return switched
