@@ -19,7 +19,8 @@ flow (above the first trainable layer, plus fc2 dgrad of trainable experts insid
 weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
 attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
 (`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
-data); embedding lookups 0. `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
+data); embedding lookups 0. `"permutation": "megatron"` jobs dispatch tokens with Megatron-Core's own permutation
+instead of experts/permutation.py's. `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -228,7 +229,8 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
     return fwd + dgrad + wgrad
 
 
-def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0):
+def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
+              permutation="gather"):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -251,7 +253,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         overrides = dict(recompute_granularity="selective")
     t0 = time.perf_counter()
     model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides,
-                        fusions=fusions)
+                        fusions=fusions, moe_permutation=permutation)
     from megatron_esft.models.fusions import describe
 
     fused = describe(model).split(": ", 1)[1]
@@ -359,19 +361,21 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
 
 # ---------------------------------------------------------------------------------------------- orchestration
 def default_plan(full_layers, fft_layers):
-    """Most informative first (results are appended to results.jsonl as they come); the pairs compared with each
-    other sit next to each other, so `--part K/3` slices keep them in one command."""
+    """Three parts, each one device command (`--part K/3`), most informative first (results are appended to
+    results.jsonl as they come); every row is compared only with rows of its own part, so each part carries its own
+    baseline (the default ESFT job at `fft_layers` layers)."""
     esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
     return [
-        {"job": "check"}, {"job": "experts"},
-        # the fused kernels' effect on the whole model: "auto" (the default) next to eager ("none")
-        dict(esft_small), dict(esft_small, fusions="none"),
-        dict(esft_small, mode="fft"),
-        # packed SFT batches as the trainer feeds them (per-document causal masks), SDPA and then FlexAttention
-        dict(esft_small, doc_len=512), dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"]),
-        dict(esft_small, layers=full_layers),
-        dict(esft_small, backend="fp8", cache="frozen"), dict(esft_small, mode="fft", backend="fp8", cache="frozen"),
-        dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
+        # the fused kernels' and the gather permutation's effect: "auto" (the default) next to eager ("none") and
+        # next to Megatron's own permutation
+        [{"job": "check"}, {"job": "experts"}, dict(esft_small), dict(esft_small, fusions="none"),
+         dict(esft_small, permutation="megatron")],
+        # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
+        [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
+         dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"])],
+        # the full V2-Lite depth; FP8 against bf16 experts at both depths
+        [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
+         dict(esft_small), dict(esft_small, backend="fp8", cache="frozen")],
     ]
 
 
@@ -383,7 +387,7 @@ def run_job(args, job):
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
-                     job.get("fusions", "auto"), job.get("doc_len", 0))
+                     job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "gather"))
 
 
 def print_tables(results, device):
@@ -438,8 +442,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables to the jobs' stderr")
     p.add_argument("--plan", default=None, help="JSON list of jobs (overrides the default plan)")
-    p.add_argument("--part", default="1/1", help="K/N: run the K-th of N equal slices of the (filtered) plan, to fit "
-                                                 "a time limit per command (e.g. the device's 10 minutes)")
+    p.add_argument("--part", default="1/1", help="K/N: run the K-th of the default plan's 3 parts (N = 3) or of N "
+                                                 "equal slices of --plan, to fit a time limit per command (e.g. the "
+                                                 "device's 10 minutes)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.jsonl")
     p.add_argument("--timeout", type=int, default=240, help="seconds per job")
@@ -451,19 +456,25 @@ def main(argv=None):
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    plan = json.loads(args.plan) if args.plan else default_plan(args.layers, args.fft_layers)
+    part, parts = (int(x) for x in args.part.split("/"))
+    if not 1 <= part <= parts:
+        p.error(f"--part {args.part}: K must be in 1..N")
+    if args.plan:
+        plan = json.loads(args.plan)
+        size = -(-len(plan) // parts)
+        plan = plan[(part - 1) * size: part * size]
+    else:
+        groups = default_plan(args.layers, args.fft_layers)
+        if parts not in (1, len(groups)):
+            p.error(f"--part {args.part}: the default plan comes in {len(groups)} parts (or 1)")
+        plan = [job for group in (groups if parts == 1 else groups[part - 1:part]) for job in group]
     kinds = set(args.only.split(","))
     results, path = [], os.path.join(args.out, "results.jsonl")
     common = ["--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size), "--tokens", str(args.tokens),
               "--recompute", args.recompute, "--warmup", str(args.warmup), "--iters", str(args.iters)]
     common += ["--tiny"] if args.tiny else []
     common += ["--profile"] if args.profile else []
-    jobs = [j for j in plan if j["job"] in kinds]
-    part, parts = (int(x) for x in args.part.split("/"))
-    if not 1 <= part <= parts:
-        p.error(f"--part {args.part}: K must be in 1..N")
-    size = -(-len(jobs) // parts)
-    for job in jobs[(part - 1) * size: part * size]:
+    for job in [j for j in plan if j["job"] in kinds]:
         cmd = [sys.executable, os.path.abspath(__file__), *common, "--job", json.dumps(job)]
         t0 = time.perf_counter()
         try:

@@ -74,7 +74,8 @@ def test_topk_permutation_is_a_bijection_in_megatron_order():
 
 def test_bf16_round_trip_as_accurate_as_megatron():
     """The gather sums a token's k bf16 rows in fp32 and rounds once. On a GPU Megatron's bf16 atomics round after
-    every add; torch's CPU scatter_add accumulates in fp32 too, so here the two must simply agree."""
+    every add; torch's CPU scatter_add accumulates in fp32 too, so here the two agree up to the fp32 summation order
+    (a bf16 accumulator, rounding after every add, would have about twice the error)."""
     routing_map, probs = _routing(512, 64, 6, dtype=torch.float32)
     tokens = torch.randn(512, 256, generator=torch.Generator().manual_seed(4))
     weights = torch.randn(512 * 6, 256, generator=torch.Generator().manual_seed(5))
@@ -84,7 +85,7 @@ def test_bf16_round_trip_as_accurate_as_megatron():
         out, _, _ = _round_trip(tokens.bfloat16(), probs, routing_map, 6, ours, weights.bfloat16())
         assert out.dtype == torch.bfloat16
         errors[ours] = ((out.double() - exact).norm() / exact.norm()).item()
-    assert errors[True] <= errors[False] * (1 + 1e-6) and errors[True] < 1e-2, errors
+    assert errors[True] <= errors[False] * 1.01 and errors[True] < 1e-2, errors
 
 
 def test_no_atomic_or_syncing_ops_where_megatron_has_them():
