@@ -155,3 +155,30 @@ def test_token_dropping_falls_back_to_megatron(mcore):
 def test_unknown_permutation_is_refused(mcore):
     with pytest.raises(ValueError, match="unknown MoE permutation 'fast'"):
         set_moe_permutation([], "fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels and host syncs exist only on a GPU")
+def test_cuda_bf16_matches_megatron_without_host_syncs():
+    """On the GPU: bf16 rows and gradients as Megatron's (its atomics round per add, so within bf16 rounding), and
+    the gather permutation's forward and backward run with sync debug mode set to raise on any host sync."""
+    routing_map, probs = _routing(4096, 64, 6, dtype=torch.float32)
+    routing_map, probs = routing_map.cuda(), probs.cuda()
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randn(4096, 256, generator=g).cuda().bfloat16()
+    weights = torch.randn(4096 * 6, 256, generator=g).cuda().bfloat16()
+    results = {}
+    for ours in (False, True):
+        x, p = tokens.clone().requires_grad_(), probs.clone().requires_grad_()
+        if ours:
+            _round_trip(x, p, routing_map, 6, True, weights)  # warm-up: first calls may load kernels
+            x.grad = p.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, _, _ = _round_trip(x, p, routing_map, 6, ours, weights)
+            out.float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results[ours] = (out.float(), x.grad.float(), p.grad)
+    for got, want in zip(results[True], results[False]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
