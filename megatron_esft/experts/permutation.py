@@ -36,6 +36,9 @@ def topk_permutation(routing_map: torch.Tensor, topk: int):
     experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
     pair p = t * k + j is token t's j-th expert in ascending expert order."""
     num_tokens = routing_map.shape[0]
+    # a router that chose fewer than k experts for a token would silently misroute here: checked on the device
+    # (asynchronously on a GPU: no host sync)
+    torch._assert_async(routing_map.sum(dim=1).eq(topk).all(), "routing map rows must have exactly top-k experts")
     # argsort rather than nonzero/masked_select: a static output size, so no host sync (Megatron's drop-and-pad path
     # uses the same call); stable, so a token's k experts come in ascending order
     experts = routing_map.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :topk]

@@ -182,3 +182,10 @@ def test_cuda_bf16_matches_megatron_without_host_syncs():
         results[ours] = (out.float(), x.grad.float(), p.grad)
     for got, want in zip(results[True], results[False]):
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_a_token_with_fewer_than_k_experts_is_refused():
+    routing_map, probs = _routing(8, 4, 2)
+    routing_map[3] = False  # e.g. a token-dropping router: dropless top-k is what the gather permutation assumes
+    with pytest.raises(RuntimeError, match="exactly top-k"):
+        permute_tokens(torch.randn(8, 4, dtype=torch.float64), probs, routing_map, 2)
