@@ -86,7 +86,8 @@ def kernel_time_by_kind(averages, cuda: bool):
 
 
 def profile_kernels(label, fn, steps=2):
-    """torch.profiler table of the GPU kernels of `steps` calls of fn, and their time by kind (--profile)."""
+    """torch.profiler table of the GPU kernels of `steps` calls of fn, and their time by kind (--profile); returns
+    the kernel time per call in ms (against the timed step: how busy the GPU is, i.e. launch and sync gaps)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -108,6 +109,7 @@ def profile_kernels(label, fn, steps=2):
     lines += [f"| {kind} | {ms:.2f} | {share:.1%} |" for kind, ms, share in kinds]
     lines.append("largest unclassified: " + ", ".join(f"{name} ({ms:.2f} ms)" for name, ms in other))
     print(f"PROFILE {label} ({steps} steps)\n{table}\n" + "\n".join(lines), file=sys.stderr, flush=True)
+    return sum(ms for _, ms, _ in kinds) / steps
 
 
 class NullCtx:

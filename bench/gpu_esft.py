@@ -35,7 +35,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, profile_kernels  # noqa: E402 (bench/ is on sys.path)
+from _gpu_report import print_tables  # noqa: E402 (bench/ is on sys.path)
+from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, profile_kernels  # noqa: E402
 
 V2_LITE = {
     "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -337,7 +338,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp.finish_grad_sync()
             optimizer.step()
         losses.append(loss.item())
-    peak = peak_gib()
+    peak, kernel_ms = peak_gib(), None
     if args.profile:
         def step():
             ddp.zero_grad_buffer()
@@ -345,7 +346,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp(tokens, position_ids, attention_mask, labels=labels).float().mean().backward()
             ddp.finish_grad_sync()
             optimizer.step()
-        profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
+        kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
     flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
                                                                     for k, (r, t) in rows.items()}, pairs)
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
@@ -356,7 +357,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
              "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
-             "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s}]
+             "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
+             "gpu_kernel_ms": kernel_ms if accum == 1 else None}]
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -388,44 +390,6 @@ def run_job(args, job):
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "gather"))
-
-
-def print_tables(results, device):
-    print(f"\n## device: {device}")
-    checks = [r for r in results if r.get("kind") == "check"]
-    if checks:
-        print("\n| experts backend | out rel. err vs SequentialMLP | dgrad rel. err | max wgrad rel. err | NaN |")
-        print("|---|---|---|---|---|")
-        for r in checks:
-            print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
-    exps = [r for r in results if r.get("kind") == "experts"]
-    if exps:
-        base = {r["mode"]: r["ms"] for r in exps if r["backend"] == "bf16" and r.get("fused", True)}
-        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | ms | TFLOP/s | "
-              "speedup vs bf16 fused SwiGLU |")
-        print("|---|---|---|---|")
-        for r in exps:
-            label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
-                     + (f" (weight cache: {r['cache']})" if r["cache"] else ""))
-            print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
-    models = [r for r in results if r.get("kind") == "model"]
-    if models:
-        print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | documents | recompute | ms/iter | tokens/s | "
-              "model TFLOP/s | peak GiB |"
-              " trainable params | frozen bit-identical | loss first->last |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in models:
-            exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
-            print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "
-                  f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
-                  f"{'mean ' + str(r['doc_len']) + ' tokens' if r.get('doc_len') else 'one (causal)'} | "
-                  f"{r['recompute']} | "
-                  f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
-                  f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
-                  f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
-    for r in results:
-        if "error" in r:
-            print(f"- {json.dumps(r['job'])}: {r['error']}")
 
 
 def main(argv=None):

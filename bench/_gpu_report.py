@@ -1,0 +1,47 @@
+"""The Markdown tables bench/gpu_esft.py prints from its jobs' results (docs/benchmarks.md quotes them)."""
+
+from __future__ import annotations
+
+import json
+
+
+def print_tables(results, device):
+    print(f"\n## device: {device}")
+    checks = [r for r in results if r.get("kind") == "check"]
+    if checks:
+        print("\n| experts backend | out rel. err vs SequentialMLP | dgrad rel. err | max wgrad rel. err | NaN |")
+        print("|---|---|---|---|---|")
+        for r in checks:
+            print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
+    exps = [r for r in results if r.get("kind") == "experts"]
+    if exps:
+        base = {r["mode"]: r["ms"] for r in exps if r["backend"] == "bf16" and r.get("fused", True)}
+        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | ms | TFLOP/s | "
+              "speedup vs bf16 fused SwiGLU |")
+        print("|---|---|---|---|")
+        for r in exps:
+            label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
+                     + (f" (weight cache: {r['cache']})" if r["cache"] else ""))
+            print(f"| {label} | {r['ms']:.2f} | {r['tflops']:.0f} | {base.get(r['mode'], float('nan')) / r['ms']:.2f}x |")
+    models = [r for r in results if r.get("kind") == "model"]
+    if models:
+        print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | documents | recompute | ms/iter | tokens/s | "
+              "model TFLOP/s | peak GiB |"
+              " trainable params | frozen bit-identical | loss first->last |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in models:
+            exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
+            print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "
+                  f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
+                  f"{'mean ' + str(r['doc_len']) + ' tokens' if r.get('doc_len') else 'one (causal)'} | "
+                  f"{r['recompute']} | "
+                  f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
+                  f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
+                  f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
+    for r in models:
+        if r.get("gpu_kernel_ms"):  # --profile: kernel time of one profiled step against the timed step
+            print(f"- {r['mode'].upper()} {r['layers']} layers ({r.get('fusions')}): GPU kernels {r['gpu_kernel_ms']:.1f}"
+                  f" ms of {r['ms']:.1f} ms per iteration, GPU busy {r['gpu_kernel_ms'] / r['ms']:.0%}")
+    for r in results:
+        if "error" in r:
+            print(f"- {json.dumps(r['job'])}: {r['error']}")
