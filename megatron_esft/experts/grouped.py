@@ -30,25 +30,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_esft.experts import checkpoint as ckpt
 from megatron_esft.experts.grouped_mm import contiguous_grad, grouped_mm_supported, looped_mm
+from megatron_esft.experts.permutation import inverse_permutation, permute_rows
 
 
 GROUPS = ("trainable", "frozen")
 GEMM_BACKENDS = ("bf16", "fp8")
-
-
-class _PermuteRows(torch.autograd.Function):
-    """`x[perm]` whose backward is the gather `grad[inverse]`: index_select's own backward is an atomic index_add
-    into zeros (measured ~3x slower on an H100 for [T, 2048] bf16 rows); for a permutation both are exact."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 class FrozenAwareGroupedExperts(MegatronModule):
@@ -252,9 +238,8 @@ class FrozenAwareGroupedExperts(MegatronModule):
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync, as SequentialMLP / TEGroupedMLP
         perm = self._regroup_permutation(tokens_per_expert, x.shape[0], x.device)
         if perm is not None:
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-            x, probs = _PermuteRows.apply(x, perm, inverse), _PermuteRows.apply(probs, perm, inverse)
+            inverse = inverse_permutation(perm)
+            x, probs = permute_rows(x, perm, inverse), permute_rows(probs, perm, inverse)
         outputs, start = [], 0
         for group in GROUPS:
             ids = self._group_ids[group]
@@ -266,7 +251,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
             start += rows
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         if perm is not None:
-            output = _PermuteRows.apply(output, inverse, perm)
+            output = permute_rows(output, inverse, perm)
         return output, None
 
     def backward_dw(self):

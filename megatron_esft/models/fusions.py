@@ -82,7 +82,9 @@ def describe(model) -> str:
     if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
         on.append("flex_attention")
     line = "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")
-    dispatchers = [m.token_dispatcher for m in model.modules() if getattr(m, "token_dispatcher", None) is not None]
-    if dispatchers:  # MoE models: which token permutation (experts/permutation.py)
-        line += f"; MoE token permutation: {getattr(dispatchers[0], 'permutation', 'megatron')}"
+    from megatron_esft.esft.freeze import decoder_layers, is_moe_layer
+
+    moe = [layer.mlp for _, layer in decoder_layers(model) if is_moe_layer(layer)]
+    if moe:  # MoE models: which token permutation (experts/permutation.py)
+        line += f"; MoE token permutation: {getattr(moe[0].token_dispatcher, 'permutation', 'megatron')}"
     return line
