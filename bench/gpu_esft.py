@@ -231,7 +231,7 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
 
 
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="gather"):
+              permutation="experts"):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -389,7 +389,7 @@ def run_job(args, job):
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
-                     job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "gather"))
+                     job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"))
 
 
 def main(argv=None):

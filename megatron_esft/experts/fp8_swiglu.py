@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from megatron_esft.experts.fp8 import (
     FP8WeightCache, CompiledOnCuda, _scaled_mm, quantize_lastdim, quantize_lastdim_reference,
 )
+from megatron_esft.experts.permutation import gather_rows, sum_pairs
 
 
 def _swiglu_fp32(h: torch.Tensor, probs: torch.Tensor):
@@ -78,16 +79,40 @@ swiglu_backward_quantize = CompiledOnCuda(swiglu_backward_quantize_reference)
 swiglu_backward_quantize_keep = CompiledOnCuda(swiglu_backward_quantize_keep_reference)
 
 
+def _mlp_forward(x_q, x_s, probs, fc1, fc2, offs, cache):
+    """(y, h) of one group from its quantized input rows."""
+    w1_q, w1_s = cache.get(fc1, "nk")
+    h = _scaled_mm(x_q, w1_q.transpose(-2, -1), x_s, w1_s, offs)
+    a_q, a_s = swiglu_quantize(h, probs)
+    w2_q, w2_s = cache.get(fc2, "nk")
+    return _scaled_mm(a_q, w2_q.transpose(-2, -1), a_s, w2_s, offs), h
+
+
+def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, fc1, fc2, offs, cache, need_dx):
+    """(dx rows or None, d_probs [M, 1] fp32, grad fc1, grad fc2) of one group from its quantized output gradient.
+    `dy_rows()` / `x_rows()` give the bf16 rows the wgrads need; called only for trainable weights."""
+    w2t_q, w2t_s = cache.get(fc2, "kn")
+    da = _scaled_mm(dy_q, w2t_q.transpose(-2, -1), dy_s, w2t_s, offs)
+    grad_fc2 = grad_fc1 = grad_x = None
+    if fc2.requires_grad:
+        grad_fc2 = torch._grouped_mm(dy_rows().t(), weighted_swiglu(h, probs), offs=offs)
+    if fc1.requires_grad:
+        dh_q, dh_s, d_probs, dh = swiglu_backward_quantize_keep(da, h, probs)
+        grad_fc1 = torch._grouped_mm(dh.t(), x_rows(), offs=offs)
+    else:
+        dh_q, dh_s, d_probs = swiglu_backward_quantize(da, h, probs)
+    if need_dx:
+        w1t_q, w1t_s = cache.get(fc1, "kn")
+        grad_x = _scaled_mm(dh_q, w1t_q.transpose(-2, -1), dh_s, w1t_s, offs)
+    return grad_x, d_probs, grad_fc1, grad_fc2
+
+
 class _FP8SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, fc1, fc2, offs, cache):
         ctx.cache = cache
         x_q, x_s = quantize_lastdim(x)
-        w1_q, w1_s = cache.get(fc1, "nk")
-        h = _scaled_mm(x_q, w1_q.transpose(-2, -1), x_s, w1_s, offs)
-        a_q, a_s = swiglu_quantize(h, probs)
-        w2_q, w2_s = cache.get(fc2, "nk")
-        y = _scaled_mm(a_q, w2_q.transpose(-2, -1), a_s, w2_s, offs)
+        y, h = _mlp_forward(x_q, x_s, probs, fc1, fc2, offs, cache)
         ctx.save_for_backward(x if fc1.requires_grad else None, probs, h, fc1, fc2, offs)
         return y
 
@@ -96,20 +121,8 @@ class _FP8SwiGLUMLP(torch.autograd.Function):
         x, probs, h, fc1, fc2, offs = ctx.saved_tensors
         dy = dy.contiguous()
         dy_q, dy_s = quantize_lastdim(dy)
-        w2t_q, w2t_s = ctx.cache.get(fc2, "kn")
-        da = _scaled_mm(dy_q, w2t_q.transpose(-2, -1), dy_s, w2t_s, offs)
-        grad_fc2 = grad_fc1 = None
-        if fc2.requires_grad:
-            grad_fc2 = torch._grouped_mm(dy.t(), weighted_swiglu(h, probs), offs=offs)
-        if fc1.requires_grad:
-            dh_q, dh_s, d_probs, dh = swiglu_backward_quantize_keep(da, h, probs)
-            grad_fc1 = torch._grouped_mm(dh.t(), x, offs=offs)
-        else:
-            dh_q, dh_s, d_probs = swiglu_backward_quantize(da, h, probs)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w1t_q, w1t_s = ctx.cache.get(fc1, "kn")
-            grad_x = _scaled_mm(dh_q, w1t_q.transpose(-2, -1), dh_s, w1t_s, offs)
+        grad_x, d_probs, grad_fc1, grad_fc2 = _mlp_backward(
+            dy_q, dy_s, lambda: dy, lambda: x, probs, h, fc1, fc2, offs, ctx.cache, ctx.needs_input_grad[0])
         return grad_x, d_probs.to(probs.dtype), grad_fc1, grad_fc2, None, None
 
 
@@ -117,8 +130,93 @@ def fp8_swiglu_mlp(x: torch.Tensor, probs: torch.Tensor, fc1: torch.Tensor, fc2:
                    cache: FP8WeightCache) -> torch.Tensor:
     """The group's expert MLP output [M, H] bf16 (see the module docstring). x [M, H] bf16 with M == offs[-1] > 0,
     probs [M] float32, fc1 [G, 2F, H] and fc2 [G, H, F] bf16 with H and F multiples of 16."""
-    if x.dtype != torch.bfloat16 or fc1.dtype != torch.bfloat16 or fc2.dtype != torch.bfloat16:
-        raise ValueError(f"fp8 experts need bf16 activations and weights, got {x.dtype} / {fc1.dtype} / {fc2.dtype}")
+    _check_bf16(x, fc1, fc2)
     if x.shape[0] == 0:
         raise ValueError("fp8_swiglu_mlp needs at least one row (the caller skips empty groups)")
     return _FP8SwiGLUMLP.apply(x, probs.unsqueeze(-1), fc1, fc2, offs, cache)
+
+
+def _check_bf16(x, *weights):
+    if x.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 for w in weights):
+        raise ValueError(f"fp8 experts need bf16 activations and weights, got {x.dtype} / "
+                         f"{' / '.join(str(w.dtype) for w in weights)}")
+
+
+class _FP8SwiGLUMoE(torch.autograd.Function):
+    """tokens [T, H] -> routed output [T, H] of one MoE layer's expert groups (fp8_swiglu_moe)."""
+
+    @staticmethod
+    def forward(ctx, tokens, probs, token_of_row, row_of_pair, topk, rows, offs, cache, *weights):
+        ctx.cache, ctx.topk, ctx.rows, ctx.offs = cache, topk, rows, offs
+        # row-wise scales depend on the row alone, so quantizing each token once and gathering its e4m3 bytes and
+        # scale equals quantizing the gathered rows: T rows quantized instead of T*k, and 1-byte rows moved
+        t_q, t_s = quantize_lastdim(tokens)
+        x_q, x_s = gather_rows(t_q, token_of_row), t_s.index_select(0, token_of_row)
+        ys, hs, start = [], [], 0
+        for g, n in enumerate(rows):
+            if n == 0:
+                hs.append(None)
+                continue
+            part = slice(start, start + n)
+            y, h = _mlp_forward(x_q[part], x_s[part], probs[part], weights[2 * g], weights[2 * g + 1], offs[g], cache)
+            ys.append(y)
+            hs.append(h)
+            start += n
+        if not ys:
+            y = tokens.new_zeros(0, tokens.shape[1])
+        else:
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+        any_fc1_trains = any(w.requires_grad for w in weights[0::2])
+        ctx.save_for_backward(tokens if any_fc1_trains else None, probs, token_of_row, row_of_pair, *hs, *weights)
+        return sum_pairs(y, row_of_pair, topk)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        tokens, probs, token_of_row, row_of_pair, *rest = ctx.saved_tensors
+        groups = len(ctx.rows)
+        hs, weights = rest[:groups], rest[groups:]
+        d_out = d_out.contiguous()
+        # the output gradient of each row is its token's (the un-permutation is a plain sum): quantized per token too
+        d_q, d_s = quantize_lastdim(d_out)
+        dy_q, dy_s = gather_rows(d_q, token_of_row), d_s.index_select(0, token_of_row)
+        need_dx = ctx.needs_input_grad[0]
+        dxs, d_probs, grads, start = [], [], [], 0
+        for g, n in enumerate(ctx.rows):
+            fc1, fc2 = weights[2 * g], weights[2 * g + 1]
+            if n == 0:  # a trainable group without tokens still gets a (zero) gradient, as with the grouped GEMM
+                grads += [torch.zeros_like(w) if w.requires_grad else None for w in (fc1, fc2)]
+                continue
+            part = slice(start, start + n)
+            index = token_of_row[part]
+            dx, dp, grad_fc1, grad_fc2 = _mlp_backward(
+                dy_q[part], dy_s[part], lambda: d_out.index_select(0, index), lambda: tokens.index_select(0, index),
+                probs[part], hs[g], fc1, fc2, ctx.offs[g], ctx.cache, need_dx)
+            dxs.append(dx)
+            d_probs.append(dp)
+            grads += [grad_fc1, grad_fc2]
+            start += n
+        d_tokens = None
+        if need_dx:
+            dx_rows = torch.cat(dxs, dim=0) if len(dxs) != 1 else dxs[0]
+            d_tokens = sum_pairs(dx_rows, row_of_pair, ctx.topk) if dxs else torch.zeros_like(d_out)
+        d_probs = (torch.cat(d_probs, dim=0) if d_probs else probs.new_zeros(0, 1)).to(probs.dtype)
+        return (d_tokens, d_probs, None, None, None, None, None, None, *grads)
+
+
+def fp8_swiglu_moe(tokens: torch.Tensor, permuted_probs: torch.Tensor, groups, mapping,
+                   cache: FP8WeightCache) -> torch.Tensor:
+    """The routed output [T, H] of a layer's expert groups for tokens [T, H] bf16: the FP8 expert MLP of
+    `fp8_swiglu_mlp` on the rows of `mapping` (experts/permutation.token_mapping: (token_of_row, row_of_pair, topk),
+    rows in the groups' order), each token's k rows summed. `groups`: [(fc1 [G, 2F, H], fc2 [G, H, F], per-expert
+    row counts)] in row order; `permuted_probs` [T*k] float32 in row order. Quantizes the T tokens (and, backward,
+    the T output-gradient rows) once instead of the T*k permuted rows; equals permute -> `fp8_swiglu_mlp` per group
+    -> un-permute (the same e4m3 values and scales)."""
+    _check_bf16(tokens, *(w for fc1, fc2, _ in groups for w in (fc1, fc2)))
+    token_of_row, row_of_pair, topk = mapping
+    device = tokens.device
+    rows = tuple(int(sum(counts)) for _, _, counts in groups)
+    offs = tuple(torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=device)
+                 for _, _, counts in groups)
+    weights = [w for fc1, fc2, _ in groups for w in (fc1, fc2)]
+    return _FP8SwiGLUMoE.apply(tokens.contiguous(), permuted_probs.unsqueeze(-1), token_of_row, row_of_pair, topk,
+                               rows, offs, cache, *weights)

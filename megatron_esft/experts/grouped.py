@@ -30,7 +30,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_esft.experts import checkpoint as ckpt
 from megatron_esft.experts.grouped_mm import contiguous_grad, grouped_mm_supported, looped_mm
-from megatron_esft.experts.permutation import inverse_permutation, permute_rows
+from megatron_esft.experts.permutation import (inverse_permutation, permute_rows, permute_rows_of_tokens, token_mapping,
+                                               unpermute_tokens)
 
 
 GROUPS = ("trainable", "frozen")
@@ -227,19 +228,57 @@ class FrozenAwareGroupedExperts(MegatronModule):
         )
         return torch.argsort(rank_of.to(device)[expert_of_row], stable=True)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        x, probs = permuted_local_hidden_states, permuted_probs
-        if self.config.moe_apply_probs_on_input:
-            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
-            x = (probs.unsqueeze(-1) * x).to(permuted_local_hidden_states.dtype)
-            probs = torch.ones_like(probs)
+    # GatherPermutationMoELayer may call forward with un-permuted tokens and the routing map (EP = expert-TP = 1)
+    takes_tokens = True
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, routing_map=None):
+        """SequentialMLP's contract; with `routing_map` [T, E_local] bool instead, the first argument is the
+        un-permuted tokens [T, H] and the third the router probabilities [T, E_local], and the output is the
+        routed MoE output per token [T, H] (each token's k expert outputs summed): the experts permute the tokens
+        themselves (experts/permutation.py "experts")."""
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.long)
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync, as SequentialMLP / TEGroupedMLP
+        if routing_map is not None:
+            return self._forward_tokens(permuted_local_hidden_states, routing_map, permuted_probs, counts), None
+        x, probs = permuted_local_hidden_states, permuted_probs
         perm = self._regroup_permutation(tokens_per_expert, x.shape[0], x.device)
         if perm is not None:
             inverse = inverse_permutation(perm)
             x, probs = permute_rows(x, perm, inverse), permute_rows(probs, perm, inverse)
+        output = self._groups_forward(x, probs, counts)
+        if perm is not None:
+            output = permute_rows(output, inverse, perm)
+        return output, None
+
+    def _forward_tokens(self, tokens, routing_map, probs, counts):
+        topk = self.config.moe_router_topk
+        order = self._group_ids["trainable"] + self._group_ids["frozen"]
+        expert_order = None if order == sorted(order) else torch.tensor(order, device=tokens.device)
+        permuted_probs, mapping = token_mapping(probs, routing_map, topk, expert_order)
+        if self._fp8_tokens_path(tokens):
+            from megatron_esft.experts.fp8_swiglu import fp8_swiglu_moe
+
+            groups = [(getattr(self, f"fc1_{g}"), getattr(self, f"fc2_{g}"), [counts[j] for j in self._group_ids[g]])
+                      for g in GROUPS if self._group_ids[g]]
+            return fp8_swiglu_moe(tokens, permuted_probs, groups, mapping, self._fp8_cache)
+        rows = permute_rows_of_tokens(tokens, mapping)
+        return unpermute_tokens(self._groups_forward(rows, permuted_probs, counts), mapping)
+
+    def _fp8_tokens_path(self, tokens) -> bool:
+        """FP8 with the tokens quantized before the gather: plain SwiGLU experts on grouped GEMMs."""
+        if self.gemm_backend != "fp8" or not self._plain_swiglu() or self.config.moe_apply_probs_on_input:
+            return False
+        (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
+        return grouped_mm_supported(tokens.dtype, tokens.device, h, n2f) and grouped_mm_supported(
+            tokens.dtype, tokens.device, f, h)
+
+    def _groups_forward(self, x, probs, counts):
+        """Expert outputs for rows grouped trainable-first, each group's rows by expert."""
+        if self.config.moe_apply_probs_on_input:
+            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
         outputs, start = [], 0
         for group in GROUPS:
             ids = self._group_ids[group]
@@ -249,10 +288,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
             rows = sum(group_counts)
             outputs.append(self._group_mlp(group, x[start : start + rows], probs[start : start + rows], group_counts))
             start += rows
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-        if perm is not None:
-            output = permute_rows(output, inverse, perm)
-        return output, None
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def backward_dw(self):
         """Weight gradients are computed in the main backward (no delayed wgrad)."""

@@ -18,6 +18,13 @@ second permutation (sorting the received chunks by local expert) skipped when th
 (EP = expert-TP = 1: the sort is the identity, but Megatron runs it as a split into E chunks and a `cat`, a full copy
 of the rows in forward and backward, twice per layer). It falls back to Megatron's own code for token dropping,
 padding for quantization, TE's fused permutation, or `moe_permutation = "megatron"`.
+
+With a single rank for all experts (EP = expert-TP = 1) the dispatch and combine all-to-alls are identities, so by
+default (`moe_permutation = "experts"`) the dispatcher hands the grouped experts the un-permuted tokens and the
+routing map, and the experts permute them themselves (experts/grouped.py `forward(..., routing_map=)`): straight into
+their trainable-then-frozen row order (`topk_permutation(..., expert_order)`), which saves the experts' own regroup
+(a gather of all T*k rows in and one out, each with a gather backward), and, with FP8 experts, quantizes the T tokens
+before the gather (row-wise scales commute with it) instead of the T*k rows after it.
 """
 
 from __future__ import annotations
@@ -28,13 +35,19 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-PERMUTATIONS = ("gather", "megatron")
+# "experts": at EP = expert-TP = 1 the grouped experts permute the tokens themselves, straight into their
+#   trainable-then-frozen row order (no separate regroup; FP8 quantizes the T tokens before the gather instead of
+#   the T*k rows after it); elsewhere, or with experts that cannot, as "gather".
+# "gather": this module's permutation in the dispatcher. "megatron": Megatron-Core's own.
+PERMUTATIONS = ("experts", "gather", "megatron")
 
 
-def topk_permutation(routing_map: torch.Tensor, topk: int):
+def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.Tensor | None = None):
     """(token_of_row [T*k], expert_of_row [T*k], row_of_pair [T*k]) for a [T, E] bool routing map with exactly `topk`
     experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
-    pair p = t * k + j is token t's j-th expert in ascending expert order."""
+    with `expert_order` (a [E] long permutation of the experts) the experts' rows come in that order instead (the
+    grouped experts' trainable-then-frozen order). Pair p = t * k + j is token t's j-th expert in ascending expert
+    id whatever the row order, so a token's k rows are summed in the same order either way."""
     num_tokens = routing_map.shape[0]
     # a router that chose fewer than k experts for a token would silently misroute here: checked on the device
     # (asynchronously on a GPU: no host sync)
@@ -42,9 +55,14 @@ def topk_permutation(routing_map: torch.Tensor, topk: int):
     # argsort rather than nonzero/masked_select: a static output size, so no host sync (Megatron's drop-and-pad path
     # uses the same call); stable, so a token's k experts come in ascending order
     experts = routing_map.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :topk]
+    if expert_order is not None:
+        experts = inverse_permutation(expert_order)[experts]  # rank of each expert in the requested order
     tokens = torch.arange(num_tokens, device=routing_map.device)
     sorted_keys, order = (experts * num_tokens + tokens.unsqueeze(1)).view(-1).sort()
-    return sorted_keys % num_tokens, sorted_keys // num_tokens, inverse_permutation(order)
+    expert_of_row = sorted_keys // num_tokens
+    if expert_order is not None:
+        expert_of_row = expert_order[expert_of_row]
+    return sorted_keys % num_tokens, expert_of_row, inverse_permutation(order)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -52,11 +70,15 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
-def _gather_rows(tokens, token_of_row):
+def gather_rows(tokens, token_of_row):
+    """tokens[token_of_row] (float8 tensors gathered as bytes: index_select has no float8 kernels)."""
+    if tokens.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return tokens.view(torch.uint8).index_select(0, token_of_row).view(tokens.dtype)
     return tokens.index_select(0, token_of_row)
 
 
-def _sum_pairs(rows, row_of_pair, topk):
+def sum_pairs(rows, row_of_pair, topk):
+    """out[t] = sum over j of rows[row_of_pair[t * k + j]]: each token's k rows summed."""
     if topk == 1:  # a plain permutation: each "sum" is one row (rows may be 1-D here, e.g. probabilities)
         return rows.index_select(0, row_of_pair)
     # embedding_bag gathers and sums each token's k rows in one kernel with a float accumulator (CPU and CUDA): no
@@ -71,12 +93,12 @@ class _PermuteTokens(torch.autograd.Function):
     def forward(ctx, tokens, token_of_row, row_of_pair, topk):
         ctx.save_for_backward(row_of_pair)
         ctx.topk = topk
-        return _gather_rows(tokens, token_of_row)
+        return gather_rows(tokens, token_of_row)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (row_of_pair,) = ctx.saved_tensors
-        return _sum_pairs(grad_rows, row_of_pair, ctx.topk), None, None, None
+        return sum_pairs(grad_rows, row_of_pair, ctx.topk), None, None, None
 
 
 class _UnpermuteTokens(torch.autograd.Function):
@@ -85,12 +107,12 @@ class _UnpermuteTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, token_of_row, row_of_pair, topk):
         ctx.save_for_backward(token_of_row)
-        return _sum_pairs(rows, row_of_pair, topk)
+        return sum_pairs(rows, row_of_pair, topk)
 
     @staticmethod
     def backward(ctx, grad_tokens):
         (token_of_row,) = ctx.saved_tensors
-        return _gather_rows(grad_tokens, token_of_row), None, None, None
+        return gather_rows(grad_tokens, token_of_row), None, None, None
 
 
 def permute_rows(x, perm, inverse):
@@ -100,14 +122,25 @@ def permute_rows(x, perm, inverse):
     return _PermuteTokens.apply(x, perm, inverse, 1)
 
 
-def permute_tokens(tokens, probs, routing_map, topk):
-    """Drop-in for Megatron's `permute(tokens, routing_map, probs=probs)` under dropless top-k routing: returns
-    (permuted tokens, permuted probs, the mapping `unpermute_tokens` takes)."""
-    token_of_row, expert_of_row, row_of_pair = topk_permutation(routing_map, topk)
-    rows = _PermuteTokens.apply(tokens, token_of_row, row_of_pair, topk)
+def token_mapping(probs, routing_map, topk, expert_order=None):
+    """(permuted probs [T*k], mapping) of `topk_permutation` (see there for `expert_order`); the mapping is what
+    `unpermute_tokens` takes: (token_of_row, row_of_pair, topk)."""
+    token_of_row, expert_of_row, row_of_pair = topk_permutation(routing_map, topk, expert_order)
     # T*k scalars: index_select's atomic backward is negligible here
     permuted_probs = probs.reshape(-1).index_select(0, token_of_row * probs.shape[1] + expert_of_row)
-    return rows, permuted_probs, (token_of_row, row_of_pair, topk)
+    return permuted_probs, (token_of_row, row_of_pair, topk)
+
+
+def permute_tokens(tokens, probs, routing_map, topk, expert_order=None):
+    """Drop-in for Megatron's `permute(tokens, routing_map, probs=probs)` under dropless top-k routing: returns
+    (permuted tokens, permuted probs, the mapping `unpermute_tokens` takes)."""
+    permuted_probs, mapping = token_mapping(probs, routing_map, topk, expert_order)
+    return permute_rows_of_tokens(tokens, mapping), permuted_probs, mapping
+
+
+def permute_rows_of_tokens(tokens, mapping):
+    """The rows [T*k, H] of `mapping` (from `token_mapping`) gathered from tokens [T, H]."""
+    return _PermuteTokens.apply(tokens, *mapping)
 
 
 def unpermute_tokens(rows, mapping):
@@ -118,22 +151,34 @@ def unpermute_tokens(rows, mapping):
 
 class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     """Megatron-Core's alltoall token dispatcher with the atomic-free, sync-free permutation (module docstring).
-    `permutation` ("gather" or "megatron") can be switched at any time between forward passes."""
+    `permutation` (one of PERMUTATIONS) can be switched at any time between forward passes."""
 
-    permutation = "gather"
+    permutation = "experts"
+    # set by GatherPermutationMoELayer when its experts can take un-permuted tokens (`forward(..., routing_map=)`)
+    experts_take_tokens = False
 
-    def _gather_applies(self) -> bool:
+    def effective_permutation(self) -> str:
+        """The permutation the next forward pass runs: "megatron", "gather" or "experts" (see PERMUTATIONS)."""
         config = self.config
-        return (self.permutation == "gather" and not self.drop_and_pad and config.moe_expert_capacity_factor is None
-                and not config.moe_router_padding_for_quantization and not config.moe_permute_fusion)
+        if self.permutation == "megatron" or self.drop_and_pad or config.moe_expert_capacity_factor is not None \
+                or config.moe_router_padding_for_quantization or config.moe_permute_fusion:
+            return "megatron"
+        if self.permutation == "experts" and self.experts_take_tokens and self.tp_size * self.ep_size == 1:
+            return "experts"
+        return "gather"
+
+    @property
+    def experts_permute(self) -> bool:
+        """Whether this forward hands the experts un-permuted tokens (decided once per forward, in
+        dispatch_preprocess)."""
+        return self._active == "experts"
 
     def _single_chunk_per_expert(self) -> bool:
-        # decided once per forward, in dispatch_preprocess
-        return self._gathered and self.tp_size * self.ep_size == 1
+        return self._active != "megatron" and self.tp_size * self.ep_size == 1
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        self._gathered = self._gather_applies()
-        if not self._gathered:
+        self._active = self.effective_permutation()
+        if self._active == "megatron":
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
         # MoEAlltoAllTokenDispatcher.dispatch_preprocess with `permute` replaced (no padding branch: excluded above)
         self.hidden_shape = hidden_states.shape
@@ -145,6 +190,8 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
         self.hidden_shape_before_permute = hidden_states.shape
+        if self._active == "experts":  # a single rank holds every expert: the all-to-alls are identities
+            return hidden_states, probs
         rows, permuted_probs, self.reversed_local_input_permutation_mapping = permute_tokens(
             hidden_states, probs, routing_map, self.config.moe_router_topk)
         return rows, permuted_probs
@@ -166,20 +213,26 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         return hidden_states
 
     def combine_postprocess(self, permutated_local_input_tokens):
-        if not self._gathered:
+        if self._active == "megatron":
             return super().combine_postprocess(permutated_local_input_tokens)
         if self.shared_experts is not None:
             self.shared_experts.linear_fc2_forward(permutated_local_input_tokens)
             self.shared_experts.post_forward_comm()
-        output = unpermute_tokens(permutated_local_input_tokens, self.reversed_local_input_permutation_mapping)
+        output = permutated_local_input_tokens  # "experts": already un-permuted by the experts
+        if self._active == "gather":
+            output = unpermute_tokens(output, self.reversed_local_input_permutation_mapping)
         output = output.view(self.hidden_shape)
         if self.shared_experts is not None:
-            output += self.shared_experts.get_output()
+            if self._active == "experts":  # the combine all-to-all returned its input as is: not in place
+                output = output + self.shared_experts.get_output()
+            else:
+                output += self.shared_experts.get_output()
         return output
 
 
 class GatherPermutationMoELayer(MoELayer):
-    """Megatron-Core's MoELayer whose alltoall dispatcher is a `GatherPermutationAlltoAllDispatcher`."""
+    """Megatron-Core's MoELayer whose alltoall dispatcher is a `GatherPermutationAlltoAllDispatcher`; with a single
+    rank for all experts and experts that take un-permuted tokens (the grouped experts), the experts permute."""
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
@@ -189,10 +242,20 @@ class GatherPermutationMoELayer(MoELayer):
                 pg_collection=pg_collection or get_default_pg_collection())
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+            self.token_dispatcher.experts_take_tokens = bool(getattr(self.experts, "takes_tokens", False))
+
+    def routed_experts_compute(self, hidden_states, probs):
+        dispatcher = self.token_dispatcher
+        if not (isinstance(dispatcher, GatherPermutationAlltoAllDispatcher) and dispatcher.experts_permute):
+            return super().routed_experts_compute(hidden_states, probs)
+        tokens, tokens_per_expert, probs = dispatcher.dispatch_postprocess(hidden_states, probs)
+        # through __call__ (hooks see tokens_per_expert as with Megatron's call); tokens [T, H], probs [T, E]
+        output, mlp_bias = self.experts(tokens, tokens_per_expert, probs, routing_map=dispatcher.routing_map)
+        return dispatcher.combine_preprocess(output), mlp_bias
 
 
-def set_moe_permutation(model_chunks, permutation: str = "gather") -> int:
-    """Select the token permutation ("gather": this module's; "megatron": Megatron-Core's own) of every MoE layer in a
+def set_moe_permutation(model_chunks, permutation: str = "experts") -> int:
+    """Select the token permutation (one of PERMUTATIONS, see there) of every MoE layer in a
     model (or list of model chunks); returns how many dispatchers were switched."""
     if permutation not in PERMUTATIONS:
         raise ValueError(f"unknown MoE permutation {permutation!r} (choose from {', '.join(PERMUTATIONS)})")

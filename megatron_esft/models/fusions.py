@@ -86,5 +86,7 @@ def describe(model) -> str:
 
     moe = [layer.mlp for _, layer in decoder_layers(model) if is_moe_layer(layer)]
     if moe:  # MoE models: which token permutation (experts/permutation.py)
-        line += f"; MoE token permutation: {getattr(moe[0].token_dispatcher, 'permutation', 'megatron')}"
+        dispatcher = moe[0].token_dispatcher
+        permutation = dispatcher.effective_permutation() if hasattr(dispatcher, "effective_permutation") else "megatron"
+        line += f"; MoE token permutation: {permutation}"
     return line

@@ -205,13 +205,13 @@ def build_model(
     meta_device: bool = False,
     config_overrides: dict | None = None,
     fusions=None,
-    moe_permutation: str = "gather",
+    moe_permutation: str = "experts",
 ):
     """The GPTModel of this rank's pipeline stage (parallel state must be initialized, see megatron_esft.parallel).
 
     `meta_device=True` builds shapes only (no memory), which is how the converters get the sharded-state-dict layout
-    of a model too large to materialize. `moe_permutation`: "gather" (experts/permutation.py: no atomics, no host
-    sync) or "megatron" (Megatron-Core's unfused permute/unpermute).
+    of a model too large to materialize. `moe_permutation`: "experts" (default), "gather" or "megatron" (see
+    experts/permutation.PERMUTATIONS).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

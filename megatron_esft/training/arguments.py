@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flex-attention", action="store_true",
                    help="packed-document attention through torch FlexAttention with a block mask (skips other "
                         "documents' blocks; GPU only; not measured yet, see docs/gpu.md)")
-    g.add_argument("--moe-permutation", choices=["gather", "megatron"], default="gather",
+    g.add_argument("--moe-permutation", choices=["experts", "gather", "megatron"], default="experts",
                    help="MoE token (un)permutation: gather = gathers only, no atomics and no host sync (dropless "
-                        "top-k; experts/permutation.py); megatron = Megatron-Core's unfused permute/unpermute, what "
-                        "Megatron-LM runs without TE's --moe-permute-fusion")
+                        "top-k; experts/permutation.py); experts = the same, done by the grouped experts straight "
+                        "into their trainable/frozen row order when one rank holds all experts (EP = 1; FP8 experts "
+                        "quantize the tokens before the gather), else gather; megatron = Megatron-Core's unfused "
+                        "permute/unpermute, what Megatron-LM runs without TE's --moe-permute-fusion")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

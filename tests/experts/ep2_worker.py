@@ -34,6 +34,9 @@ def main(ref_dir, out_dir):
         local = {layer: [g - 4 * rank for g in ids if g // 4 == rank] for layer, ids in TRAINABLE_GLOBAL.items()}
         (freeze_grouped if grouped else freeze_sequential)(model, local)
         loss = loss_of(model, data)
+        if grouped:  # EP = 2: the experts cannot permute their rank's tokens themselves; the dispatcher gathers
+            assert {layer.mlp.token_dispatcher.effective_permutation() for layer in model.decoder.layers
+                    if hasattr(layer.mlp, "experts")} == {"gather"}
         # same batch on both ranks: loss equals EP=1; each expert sees both ranks' tokens, so its grad is 2x EP=1's
         assert abs(loss.item() - reference["loss"]) <= 1e-6, (rank, grouped, loss.item(), reference["loss"])
         loss.backward()

@@ -75,7 +75,7 @@ def test_fused_model_matches_eager_model():
     # and the routed experts' weighted SwiGLU (one call per expert group that has experts)
     calls = result["calls"]
     assert calls["rope_q"] == 3 and calls["rope_kv"] == 3 and calls["swiglu"] == 3 and calls["weighted_swiglu"] >= 2
-    assert result["describe"] == ["fused kernels: none (eager torch ops); MoE token permutation: gather", "fused kernels: swiglu, rope; MoE token permutation: gather"]
+    assert result["describe"] == ["fused kernels: none (eager torch ops); MoE token permutation: experts", "fused kernels: swiglu, rope; MoE token permutation: experts"]
     assert result["grads"] > 30
     # fp32: same loss up to summation order, every gradient within 1e-5 relative
     assert abs(result["loss_fused"] - result["loss_eager"]) <= 1e-5 * abs(result["loss_eager"])
@@ -98,7 +98,7 @@ def test_cuda_auto_fusions_match_eager(mcore_single):
             state = model.state_dict()
         else:
             model.load_state_dict(state)
-            assert describe(model) == "fused kernels: swiglu, rope; MoE token permutation: gather"
+            assert describe(model) == "fused kernels: swiglu, rope; MoE token permutation: experts"
         tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)).cuda()
         loss = model(tokens, torch.arange(32, device="cuda")[None].expand(2, -1), None, labels=tokens).float().mean()
         loss.backward()
@@ -146,8 +146,8 @@ def test_flex_attention_model_matches_sdpa_model(mcore_single, monkeypatch):
     sdpa = build_model(cfg, experts="grouped")
     flex = build_model(cfg, experts="grouped", fusions=["flex_attention"])
     flex.load_state_dict(sdpa.state_dict())
-    assert describe(flex) == "fused kernels: flex_attention; MoE token permutation: gather"
-    assert describe(sdpa).endswith("none (eager torch ops); MoE token permutation: gather")
+    assert describe(flex) == "fused kernels: flex_attention; MoE token permutation: experts"
+    assert describe(sdpa).endswith("none (eager torch ops); MoE token permutation: experts")
     documents = _documents()
     tokens = torch.randint(0, cfg.vocab_size, documents.shape, generator=torch.Generator().manual_seed(2))
     positions = torch.cat([torch.arange(n) for n in (9, 14, 6, 3)] + [torch.arange(n) for n in (20, 7, 5)])

@@ -63,7 +63,8 @@ def test_moe_permutation_flag_reaches_the_model():
 
     initialize(ParallelConfig(), seed=1)
     cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2")))
-    for flags, expected in (([], "gather"), (["--moe-permutation", "megatron"], "megatron")):
+    for flags, expected in (([], "experts"), (["--moe-permutation", "gather"], "gather"),
+                            (["--moe-permutation", "megatron"], "megatron")):
         args = build_parser().parse_args(REQUIRED + flags)
         model = build_trainable_model(args, cfg, ParallelConfig())
         permutations = {layer.mlp.token_dispatcher.permutation for layer in model.decoder.layers
