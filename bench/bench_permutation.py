@@ -5,6 +5,12 @@ for the experts), unpermute, backward. Default shapes: one DeepSeek-V2-Lite MoE 
 hidden 2048, 64 experts, top-6: 24,576 rows). Both variants run in one process, interleaved round-robin, median of
 `--iters` steps after warm-up (CUDA events on a GPU). On a GPU the host syncs of one step are counted with
 `torch.cuda.set_sync_debug_mode`. Run: `python bench/bench_permutation.py [--tokens N] [--dtype bf16|fp32]`.
+
+`--layer-ffn F` (F > 0) adds a second table: the whole routed path of an ESFT layer (permute, frozen-aware grouped
+experts with `--trainable` of the experts trainable at spread-out ids, un-permute; fwd+bwd) with the dispatcher's
+permutation (Megatron's or the gather) followed by the experts' regroup, against the experts permuting the tokens
+themselves ("experts", the default at EP = 1); `--backend fp8` for FP8 experts (a GPU with cc 9.0/10.0; emulated, and
+slow, on CPU).
 """
 
 from __future__ import annotations
@@ -48,6 +54,65 @@ def step(variant, inputs, topk):
     out.backward(grad)
 
 
+def build_experts(args, device, dtype):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_esft.experts import FrozenAwareGroupedExperts
+    from megatron_esft.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig(), seed=1)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=args.hidden, num_attention_heads=8, num_moe_experts=args.experts,
+        moe_router_topk=args.topk, moe_ffn_hidden_size=args.layer_ffn, use_cpu_initialization=device == "cpu",
+        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, gradient_accumulation_fusion=False,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    experts = FrozenAwareGroupedExperts(args.experts, config, MLPSubmodules(
+        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear), get_default_pg_collection())
+    stride = max(args.experts // max(args.trainable, 1), 1)
+    experts.set_trainable_experts(list(range(1, args.experts, stride))[: args.trainable])
+    if args.backend == "fp8":
+        experts.set_gemm_backend("fp8", "frozen")
+    return experts.to(device)
+
+
+def layer_step(variant, inputs, topk, experts):
+    """Permutation + experts + un-permutation, forward and backward."""
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from megatron_esft.experts.permutation import permute_tokens, unpermute_tokens
+
+    tokens, probs, routing_map, grad = inputs
+    x, p = tokens.detach().requires_grad_(), probs.detach().requires_grad_()
+    tokens_per_expert = routing_map.sum(dim=0)
+    if variant == "experts":
+        out, _ = experts(x, tokens_per_expert, p, routing_map=routing_map)
+    elif variant == "gather":
+        rows, row_probs, mapping = permute_tokens(x, p, routing_map, topk)
+        out = unpermute_tokens(experts(rows, tokens_per_expert, row_probs)[0], mapping)
+    else:
+        rows, row_probs, order = permute(x, routing_map, probs=p, num_out_tokens=routing_map.shape[0] * topk)
+        out = unpermute(experts(rows, tokens_per_expert, row_probs)[0], order, x.shape, routing_map=routing_map)
+    out.backward(grad)
+
+
+def time_variants(variants, run, args):
+    timers = {v: Timer() for v in variants}
+    for i in range(args.warmup + args.iters):
+        for variant in variants:
+            if i < args.warmup:
+                run(variant)
+                sync()
+                continue
+            with timers[variant]:
+                run(variant)
+    return {v: t.median_ms() for v, t in timers.items()}
+
+
 def count_syncs(variant, inputs, topk):
     """Host syncs of one step (GPU only: torch warns on each synchronizing call in sync debug mode)."""
     import torch
@@ -73,31 +138,39 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--layer-ffn", type=int, default=0, help="also time the ESFT routed layer with this expert ffn "
+                   "size (0: skip; DeepSeek-V2-Lite: 1408)")
+    p.add_argument("--trainable", type=int, default=6, help="trainable experts in the routed-layer table")
+    p.add_argument("--backend", choices=["bf16", "fp8"], default="bf16", help="expert GEMMs in the routed-layer table")
     args = p.parse_args(argv)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    args.dtype = "bf16" if args.backend == "fp8" else (args.dtype or ("bf16" if device == "cuda" else "fp32"))
     inputs = make_inputs(args, device)
     variants = ("megatron", "gather")
-    timers = {v: Timer() for v in variants}
-    for i in range(args.warmup + args.iters):
-        for variant in variants:
-            if i < args.warmup:
-                step(variant, inputs, args.topk)
-                sync()
-                continue
-            with timers[variant]:
-                step(variant, inputs, args.topk)
-    base = timers["megatron"].median_ms()
+    ms = time_variants(variants, lambda v: step(v, inputs, args.topk), args)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; {args.tokens} tokens x top-{args.topk} of {args.experts} experts = "
           f"{args.tokens * args.topk} rows, hidden {args.hidden}, {args.dtype}; median of {args.iters}")
     labels = {"megatron": "Megatron permute/unpermute (masked_select, scatter_add, index_add)",
               "gather": "gather permutation (ours)"}
     print_table(["permutation, fwd+bwd", "ms", "speedup", "host syncs / step"],
-                [[labels[v], f"{timers[v].median_ms():.3f}", f"{base / timers[v].median_ms():.2f}x",
-                  count_syncs(v, inputs, args.topk)] for v in variants])
+                [[labels[v], f"{ms[v]:.3f}", f"{ms['megatron'] / ms[v]:.2f}x", count_syncs(v, inputs, args.topk)]
+                 for v in variants])
+    if args.layer_ffn <= 0:
+        return
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    experts = build_experts(args, device, dtype)
+    variants = ("megatron", "gather", "experts")
+    ms = time_variants(variants, lambda v: layer_step(v, inputs, args.topk, experts), args)
+    print(f"\nESFT routed layer: {len(experts.trainable_local_experts)} of {args.experts} experts trainable, ffn "
+          f"{args.layer_ffn}, {'fp8' if args.backend == 'fp8' else args.dtype} expert GEMMs")
+    labels = {"megatron": "Megatron permute + experts' regroup + Megatron unpermute",
+              "gather": "gather permutation + experts' regroup + gather unpermute",
+              "experts": "experts permute the tokens (regroup folded in)"}
+    print_table(["routed layer, fwd+bwd", "ms", "speedup vs gather"],
+                [[labels[v], f"{ms[v]:.3f}", f"{ms['gather'] / ms[v]:.2f}x"] for v in variants])
 
 
 if __name__ == "__main__":

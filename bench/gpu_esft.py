@@ -19,8 +19,8 @@ flow (above the first trainable layer, plus fc2 dgrad of trainable experts insid
 weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
 attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
 (`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
-data); embedding lookups 0. `"permutation": "megatron"` jobs dispatch tokens with Megatron-Core's own permutation
-instead of experts/permutation.py's. `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
+data); embedding lookups 0. `"permutation"` picks the MoE token permutation ("experts", the default: the grouped
+experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own). `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -152,41 +152,74 @@ def run_check(args, raw):
     return rows
 
 
+def _routing_inputs(raw, tokens, seed):
+    """Router-style inputs for experts that permute themselves: tokens [T, H], a top-k routing map [T, E] from
+    non-uniform random scores (expert 0 gets no token), router probabilities [T, E], the output gradient [T, H]."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    n, k, h = raw["n_routed_experts"], raw["num_experts_per_tok"], raw["hidden_size"]
+    scores = torch.randn(tokens, n, generator=g) + torch.rand(n, generator=g)
+    scores[:, 0] = -1e9
+    routing_map = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+    probs = torch.softmax(scores, dim=1) * routing_map
+    x = torch.randn(tokens, h, generator=g).to(dev, torch.bfloat16)
+    dy = torch.randn(tokens, h, generator=g).to(dev, torch.bfloat16)
+    return routing_map.sum(dim=0), routing_map.to(dev), x, probs.to(dev), dy
+
+
 def run_experts(args, raw):
-    """One routed-experts layer, forward+backward (input grad needed, as in a middle layer)."""
+    """One routed-experts layer, forward+backward (input grad needed, as in a middle layer): from dispatcher-style
+    permuted rows (the experts alone), and from the layer's tokens with the experts permuting them themselves (the
+    default "experts" permutation at EP = 1: permutation, regroup-free grouping and un-permutation included)."""
     import torch
 
     _init()
     n = raw["n_routed_experts"]
     esft = list(range(1, n, n // TRAINABLE_PER_LAYER))[:TRAINABLE_PER_LAYER]
-    # (mode, backend, fp8 weight cache, Megatron's fused SwiGLU); fp8 always fuses SwiGLU + quantization
-    variants = [("esft", "sequential", None, False), ("esft", "bf16", None, False), ("esft", "bf16", None, True),
-                ("esft", "fp8", "none", True), ("esft", "fp8", "frozen", True), ("fft", "bf16", None, True),
-                ("fft", "fp8", "none", True)]
+    # (mode, backend, fp8 weight cache, Megatron's fused SwiGLU, input); fp8 always fuses SwiGLU + quantization
+    variants = [("esft", "sequential", None, False, "rows"), ("esft", "bf16", None, False, "rows"),
+                ("esft", "bf16", None, True, "rows"), ("esft", "fp8", "none", True, "rows"),
+                ("esft", "fp8", "frozen", True, "rows"), ("fft", "bf16", None, True, "rows"),
+                ("fft", "fp8", "none", True, "rows"),
+                ("esft", "bf16", None, True, "tokens"), ("esft", "fp8", "frozen", True, "tokens"),
+                ("esft", "fp8", "none", True, "tokens"), ("fft", "bf16", None, True, "tokens"),
+                ("fft", "fp8", "none", True, "tokens")]
     counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
+    token_inputs = _routing_inputs(raw, args.tokens, seed=3)
     rows = []
-    for mode, backend, cache, fused in variants:
+    for mode, backend, cache, fused, source in variants:
         ids = esft if mode == "esft" else list(range(n))
         layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential",
                                fused_swiglu=fused and backend == "bf16")
-        timer = Timer()
-        for it in range(args.warmup + args.iters):
-            xi = x.detach().requires_grad_(True)
-            with (timer if it >= args.warmup else NullCtx()):
-                out, _ = layer(xi, counts, probs)
-                out.backward(dy)
-        if args.profile:
+        if source == "rows":
+            tpe = counts
+
             def step():
                 xi = x.detach().requires_grad_(True)
                 out, _ = layer(xi, counts, probs)
                 out.backward(dy)
-            profile_kernels(f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else ""), step)
+        else:
+            tpe, routing_map, tokens, router_probs, d_out = token_inputs
+
+            def step():
+                xi = tokens.detach().requires_grad_(True)
+                out, _ = layer(xi, tpe, router_probs, routing_map=routing_map)
+                out.backward(d_out)
+        timer = Timer()
+        for it in range(args.warmup + args.iters):
+            with (timer if it >= args.warmup else NullCtx()):
+                step()
+        label = f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else "") + f" from {source}"
+        if args.profile:
+            profile_kernels(label, step)
         per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
-        trainable_rows = int(sum(counts[j] for j in ids))
-        flops = 2 * per_expert * (2 * x.shape[0] + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
+        routed, trainable_rows = int(sum(tpe)), int(sum(tpe[j] for j in ids))
+        flops = 2 * per_expert * (2 * routed + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
         ms = timer.median_ms()
         rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "fused": fused, "ms": ms,
-                     "tflops": flops / ms / 1e9, "rows": x.shape[0]})
+                     "tflops": flops / ms / 1e9, "rows": routed, "source": source})
         del layer
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
@@ -368,16 +401,17 @@ def default_plan(full_layers, fft_layers):
     baseline (the default ESFT job at `fft_layers` layers)."""
     esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
     return [
-        # the fused kernels' and the gather permutation's effect: "auto" (the default) next to eager ("none") and
-        # next to Megatron's own permutation
+        # the fused kernels' and the permutations' effect: "auto" (the default) next to eager ("none"); the default
+        # "experts" permutation next to the dispatcher's gather and Megatron's own
         [{"job": "check"}, {"job": "experts"}, dict(esft_small), dict(esft_small, fusions="none"),
-         dict(esft_small, permutation="megatron")],
+         dict(esft_small, permutation="gather"), dict(esft_small, permutation="megatron")],
         # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
         [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
          dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"])],
         # the full V2-Lite depth; FP8 against bf16 experts at both depths
         [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
-         dict(esft_small), dict(esft_small, backend="fp8", cache="frozen")],
+         dict(esft_small), dict(esft_small, backend="fp8", cache="frozen"),
+         dict(esft_small, backend="fp8", cache="frozen", permutation="gather")],
     ]
 
 
