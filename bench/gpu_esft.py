@@ -35,7 +35,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _gpu_report import print_tables  # noqa: E402 (bench/ is on sys.path)
+from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
+from _gpu_report import print_tables  # noqa: E402
 from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, profile_kernels  # noqa: E402
 
 V2_LITE = {
@@ -52,177 +53,6 @@ V2_LITE = {
 TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
             num_experts_per_tok=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
-TRAINABLE_PER_LAYER = 6
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _init(seed=1):
-    from megatron_esft.parallel import ParallelConfig, initialize
-
-    initialize(ParallelConfig(), seed=seed)
-
-
-def _experts_layer(raw, trainable_ids, backend, cache, seq_reference=False, fused_swiglu=False):
-    import torch
-    import torch.nn.functional as F
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from megatron_esft.experts import FrozenAwareGroupedExperts
-
-    gpu = torch.cuda.is_available()
-    config = TransformerConfig(
-        num_layers=1, hidden_size=raw["hidden_size"], num_attention_heads=raw["num_attention_heads"],
-        num_moe_experts=raw["n_routed_experts"], moe_router_topk=raw["num_experts_per_tok"],
-        moe_ffn_hidden_size=raw["moe_intermediate_size"], moe_grouped_gemm=False, use_cpu_initialization=not gpu,
-        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=fused_swiglu,
-        gradient_accumulation_fusion=False, params_dtype=torch.bfloat16, bf16=True)
-    sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    n = raw["n_routed_experts"]
-    if seq_reference:
-        layer = SequentialMLP(n, config, sub, get_default_pg_collection())
-        for j, expert in enumerate(layer.local_experts):
-            expert.requires_grad_(j in trainable_ids)
-        return layer
-    layer = FrozenAwareGroupedExperts(n, config, sub, get_default_pg_collection())
-    layer.set_trainable_experts(trainable_ids)
-    layer.set_gemm_backend(backend, cache)
-    return layer
-
-
-def _routed_inputs(raw, tokens, seed):
-    """Dispatcher-style inputs: rows sorted by expert, top-k counts from a random (non-uniform) routing."""
-    import torch
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(seed)
-    n, k, h = raw["n_routed_experts"], raw["num_experts_per_tok"], raw["hidden_size"]
-    weights = torch.rand(n, generator=g) + 0.2
-    weights[0] = 0.0  # one expert without tokens (zero-size group)
-    counts = torch.multinomial(weights, tokens * k, replacement=True, generator=g).bincount(minlength=n)
-    x = torch.randn(tokens * k, h, generator=g).to(dev, torch.bfloat16)
-    probs = torch.rand(tokens * k, generator=g).to(dev, torch.float32)
-    dy = torch.randn(tokens * k, h, generator=g).to(dev, torch.bfloat16)
-    return counts, x, probs, dy
-
-
-# ------------------------------------------------------------------------------------- check + expert timing
-def run_check(args, raw):
-    """Grouped experts (bf16, FP8) against Megatron's SequentialMLP at the real expert shape, same weights."""
-    import torch
-
-    _init()
-    trainable = list(range(1, raw["n_routed_experts"], raw["n_routed_experts"] // TRAINABLE_PER_LAYER))[:6]
-    ref = _experts_layer(raw, trainable, None, None, seq_reference=True)
-    counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=11)
-    rows = []
-
-    def fwd_bwd(layer):
-        xi = x.clone().requires_grad_(True)
-        out, _ = layer(xi, counts, probs)
-        out.backward(dy)
-        grads = {}
-        for j in trainable:
-            for proj in ("fc1", "fc2"):
-                if hasattr(layer, "local_experts"):
-                    grads[(j, proj)] = getattr(layer.local_experts[j], f"linear_{proj}").weight.grad
-                else:
-                    group, row = layer.placement(j)
-                    grads[(j, proj)] = getattr(layer, f"{proj}_{group}").grad[row]
-        return out.detach(), xi.grad, grads
-
-    out_ref, dx_ref, g_ref = fwd_bwd(ref)
-    for backend, fused in (("bf16", False), ("bf16", True), ("fp8", False)):
-        # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU
-        layer = _experts_layer(raw, trainable, backend, "frozen", fused_swiglu=fused)
-        layer.load_state_dict(ref.state_dict())
-        out, dx, g = fwd_bwd(layer)
-        wgrad = max(_rel(g[key], g_ref[key]) for key in g_ref)
-        nan = not (torch.isfinite(out).all() and torch.isfinite(dx).all())
-        rows.append({"kind": "check", "backend": backend + (" fused SwiGLU" if fused else ""),
-                     "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
-                     "wgrad_rel_max": wgrad, "nan": bool(nan)})
-    return rows
-
-
-def _routing_inputs(raw, tokens, seed):
-    """Router-style inputs for experts that permute themselves: tokens [T, H], a top-k routing map [T, E] from
-    non-uniform random scores (expert 0 gets no token), router probabilities [T, E], the output gradient [T, H]."""
-    import torch
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(seed)
-    n, k, h = raw["n_routed_experts"], raw["num_experts_per_tok"], raw["hidden_size"]
-    scores = torch.randn(tokens, n, generator=g) + torch.rand(n, generator=g)
-    scores[:, 0] = -1e9
-    routing_map = torch.zeros(tokens, n, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
-    probs = torch.softmax(scores, dim=1) * routing_map
-    x = torch.randn(tokens, h, generator=g).to(dev, torch.bfloat16)
-    dy = torch.randn(tokens, h, generator=g).to(dev, torch.bfloat16)
-    return routing_map.sum(dim=0), routing_map.to(dev), x, probs.to(dev), dy
-
-
-def run_experts(args, raw):
-    """One routed-experts layer, forward+backward (input grad needed, as in a middle layer): from dispatcher-style
-    permuted rows (the experts alone), and from the layer's tokens with the experts permuting them themselves (the
-    default "experts" permutation at EP = 1: permutation, regroup-free grouping and un-permutation included)."""
-    import torch
-
-    _init()
-    n = raw["n_routed_experts"]
-    esft = list(range(1, n, n // TRAINABLE_PER_LAYER))[:TRAINABLE_PER_LAYER]
-    # (mode, backend, fp8 weight cache, Megatron's fused SwiGLU, input); fp8 always fuses SwiGLU + quantization
-    variants = [("esft", "sequential", None, False, "rows"), ("esft", "bf16", None, False, "rows"),
-                ("esft", "bf16", None, True, "rows"), ("esft", "fp8", "none", True, "rows"),
-                ("esft", "fp8", "frozen", True, "rows"), ("fft", "bf16", None, True, "rows"),
-                ("fft", "fp8", "none", True, "rows"),
-                ("esft", "bf16", None, True, "tokens"), ("esft", "fp8", "frozen", True, "tokens"),
-                ("esft", "fp8", "none", True, "tokens"), ("fft", "bf16", None, True, "tokens"),
-                ("fft", "fp8", "none", True, "tokens")]
-    counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
-    token_inputs = _routing_inputs(raw, args.tokens, seed=3)
-    rows = []
-    for mode, backend, cache, fused, source in variants:
-        ids = esft if mode == "esft" else list(range(n))
-        layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential",
-                               fused_swiglu=fused and backend == "bf16")
-        if source == "rows":
-            tpe = counts
-
-            def step():
-                xi = x.detach().requires_grad_(True)
-                out, _ = layer(xi, counts, probs)
-                out.backward(dy)
-        else:
-            tpe, routing_map, tokens, router_probs, d_out = token_inputs
-
-            def step():
-                xi = tokens.detach().requires_grad_(True)
-                out, _ = layer(xi, tpe, router_probs, routing_map=routing_map)
-                out.backward(d_out)
-        timer = Timer()
-        for it in range(args.warmup + args.iters):
-            with (timer if it >= args.warmup else NullCtx()):
-                step()
-        label = f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else "") + f" from {source}"
-        if args.profile:
-            profile_kernels(label, step)
-        per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
-        routed, trainable_rows = int(sum(tpe)), int(sum(tpe[j] for j in ids))
-        flops = 2 * per_expert * (2 * routed + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
-        ms = timer.median_ms()
-        rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "fused": fused, "ms": ms,
-                     "tflops": flops / ms / 1e9, "rows": routed, "source": source})
-        del layer
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return rows
 
 
 # --------------------------------------------------------------------------------------------- model timing
@@ -274,7 +104,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     from megatron_esft.models.hf_config import parse_hf_config
     from megatron_esft.models.provider import build_model
 
-    _init(seed=5)
+    init_parallel(seed=5)
     raw = dict(raw, num_hidden_layers=layers)
     cfg = parse_hf_config(raw)
     overrides = {}
@@ -444,7 +274,8 @@ def main(argv=None):
                                                  "equal slices of --plan, to fit a time limit per command (e.g. the "
                                                  "device's 10 minutes)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
-    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for results.jsonl")
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "bench")),
+                   help="directory for results.jsonl and jobs.log (default: $OUT on the device machine, else runs/bench)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per job")
     args = p.parse_args(argv)
     if args.job is not None:
@@ -467,6 +298,7 @@ def main(argv=None):
             p.error(f"--part {args.part}: the default plan comes in {len(groups)} parts (or 1)")
         plan = [job for group in (groups if parts == 1 else groups[part - 1:part]) for job in group]
     kinds = set(args.only.split(","))
+    os.makedirs(args.out, exist_ok=True)
     results, path = [], os.path.join(args.out, "results.jsonl")
     common = ["--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size), "--tokens", str(args.tokens),
               "--recompute", args.recompute, "--warmup", str(args.warmup), "--iters", str(args.iters)]

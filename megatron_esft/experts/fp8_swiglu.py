@@ -158,7 +158,10 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
                 hs.append(None)
                 continue
             part = slice(start, start + n)
-            y, h = _mlp_forward(x_q[part], x_s[part], probs[part], weights[2 * g], weights[2 * g + 1], offs[g], cache)
+            # a group's scales start at any row: copied to a fresh (aligned) buffer, as the kernel gets them in the
+            # rows path (a few bytes per row); the e4m3 rows start at a multiple of H (16) bytes
+            y, h = _mlp_forward(x_q[part], x_s[part].clone(), probs[part], weights[2 * g], weights[2 * g + 1],
+                                offs[g], cache)
             ys.append(y)
             hs.append(h)
             start += n
@@ -189,7 +192,7 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
             part = slice(start, start + n)
             index = token_of_row[part]
             dx, dp, grad_fc1, grad_fc2 = _mlp_backward(
-                dy_q[part], dy_s[part], lambda: d_out.index_select(0, index), lambda: tokens.index_select(0, index),
+                dy_q[part], dy_s[part].clone(), lambda: d_out.index_select(0, index), lambda: tokens.index_select(0, index),
                 probs[part], hs[g], fc1, fc2, ctx.offs[g], ctx.cache, need_dx)
             dxs.append(dx)
             d_probs.append(dp)

@@ -186,3 +186,38 @@ def test_experts_that_cannot_permute_get_the_dispatchers_rows(mcore):
         losses[permutation] = loss_of(model, data)
         assert not dispatcher.experts_permute
     assert torch.equal(losses["experts"], losses["gather"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real grouped and scaled grouped GEMM kernels")
+@pytest.mark.parametrize("backend", ["bf16", "fp8"])
+def test_cuda_experts_permuting_tokens_match_dispatcher_permutation(mcore, backend):
+    """On the GPU: bf16 bit for bit as on CPU; FP8 through the compiled quantization kernels (compiled per row count,
+    so quantizing T tokens or T*k rows may differ in the last bit of a scale): within 1e-2 relative (on an H100 with
+    cc 9.0; the FP8 kernels need it)."""
+    from megatron_esft.experts.fp8 import scaled_grouped_mm_supported
+
+    if backend == "fp8" and not scaled_grouped_mm_supported(torch.device("cuda")):
+        pytest.skip("no row-wise FP8 grouped GEMM kernel on this GPU")
+    experts = _experts(torch.bfloat16, [1, 6], backend=backend).cuda()
+    routing_map, probs = _routing(7, num_tokens=512)
+    routing_map, probs = routing_map.cuda(), probs.cuda()
+    results = {}
+    for ours in (False, True):
+        g = torch.Generator().manual_seed(8)
+        tokens = torch.randn(512, H, generator=g).cuda().bfloat16().requires_grad_()
+        p = probs.clone().requires_grad_()
+        for param in experts.parameters():
+            param.grad = None
+        if ours:
+            out, _ = experts(tokens, routing_map.sum(dim=0), p, routing_map=routing_map)
+        else:
+            rows, permuted_probs, mapping = permute_tokens(tokens, p, routing_map, K)
+            out = unpermute_tokens(experts(rows, routing_map.sum(dim=0), permuted_probs)[0], mapping)
+        out.backward(torch.randn(512, H, generator=g).cuda().bfloat16())
+        results[ours] = [out.detach(), tokens.grad, p.grad] + [q.grad.clone() for q in experts.parameters()
+                                                                 if q.grad is not None]
+    for got, want in zip(results[True], results[False]):
+        if backend == "bf16":
+            assert torch.equal(got, want)
+        else:
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
