@@ -134,4 +134,4 @@ def fingerprint(params):
             pos = torch.arange(s, s + chunk.numel(), device=p.device, dtype=torch.int64) % 1000003 + 1
             acc += (chunk * pos).sum() + (chunk ^ pos).sum()
         out.append(acc)
-    return torch.stack(out).cpu() if out else torch.zeros(0, dtype=torch.int64)
+    return torch.stack([a.cpu() for a in out]) if out else torch.zeros(0, dtype=torch.int64)  # devices may differ

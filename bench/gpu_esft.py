@@ -19,8 +19,10 @@ flow (above the first trainable layer, plus fc2 dgrad of trainable experts insid
 weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
 attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
 (`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
-data); embedding lookups 0. `"permutation"` picks the MoE token permutation ("experts", the default: the grouped
-experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own). `--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
+data); embedding lookups 0. `"offload": true` keeps the frozen experts' bf16 weights in host memory (FP8 with a
+weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
+default: the grouped experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own).
+`--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -94,7 +96,7 @@ def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
 
 
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts"):
+              permutation="experts", offload=False):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -151,6 +153,11 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     from megatron_esft.experts import set_expert_gemm_backend
 
     set_expert_gemm_backend([model], backend, cache)
+    offloaded_gib = 0.0
+    if offload:  # the trainer's --offload-frozen-experts: only the FP8 copies of frozen experts stay on the GPU
+        from megatron_esft.experts import offload_frozen_expert_weights
+
+        offloaded_gib = offload_frozen_expert_weights([model])[0] / 2**30
     for name, p in model.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False
@@ -215,7 +222,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len, "ms": ms,
+             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len, "offloaded_gib": offloaded_gib,
+             "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
@@ -226,7 +234,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
 
 # ---------------------------------------------------------------------------------------------- orchestration
 def default_plan(full_layers, fft_layers):
-    """Three parts, each one device command (`--part K/3`), most informative first (results are appended to
+    """Four parts, each one device command (`--part K/4`), most informative first (results are appended to
     results.jsonl as they come); every row is compared only with rows of its own part, so each part carries its own
     baseline (the default ESFT job at `fft_layers` layers)."""
     esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
@@ -238,9 +246,13 @@ def default_plan(full_layers, fft_layers):
         # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
         [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
          dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"])],
-        # the full V2-Lite depth; FP8 against bf16 experts at both depths
+        # the full V2-Lite depth: bf16 experts, FP8 without a weight cache, FP8 with the frozen experts' cache (fits
+        # only with their bf16 weights in host memory)
         [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
-         dict(esft_small), dict(esft_small, backend="fp8", cache="frozen"),
+         dict(esft_small, layers=full_layers, backend="fp8", cache="frozen", offload=True)],
+        # FP8 against bf16 experts at 4 layers (and FP8 with the dispatcher's gather: the effect of quantizing before
+        # the gather)
+        [dict(esft_small), dict(esft_small, backend="fp8", cache="frozen"),
          dict(esft_small, backend="fp8", cache="frozen", permutation="gather")],
     ]
 
@@ -253,7 +265,8 @@ def run_job(args, job):
         return run_experts(args, raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
-                     job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"))
+                     job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
+                     job.get("offload", False))
 
 
 def main(argv=None):
@@ -270,7 +283,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables to the jobs' stderr")
     p.add_argument("--plan", default=None, help="JSON list of jobs (overrides the default plan)")
-    p.add_argument("--part", default="1/1", help="K/N: run the K-th of the default plan's 3 parts (N = 3) or of N "
+    p.add_argument("--part", default="1/1", help="K/N: run the K-th of the default plan's 4 parts (N = 4) or of N "
                                                  "equal slices of --plan, to fit a time limit per command (e.g. the "
                                                  "device's 10 minutes)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON

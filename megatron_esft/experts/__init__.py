@@ -3,10 +3,12 @@
 * `FrozenAwareGroupedExperts` (grouped.py): drop-in for Megatron-Core's SequentialMLP (same constructor, forward and
   checkpoint layout), on `torch._grouped_mm` (CPU and GPU) with a per-expert loop fallback.
 * `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec; `set_expert_gemm_backend(model,
-  "fp8")` switches every such module to FP8 row-wise grouped GEMMs (fp8.py; H100/B200).
+  "fp8")` switches every such module to FP8 row-wise grouped GEMMs (fp8.py; H100/B200);
+  `offload_frozen_expert_weights(model)` then keeps only the FP8 copies of frozen experts on the device.
 """
 
 from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
-from megatron_esft.experts.spec import set_expert_gemm_backend, use_grouped_experts
+from megatron_esft.experts.spec import offload_frozen_expert_weights, set_expert_gemm_backend, use_grouped_experts
 
-__all__ = ["FrozenAwareGroupedExperts", "set_expert_gemm_backend", "use_grouped_experts"]
+__all__ = ["FrozenAwareGroupedExperts", "offload_frozen_expert_weights", "set_expert_gemm_backend",
+           "use_grouped_experts"]

@@ -22,7 +22,8 @@ Weights are quantized in two physical layouts (FP8 tensor-core GEMMs need both o
 forward and [G, K, N] for dgrad. `FP8WeightCache` keeps them while the weight is unchanged (key: the weight object,
 weakly referenced, and its autograd version counter, which the optimizer's in-place update bumps): `policy="frozen"`
 caches only frozen weights (2 bytes per frozen parameter: the same as their bf16 copy), `"all"` every weight, `"none"`
-re-quantizes every call.
+re-quantizes every call. A weight may live in another memory than the GEMM (frozen experts offloaded to host memory,
+`FrozenAwareGroupedExperts.offload_frozen_weights`): its quantization is made on the compute device from a copy.
 
 On CPU (no `_scaled_grouped_mm` kernel) the scaled GEMM is emulated exactly from the same e4m3 values and scales in
 float32 — for the CPU tests of the quantization and autograd plumbing only; the real kernel is checked on the GPU by
@@ -116,27 +117,32 @@ class FP8WeightCache:
         self._entries: dict[tuple, tuple] = {}
         self.quantizations = 0  # how many weight quantizations ran (tests / benchmarks read it)
 
-    def _quantize(self, weight: torch.Tensor, layout: str):
+    def _quantize(self, weight: torch.Tensor, layout: str, device: torch.device):
         self.quantizations += 1
         g, n, k = weight.shape
+        w = weight.detach()
+        if w.device != device:  # a weight kept in host memory (frozen experts offloaded): quantized on the device
+            w = w.to(device, non_blocking=True)
         if layout == "nk":  # forward operand: rows (g, n) over K
-            q, s = quantize_lastdim(weight.detach())
+            q, s = quantize_lastdim(w)
             return q.view(g, n, k), s.view(g, n)
-        q, s = quantize_lastdim(weight.detach().transpose(-2, -1))  # dgrad operand: rows (g, k) over N
+        q, s = quantize_lastdim(w.transpose(-2, -1))  # dgrad operand: rows (g, k) over N
         return q.view(g, k, n), s.view(g, k)
 
-    def get(self, weight: torch.Tensor, layout: str):
-        """(q, decode scale): layout "nk" -> q [G, N, K], scale [G, N]; "kn" -> q [G, K, N], scale [G, K]."""
+    def get(self, weight: torch.Tensor, layout: str, device=None):
+        """(q, decode scale) on `device` (default: the weight's): layout "nk" -> q [G, N, K], scale [G, N];
+        "kn" -> q [G, K, N], scale [G, K]."""
+        device = weight.device if device is None else torch.device(device)
         use = self.policy == "all" or (self.policy == "frozen" and not weight.requires_grad)
         if not use:
-            return self._quantize(weight, layout)
+            return self._quantize(weight, layout, device)
         # keyed by the weight object itself (a weak reference: a freed weight's memory, reused by a new tensor of
         # the same shape, must not find the old quantization) and its autograd version (bumped by in-place updates)
         key = (id(weight), layout)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is weight and hit[1] == weight._version:
             return hit[2], hit[3]
-        q, s = self._quantize(weight, layout)
+        q, s = self._quantize(weight, layout, device)
         self._entries[key] = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)), weight._version,
                               q, s)
         return q, s
@@ -157,7 +163,7 @@ class _FP8GroupedMM(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_zeros(0, n)
         x_q, x_s = quantize_lastdim(x)
-        w_q, w_s = cache.get(weight, "nk")
+        w_q, w_s = cache.get(weight, "nk", x.device)
         return _scaled_mm(x_q, w_q.transpose(-2, -1), x_s, w_s, offs)
 
     @staticmethod
@@ -170,7 +176,7 @@ class _FP8GroupedMM(torch.autograd.Function):
                 grad_x = grad.new_zeros(0, weight.shape[2])
             else:
                 g_q, g_s = quantize_lastdim(grad)
-                wt_q, wt_s = ctx.cache.get(weight, "kn")
+                wt_q, wt_s = ctx.cache.get(weight, "kn", grad.device)
                 grad_x = _scaled_mm(g_q, wt_q.transpose(-2, -1), g_s, wt_s, offs)
         if ctx.needs_input_grad[1]:
             # bf16 wgrad, [G, N, K] in the parameter's own layout; an empty group gets exact zeros

@@ -81,17 +81,17 @@ swiglu_backward_quantize_keep = CompiledOnCuda(swiglu_backward_quantize_keep_ref
 
 def _mlp_forward(x_q, x_s, probs, fc1, fc2, offs, cache):
     """(y, h) of one group from its quantized input rows."""
-    w1_q, w1_s = cache.get(fc1, "nk")
+    w1_q, w1_s = cache.get(fc1, "nk", x_q.device)
     h = _scaled_mm(x_q, w1_q.transpose(-2, -1), x_s, w1_s, offs)
     a_q, a_s = swiglu_quantize(h, probs)
-    w2_q, w2_s = cache.get(fc2, "nk")
+    w2_q, w2_s = cache.get(fc2, "nk", x_q.device)
     return _scaled_mm(a_q, w2_q.transpose(-2, -1), a_s, w2_s, offs), h
 
 
 def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, fc1, fc2, offs, cache, need_dx):
     """(dx rows or None, d_probs [M, 1] fp32, grad fc1, grad fc2) of one group from its quantized output gradient.
     `dy_rows()` / `x_rows()` give the bf16 rows the wgrads need; called only for trainable weights."""
-    w2t_q, w2t_s = cache.get(fc2, "kn")
+    w2t_q, w2t_s = cache.get(fc2, "kn", dy_q.device)
     da = _scaled_mm(dy_q, w2t_q.transpose(-2, -1), dy_s, w2t_s, offs)
     grad_fc2 = grad_fc1 = grad_x = None
     if fc2.requires_grad:
@@ -102,7 +102,7 @@ def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, fc1, fc2, offs, cache, 
     else:
         dh_q, dh_s, d_probs = swiglu_backward_quantize(da, h, probs)
     if need_dx:
-        w1t_q, w1t_s = cache.get(fc1, "kn")
+        w1t_q, w1t_s = cache.get(fc1, "kn", dy_q.device)
         grad_x = _scaled_mm(dh_q, w1t_q.transpose(-2, -1), dh_s, w1t_s, offs)
     return grad_x, d_probs, grad_fc1, grad_fc2
 

@@ -87,6 +87,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         self._group_ids: dict[str, list[int]] = {"trainable": list(range(num_local_experts)), "frozen": []}
         self._install({"fc1": fc1, "fc2": fc2})
         self.gemm_backend, self._fp8_cache = "bf16", None
+        self._frozen_offloaded_from: Optional[torch.device] = None  # set while the frozen weights are in host memory
 
     def set_gemm_backend(self, backend: str, fp8_weight_cache: str = "frozen") -> None:
         """"bf16": torch._grouped_mm in the parameters' dtype (default). "fp8": row-wise scaled e4m3 forward and
@@ -94,6 +95,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
         `fp8_weight_cache`: "frozen" (keep quantized frozen weights), "all" or "none" (see fp8.FP8WeightCache)."""
         if backend not in GEMM_BACKENDS:
             raise ValueError(f"unknown expert GEMM backend {backend!r} (choose from {', '.join(GEMM_BACKENDS)})")
+        if self.frozen_weights_offloaded and (backend != "fp8" or fp8_weight_cache == "none"):
+            raise ValueError(f"the frozen experts' weights are in host memory: the {backend} backend with weight cache "
+                             f"{fp8_weight_cache!r} would read them there (call reload_frozen_weights() first)")
         if backend == "fp8":
             from megatron_esft.experts.fp8 import FP8WeightCache
 
@@ -134,6 +138,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
         Call before Megatron DDP / the optimizer are built: the group Parameters are replaced by new ones.
         """
+        if self.frozen_weights_offloaded:
+            raise ValueError("set_trainable_experts: the frozen experts' weights are in host memory "
+                             "(call reload_frozen_weights() first)")
         ids = sorted(set(int(i) for i in local_expert_ids))
         if any(i < 0 or i >= self.num_local_experts for i in ids):
             raise ValueError(f"local expert ids {ids} out of range [0, {self.num_local_experts})")
@@ -163,12 +170,61 @@ class FrozenAwareGroupedExperts(MegatronModule):
                 param.partition_stride = 2 if (proj == "fc1" and self.config.gated_linear_unit) else 1
                 setattr(self, f"{proj}_{group}", param)
 
+    # ------------------------------------------------------------------------------- frozen weights in host memory
+    @property
+    def frozen_weights_offloaded(self) -> bool:
+        return self._frozen_offloaded_from is not None
+
+    def offload_frozen_weights(self) -> int:
+        """Move the frozen experts' weights to host memory (pinned when CUDA is available), keeping only their FP8
+        quantizations on the compute device; returns the bytes moved.
+
+        With FP8 experts and a weight cache, the forward and input-gradient GEMMs of frozen experts read only the
+        cached e4m3 copies (2 bytes per parameter for the two layouts) and the frozen weights get no gradient, so
+        their bf16 values (2 more bytes per parameter: together ~90 % of a DeepSeek MoE model) are needed again only
+        by checkpoints and exports, which read them from host memory. The quantizations are made here, while the
+        weights are still on the device; if a weight changes later (a checkpoint load copies into it), the cache sees
+        the new version and re-quantizes from a device copy of it. Call after `set_trainable_experts` and
+        `set_gemm_backend("fp8", "frozen" or "all")`; the Parameters stay the same objects (optimizer, DDP and
+        checkpoint factories keep referring to them)."""
+        if self.gemm_backend != "fp8" or self._fp8_cache.policy == "none":
+            raise ValueError("offloading frozen expert weights needs the fp8 backend with a weight cache ('frozen' or "
+                             "'all'): otherwise every step would read the weights from host memory")
+        if self.frozen_weights_offloaded or not self._group_ids["frozen"]:
+            return 0
+        device, moved = self.fc1_frozen.device, 0
+        for proj in ckpt.PROJECTIONS:
+            param = getattr(self, f"{proj}_frozen")
+            for layout in ("nk", "kn"):  # the forward and the input-gradient operand
+                self._fp8_cache.get(param, layout, device)
+            host = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=device.type == "cuda")
+            host.copy_(param.detach())
+            param.data = host  # keeps the Parameter object and its version (the cache entries stay valid)
+            moved += host.numel() * host.element_size()
+        self._frozen_offloaded_from = device
+        return moved
+
+    def reload_frozen_weights(self) -> int:
+        """Undo `offload_frozen_weights`: the frozen weights back on the compute device; returns the bytes moved."""
+        if not self.frozen_weights_offloaded:
+            return 0
+        moved = 0
+        for proj in ckpt.PROJECTIONS:
+            param = getattr(self, f"{proj}_frozen")
+            param.data = param.detach().to(self._frozen_offloaded_from)
+            moved += param.numel() * param.element_size()
+        self._frozen_offloaded_from = None
+        return moved
+
     # ---------------------------------------------------------------------------------------------------- compute
     def _grouped_mm(self, a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM seam (an FP8 `torch._scaled_grouped_mm` path plugs in here): a [M, K] x b_t [G, K, N]."""
         return torch._grouped_mm(a, b_t, offs=offs)
 
     def _gemm(self, x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], offs) -> torch.Tensor:
+        if weight.device != x.device and (offs is None or self.gemm_backend != "fp8"):
+            raise RuntimeError(f"expert weights on {weight.device}, tokens on {x.device}: offloaded frozen weights "
+                               f"are read only through the FP8 weight cache (grouped GEMMs)")
         if offs is None:
             return looped_mm(x, weight, counts)
         if self.gemm_backend == "fp8":

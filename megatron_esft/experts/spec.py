@@ -61,13 +61,29 @@ def set_expert_gemm_backend(model_chunks, backend: str = "bf16", fp8_weight_cach
     """Select the GEMM backend ("bf16" or "fp8", see experts/fp8.py) of every frozen-aware experts module in a model
     (or list of model chunks, DDP-wrapped or not); returns how many modules were switched. Call after freezing
     (`set_trainable_experts` replaces the Parameters and clears the FP8 weight cache)."""
+    switched = 0
+    for module in _grouped_experts_modules(model_chunks):
+        module.set_gemm_backend(backend, fp8_weight_cache)
+        switched += 1
+    return switched
+
+
+def offload_frozen_expert_weights(model_chunks) -> tuple[int, int]:
+    """Move the frozen experts' weights of every frozen-aware experts module to host memory, keeping their FP8
+    quantizations on the device (`FrozenAwareGroupedExperts.offload_frozen_weights`; needs the fp8 backend with a
+    weight cache). Returns (bytes moved to host memory, bytes of the FP8 weight caches on the device)."""
+    moved = cached = 0
+    for module in _grouped_experts_modules(model_chunks):
+        moved += module.offload_frozen_weights()
+        cached += module._fp8_cache.nbytes()
+    return moved, cached
+
+
+def _grouped_experts_modules(model_chunks):
     from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    switched = 0
     for chunk in chunks:
         for module in chunk.modules():
             if isinstance(module, FrozenAwareGroupedExperts):
-                module.set_gemm_backend(backend, fp8_weight_cache)
-                switched += 1
-    return switched
+                yield module

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --expert-gemm fp8: keep e4m3 copies of frozen expert weights (frozen: fastest, +2 bytes "
                         "per frozen expert parameter of GPU memory), re-quantize every step (none), or also cache "
                         "trainable ones between optimizer steps (all)")
+    g.add_argument("--offload-frozen-experts", action="store_true",
+                   help="with --expert-gemm fp8 and a weight cache: keep the frozen experts' bf16 weights in pinned "
+                        "host memory (read only by checkpoints) and only their FP8 copies on the GPU, so the cache "
+                        "costs no extra GPU memory (docs/gpu.md)")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="eager SwiGLU instead of Megatron-Core's compiled fused kernel (used by default on a GPU)")
     g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
@@ -136,6 +140,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             raise UserError("--flex-attention needs a GPU (FlexAttention has no backward on CPU)")
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
+    if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):
+        raise UserError("--offload-frozen-experts needs --expert-gemm fp8 with --expert-fp8-weight-cache frozen or all "
+                        "(the GEMMs then read only the FP8 copies of frozen experts)")
     if args.expert_gemm == "fp8":
         import torch
 

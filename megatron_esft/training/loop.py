@@ -215,6 +215,12 @@ def pretrain(argv=None) -> int:
         par.print_rank0(f"resumed from {args.load} at iteration {iteration} "
                         f"(consumed samples {loader.consumed_samples})")
 
+    if args.offload_frozen_experts:  # after any checkpoint load: the loaded values are quantized on the device
+        from megatron_esft.experts import offload_frozen_expert_weights
+
+        moved, cached = offload_frozen_expert_weights(model)
+        par.print_rank0(f"frozen expert weights moved to host memory: {moved / 2**30:.3f} GiB per rank "
+                        f"(their FP8 copies on the device: {cached / 2**30:.3f} GiB)")
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
     logger = TrainingLogger(args.tensorboard_dir, selected)

@@ -1,5 +1,5 @@
 """GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) pick the fused kernels,
---flex-attention is opt-in, --expert-fp8-weight-cache needs FP8 experts."""
+--flex-attention is opt-in, --expert-fp8-weight-cache and --offload-frozen-experts need FP8 experts."""
 
 import pytest
 import torch
@@ -40,6 +40,23 @@ def test_fp8_weight_cache_flag_needs_fp8_experts():
     with pytest.raises(UserError, match="--expert-fp8-weight-cache needs --expert-gemm fp8"):
         validate(args, world_size=1)
     validate(build_parser().parse_args(REQUIRED), world_size=1)  # the default is accepted everywhere
+
+
+def test_offload_frozen_experts_needs_fp8_experts_with_a_weight_cache(monkeypatch):
+    from megatron_esft.errors import UserError
+    from megatron_esft.training.arguments import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the FP8 checks that follow need a Hopper GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for flags in ([], ["--expert-gemm", "fp8", "--expert-fp8-weight-cache", "none"]):
+        args = build_parser().parse_args(REQUIRED + flags + ["--offload-frozen-experts"])
+        with pytest.raises(UserError, match="--offload-frozen-experts needs --expert-gemm fp8 with "
+                                            "--expert-fp8-weight-cache frozen or all"):
+            validate(args, world_size=1)
+    for cache in ("frozen", "all"):
+        args = build_parser().parse_args(REQUIRED + ["--expert-gemm", "fp8", "--expert-fp8-weight-cache", cache,
+                                                     "--offload-frozen-experts"])
+        assert validate(args, world_size=1).offload_frozen_experts
 
 
 def test_flex_attention_is_opt_in_and_needs_a_gpu(monkeypatch):
