@@ -222,8 +222,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len, "offloaded_gib": offloaded_gib,
-             "ms": ms,
+             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
+             "offloaded_gib": offloaded_gib, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
              "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
@@ -290,7 +290,15 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "bench")),
                    help="directory for results.jsonl and jobs.log (default: $OUT on the device machine, else runs/bench)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per job")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSONL",
+                   help="print the tables of an earlier run's results.jsonl (no job runs; e.g. one cut off by a time "
+                        "limit)")
     args = p.parse_args(argv)
+    if args.report is not None:
+        with open(args.report) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        print_tables(rows, f"from {args.report}")
+        return
     if args.job is not None:
         rows = run_job(args, json.loads(args.job))
         print("RESULT " + json.dumps(rows), flush=True)
