@@ -22,7 +22,7 @@ attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-
 data); embedding lookups 0. `"offload": true` keeps the frozen experts' bf16 weights in host memory (FP8 with a
 weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
 default: the grouped experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own).
-`--profile` also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
+`--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -326,7 +326,8 @@ def main(argv=None):
     common += ["--tiny"] if args.tiny else []
     common += ["--profile"] if args.profile else []
     for job in [j for j in plan if j["job"] in kinds]:
-        cmd = [sys.executable, os.path.abspath(__file__), *common, "--job", json.dumps(job)]
+        profile = ["--profile"] if job.get("profile") and not args.profile else []  # a job may ask for it alone
+        cmd = [sys.executable, os.path.abspath(__file__), *common, *profile, "--job", json.dumps(job)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
