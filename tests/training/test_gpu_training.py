@@ -1,6 +1,7 @@
 """GPU-only (skipped on CPU): the trainer with bf16 parameters and FP8 experts, the frozen experts' weights kept in host
-memory (--offload-frozen-experts) or on the device: the same losses and checkpoints bit for bit, frozen experts
-unchanged, and the resumed run (which loads the checkpoint before offloading) lands on the straight run's weights."""
+memory (--offload-frozen-experts) or on the device. Frozen experts stay bit-identical to the base checkpoint; losses and
+trained experts agree with the resident run, also across a resume (which loads the checkpoint before offloading).
+Two GPU runs are compared with a tolerance, not bit for bit: the SDPA attention backward may accumulate with atomics."""
 
 import pytest
 import torch
@@ -12,6 +13,20 @@ pytestmark = pytest.mark.skipif(
     reason="FP8 experts need an sm90/sm100 GPU (torch._scaled_grouped_mm)")
 
 FP8 = ["--bf16", "--expert-gemm", "fp8", "--train-iters", "4", "--save-interval", "2"]
+ROUTED = "decoder.layers.{}.mlp.experts.experts.linear_fc{}.weight"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _assert_close_runs(got_losses, want_losses, got, want):
+    assert len(got_losses) == len(want_losses) == 4
+    for a, b in zip(got_losses, want_losses):
+        assert abs(a - b) <= 1e-3 * abs(b), (got_losses, want_losses)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert _rel(got[key], value) < 1e-2, key
 
 
 def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_path):
@@ -20,22 +35,22 @@ def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_pat
     for name, extra in (("resident", []), ("offloaded", ["--offload-frozen-experts"])):
         save = str(tmp_path / name)
         proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *FP8, *extra, data=env["data"])
-        runs[name] = (save, proc)
+        runs[name] = (save, proc, load_mcore(save, 4))
     assert "frozen expert weights moved to host memory" in runs["offloaded"][1].stdout
-    assert losses(runs["resident"][1]) == losses(runs["offloaded"][1])
-    resident, offloaded = load_mcore(runs["resident"][0], 4), load_mcore(runs["offloaded"][0], 4)
-    assert resident.keys() == offloaded.keys()
-    for key, value in resident.items():
-        assert torch.equal(value, offloaded[key]), key
-    base = load_mcore(env["base"], 0)
-    frozen_expert = "decoder.layers.3.mlp.experts.experts.linear_fc1.weight"  # layer 3 trains no expert
-    assert torch.equal(base[frozen_expert].to(offloaded[frozen_expert].dtype), offloaded[frozen_expert])
+    _assert_close_runs(losses(runs["offloaded"][1]), losses(runs["resident"][1]), runs["offloaded"][2],
+                       runs["resident"][2])
+    base, offloaded = load_mcore(env["base"], 0), runs["offloaded"][2]
+    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (expert-config of conftest.py)
+        key = ROUTED.format(3, proj)
+        assert torch.equal(base[key].to(offloaded[key].dtype), offloaded[key]), key
+        key = ROUTED.format(2, proj)
+        frozen = [e for e in range(8) if e != 5]
+        assert torch.equal(base[key][frozen].to(offloaded[key].dtype), offloaded[key][frozen]), key
+        assert not torch.equal(base[key][5].to(offloaded[key].dtype), offloaded[key][5]), key
     # 2 iterations + a resume for 2 (the resume loads the checkpoint into device weights, then offloads)
     resumed = str(tmp_path / "resumed")
     first = pretrain(env["base"], resumed, "--expert-config", env["ecfg"], *FP8, "--exit-interval", "2",
                      "--offload-frozen-experts", data=env["data"])
     second = pretrain(resumed, resumed, *FP8, "--offload-frozen-experts", data=env["data"])
     assert "resumed from" in second.stdout
-    assert losses(first) + losses(second) == losses(runs["offloaded"][1])
-    for key, value in load_mcore(resumed, 4).items():
-        assert torch.equal(value, offloaded[key]), key
+    _assert_close_runs(losses(first) + losses(second), losses(runs["offloaded"][1]), load_mcore(resumed, 4), offloaded)
