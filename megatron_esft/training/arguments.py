@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")
     g.add_argument("--no-keep-best", action="store_true", help="do not keep the best-validation checkpoint")
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="GPU memory (allocated, max allocated, reserved) at every --log-interval in TensorBoard")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, finish the iteration, save a checkpoint (with --save) and exit")

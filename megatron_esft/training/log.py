@@ -6,7 +6,8 @@ Stdout, every --log-interval (Megatron's field names and order, plus the ESFT on
     global batch size: G | lm loss: Y | grad norm: Z | trainable params: P | tokens/s: T
 
 TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
-`iteration-time`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
+`iteration-time`, with --log-memory-to-tensorboard `mem-allocated-bytes`, `mem-max-allocated-bytes`,
+`mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
 `expert-load/fraction/layer_K` (a histogram over experts), `expert-load/selected-share/layer_K` (the share of the
 layer's routed tokens that go to the experts ESFT trains; the rest go to frozen experts), `expert-load/drift/layer_K`
 (validation routing vs the base model's), and a `trainable-params/table` text panel (per-layer trainable counts).
@@ -18,6 +19,23 @@ import torch
 
 from megatron_esft.parallel import is_rank0, print_rank0
 from megatron_esft.training import expert_load
+
+
+MEMORY_FIELDS = (("allocated", "memory_allocated"), ("max allocated", "max_memory_allocated"),
+                 ("reserved", "memory_reserved"), ("max reserved", "max_memory_reserved"))
+
+
+def memory_line(name: str, stats: dict[str, int]) -> str:
+    """Megatron-LM's `report_memory` line: `{name} memory (MB) | allocated: A | max allocated: M | reserved: R |
+    max reserved: X` (MiB, unrounded); `stats` maps the torch.cuda function names to bytes."""
+    return name + " memory (MB)" + "".join(f" | {label}: {stats[key] / 2**20}" for label, key in MEMORY_FIELDS)
+
+
+def cuda_memory_stats() -> dict[str, int] | None:
+    """This rank's torch.cuda allocator statistics in bytes, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return {key: getattr(torch.cuda, key)() for _, key in MEMORY_FIELDS}
 
 
 class TrainingLogger:
@@ -54,6 +72,25 @@ class TrainingLogger:
             self.scalar(key, value, iteration)
         for name, value in (aux_losses or {}).items():
             self.scalar(name, value, iteration)
+
+    def memory(self, iteration: int, *, print_line: bool, to_tensorboard: bool) -> None:
+        """GPU memory after `iteration`: Megatron-LM's `[Rank r] (after N iterations) memory (MB) | ...` line from
+        every rank of data-parallel rank 0 (each model-parallel rank holds other weights), and TensorBoard scalars.
+        Nothing without CUDA."""
+        stats = cuda_memory_stats()
+        if stats is None:
+            return
+        if print_line:
+            from megatron.core import parallel_state as ps
+
+            if ps.get_data_parallel_rank() == 0:
+                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                print(f"[Rank {rank}] {memory_line(f'(after {iteration} iterations)', stats)}", flush=True)
+        if to_tensorboard:
+            for key, name in (("memory_allocated", "mem-allocated-bytes"),
+                              ("max_memory_allocated", "mem-max-allocated-bytes"),
+                              ("memory_reserved", "mem-reserved-bytes")):
+                self.scalar(name, stats[key], iteration)
 
     def expert_load(self, counts: torch.Tensor, iteration: int, prefix: str = "expert-load") -> None:
         if self.writer is None:

@@ -268,6 +268,7 @@ def pretrain(argv=None) -> int:
     signals = ExitSignalHandler(args.exit_signal_handler)
     ddp_model.train()
     window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
+    report_memory = True  # Megatron-LM prints the memory line once, after the first logged iteration
     while iteration < args.train_iters:
         batches = [next(loader) for _ in range(args.num_micro_batches)]
         answer_tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches))], dtype=torch.float64)
@@ -298,6 +299,8 @@ def pretrain(argv=None) -> int:
                 grad_norm=float(grad_norm or 0.0), trainable=report.total,
                 tokens_per_s=window["real"] / max(window["time"], 1e-9))
             logger.expert_load(counts, iteration)
+            logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
+            report_memory = False
             window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)

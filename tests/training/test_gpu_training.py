@@ -3,6 +3,8 @@ memory (--offload-frozen-experts) or on the device. Frozen experts stay bit-iden
 trained experts agree with the resident run, also across a resume (which loads the checkpoint before offloading).
 Two GPU runs are compared with a tolerance, not bit for bit: the SDPA attention backward may accumulate with atomics."""
 
+import re
+
 import pytest
 import torch
 
@@ -36,7 +38,9 @@ def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_pat
         save = str(tmp_path / name)
         proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *FP8, *extra, data=env["data"])
         runs[name] = (save, proc, load_mcore(save, 4))
-    assert "frozen expert weights moved to host memory" in runs["offloaded"][1].stdout
+    out = runs["offloaded"][1].stdout
+    assert "frozen expert weights moved to host memory" in out
+    assert len(re.findall(r"^\[Rank 0\] \(after 1 iterations\) memory \(MB\) \| allocated: ", out, re.M)) == 1
     _assert_close_runs(losses(runs["offloaded"][1]), losses(runs["resident"][1]), runs["offloaded"][2],
                        runs["resident"][2])
     base, offloaded = load_mcore(env["base"], 0), runs["offloaded"][2]

@@ -1,0 +1,31 @@
+"""training/log.py: Megatron-LM's GPU memory line (`report_memory` in megatron/training/utils.py), printed once after
+the first logged iteration on a GPU; nothing on CPU."""
+
+import re
+
+import torch
+
+from megatron_esft.training.log import cuda_memory_stats, memory_line
+
+MIB = 2**20
+
+
+def test_memory_line_is_megatrons():
+    stats = {"memory_allocated": 3 * MIB // 2, "max_memory_allocated": 2 * MIB, "memory_reserved": 4 * MIB,
+             "max_memory_reserved": 5 * MIB + MIB // 4}
+    # Megatron-LM: name + ' memory (MB)' + ' | allocated: {}'.format(bytes / 2**20) + ' | max allocated: {}' ...
+    assert memory_line("(after 1 iterations)", stats) == (
+        "(after 1 iterations) memory (MB) | allocated: 1.5 | max allocated: 2.0 | reserved: 4.0 | max reserved: 5.25")
+
+
+def test_cpu_runs_report_no_gpu_memory(training_env, reference):
+    if torch.cuda.is_available():
+        assert set(cuda_memory_stats()) == {"memory_allocated", "max_memory_allocated", "memory_reserved",
+                                            "max_memory_reserved"}
+        lines = re.findall(r"^\[Rank 0\] \(after 1 iterations\) memory \(MB\) \| allocated: [0-9.]+ \| "
+                           r"max allocated: [0-9.]+ \| reserved: [0-9.]+ \| max reserved: [0-9.]+$",
+                           reference["proc"].stdout, re.M)
+        assert len(lines) == 1
+    else:
+        assert cuda_memory_stats() is None
+        assert "memory (MB)" not in reference["proc"].stdout
