@@ -31,6 +31,7 @@ def _assert_close_runs(got_losses, want_losses, got, want):
         assert _rel(got[key], value) < 1e-2, key
 
 
+@pytest.mark.timeout(500)  # four trainer processes
 def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_path):
     env = training_env
     runs = {}
