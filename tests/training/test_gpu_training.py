@@ -1,6 +1,6 @@
 """GPU-only (skipped on CPU): the trainer with bf16 parameters and FP8 experts, the frozen experts' weights kept in host
 memory (--offload-frozen-experts) or on the device. Frozen experts stay bit-identical to the base checkpoint; losses and
-trained experts agree with the resident run, also across a resume (which loads the checkpoint before offloading).
+trained experts agree with the resident run (the trainer offloads after loading the base checkpoint, as after a resume).
 Two GPU runs are compared with a tolerance, not bit for bit: the SDPA attention backward may accumulate with atomics."""
 
 import re
@@ -31,7 +31,7 @@ def _assert_close_runs(got_losses, want_losses, got, want):
         assert _rel(got[key], value) < 1e-2, key
 
 
-@pytest.mark.timeout(500)  # four trainer processes
+@pytest.mark.timeout(400)  # two trainer processes
 def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_path):
     env = training_env
     runs = {}
@@ -52,10 +52,3 @@ def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_pat
         frozen = [e for e in range(8) if e != 5]
         assert torch.equal(base[key][frozen].to(offloaded[key].dtype), offloaded[key][frozen]), key
         assert not torch.equal(base[key][5].to(offloaded[key].dtype), offloaded[key][5]), key
-    # 2 iterations + a resume for 2 (the resume loads the checkpoint into device weights, then offloads)
-    resumed = str(tmp_path / "resumed")
-    first = pretrain(env["base"], resumed, "--expert-config", env["ecfg"], *FP8, "--exit-interval", "2",
-                     "--offload-frozen-experts", data=env["data"])
-    second = pretrain(resumed, resumed, *FP8, "--offload-frozen-experts", data=env["data"])
-    assert "resumed from" in second.stdout
-    _assert_close_runs(losses(first) + losses(second), losses(runs["offloaded"][1]), load_mcore(resumed, 4), offloaded)
