@@ -288,7 +288,8 @@ def main(argv=None):
                                                  "device's 10 minutes)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print JSON
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join("runs", "bench")),
-                   help="directory for results.jsonl and jobs.log (default: $OUT on the device machine, else runs/bench)")
+                   help="directory for results.jsonl and jobs.log (default: $OUT on the device machine, else "
+                        "runs/bench)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per job")
     p.add_argument("--report", default=None, metavar="RESULTS_JSONL",
                    help="print the tables of an earlier run's results.jsonl (no job runs; e.g. one cut off by a time "

@@ -192,8 +192,8 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
             part = slice(start, start + n)
             index = token_of_row[part]
             dx, dp, grad_fc1, grad_fc2 = _mlp_backward(
-                dy_q[part], dy_s[part].clone(), lambda: d_out.index_select(0, index), lambda: tokens.index_select(0, index),
-                probs[part], hs[g], fc1, fc2, ctx.offs[g], ctx.cache, need_dx)
+                dy_q[part], dy_s[part].clone(), lambda: d_out.index_select(0, index),
+                lambda: tokens.index_select(0, index), probs[part], hs[g], fc1, fc2, ctx.offs[g], ctx.cache, need_dx)
             dxs.append(dx)
             d_probs.append(dp)
             grads += [grad_fc1, grad_fc2]

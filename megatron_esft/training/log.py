@@ -77,6 +77,8 @@ class TrainingLogger:
         """GPU memory after `iteration`: Megatron-LM's `[Rank r] (after N iterations) memory (MB) | ...` line from
         every rank of data-parallel rank 0 (each model-parallel rank holds other weights), and TensorBoard scalars.
         Nothing without CUDA."""
+        if not (print_line or to_tensorboard):
+            return
         stats = cuda_memory_stats()
         if stats is None:
             return

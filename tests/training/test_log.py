@@ -18,7 +18,7 @@ def test_memory_line_is_megatrons():
         "(after 1 iterations) memory (MB) | allocated: 1.5 | max allocated: 2.0 | reserved: 4.0 | max reserved: 5.25")
 
 
-def test_cpu_runs_report_no_gpu_memory(training_env, reference):
+def test_trainer_reports_gpu_memory_once_and_none_on_cpu(training_env, reference):
     if torch.cuda.is_available():
         assert set(cuda_memory_stats()) == {"memory_allocated", "max_memory_allocated", "memory_reserved",
                                             "max_memory_reserved"}
