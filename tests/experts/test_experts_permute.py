@@ -139,6 +139,44 @@ def test_fp8_experts_quantize_tokens_before_the_gather(mcore, trainable, starve)
     assert 0 < err < 0.08
 
 
+def _saved_row_storages(experts, routing_map, probs, ours: bool) -> list:
+    """Sizes in rows of H-wide storages the experts' forward saves for backward (deduplicated by storage)."""
+    tokens = torch.randn(routing_map.shape[0], H).bfloat16().requires_grad_()
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if t.dim() == 2 and t.shape[1] == H and t.dtype == torch.bfloat16:
+            seen[storage.data_ptr()] = storage.nbytes() // (H * t.element_size())
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if ours:
+            experts(tokens, routing_map.sum(dim=0), probs, routing_map=routing_map)
+        else:  # rows from the dispatcher's gather permutation (regrouped by the experts)
+            rows, permuted_probs, _ = permute_tokens(tokens, probs, routing_map, K)
+            experts(rows, routing_map.sum(dim=0), permuted_probs)
+    return [n for ptr, n in seen.items() if ptr not in params]
+
+
+@pytest.mark.parametrize("backend", ["bf16", "fp8"])
+@pytest.mark.parametrize("ours", [False, True])
+def test_trainable_experts_save_only_their_rows(mcore, backend, ours):
+    """A trainable expert's fc1 weight gradient needs its own input rows; a view into the layer's T*k rows would
+    keep all of them alive until backward (the frozen experts save no input)."""
+    experts = _experts(torch.bfloat16, [1, 6], backend=backend)
+    routing_map, probs = _routing(4, num_tokens=64)
+    trainable_rows = int(routing_map[:, [1, 6]].sum())
+    saved = _saved_row_storages(experts, routing_map, probs, ours)
+    assert 0 < trainable_rows < 64 * K and saved
+    # FP8 from tokens saves the T tokens (quantized before the gather) instead of rows
+    allowed = 64 if backend == "fp8" and ours else trainable_rows
+    assert max(saved) <= allowed, saved
+    experts.set_trainable_experts(list(range(E)))  # all trainable: one group, all rows, nothing to copy
+    assert max(_saved_row_storages(experts, routing_map, probs, ours)) == (64 if backend == "fp8" and ours else 64 * K)
+
+
 @pytest.mark.parametrize("backend", ["bf16", "fp8"])
 @pytest.mark.parametrize("shared_overlap", [False, True])
 def test_model_with_experts_permuting_equals_gather_permutation(mcore, backend, shared_overlap):
