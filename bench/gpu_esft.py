@@ -115,8 +115,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     elif recompute.startswith("block:"):  # recompute the first N layers of the block, keep the rest's activations
         overrides = dict(recompute_granularity="full", recompute_method="block",
                          recompute_num_layers=int(recompute.split(":")[1]))
-    elif recompute == "selective":
+    elif recompute.startswith("selective"):  # "selective" (Megatron's default: core_attn) or "selective:moe,layernorm"
         overrides = dict(recompute_granularity="selective")
+        if ":" in recompute:
+            overrides["recompute_modules"] = recompute.split(":", 1)[1].split(",")
     t0 = time.perf_counter()
     model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides,
                         fusions=fusions, moe_permutation=permutation)
@@ -129,12 +131,13 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     selection = {str(k): sorted(torch.randperm(n, generator=gen)[:TRAINABLE_PER_LAYER].tolist()) for k in cfg.moe_layers}
     apply_finetune_mode([model], "full" if mode == "fft" else "esft", ExpertConfig(experts=selection))
     if recompute != "none" and mode == "esft":
-        # Megatron's recompute is an autograd.Function over the layer's *inputs*: with a frozen embedding no input
-        # requires grad and the checkpointed layers' trainable experts would get no gradient. The trainer's hang
-        # guard handles this by making the decoder input require grad (costs the dgrad of the layers below).
+        # Megatron's recompute is an autograd.Function over the layer's (or MoE block's, norm's) *inputs*: with a
+        # frozen embedding no input requires grad and the checkpointed trainable experts would get no gradient. The
+        # trainer's hang guard makes the right input require grad (it reads the recompute settings from the config;
+        # with full recompute the decoder input: the dgrad of the layers below).
         from megatron_esft.esft.hang_guard import install_hang_guard
 
-        install_hang_guard([model], min(cfg.moe_layers) + 1, recompute_full=True)
+        install_hang_guard([model], min(cfg.moe_layers) + 1)
     rows, hooks, counting = {}, [], [False]
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
@@ -278,7 +281,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="tokens for the experts-layer check/benchmark")
     p.add_argument("--layers", type=int, default=27, help="layers of the ESFT full-model runs")
     p.add_argument("--fft-layers", type=int, default=4, help="layers of the ESFT-vs-FFT comparison runs")
-    p.add_argument("--recompute", default="none", help="none | selective | full (every layer) | block:N (first N)")
+    p.add_argument("--recompute", default="none", help="none | selective[:MODULE,...] (Megatron's recompute_modules) | "
+                                                    "full (every layer) | block:N (first N)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables to the jobs' stderr")

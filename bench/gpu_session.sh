@@ -38,14 +38,16 @@ timeout "$TESTS_S" python3 -m pytest -q -p no:cacheprovider --timeout 120 -rs \
 # 2. the benchmark, in the order of what it decides: the check and the experts table (FP8 against bf16 experts); 27
 #    layers, bf16 and FP8 with the frozen experts' cache and their bf16 weights in host memory (model TFLOP/s, what
 #    fits; the bf16 job profiled: where the time goes now); 4 layers: FP8 against bf16, the fused kernels' and the
-#    permutation's effect (neither against both), ESFT against FFT
+#    permutation's effect (neither against both), ESFT against FFT; last, whether micro-batch 2 fits at 27 layers with
+#    selective recompute
 PLAN='[{"job":"check"},{"job":"experts"},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"profile":true},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":4},
  {"job":"model","mode":"esft","backend":"fp8","layers":4,"cache":"frozen"},
  {"job":"model","mode":"esft","backend":"bf16","layers":4,"fusions":"none","permutation":"megatron"},
- {"job":"model","mode":"fft","backend":"bf16","layers":4}]'
+ {"job":"model","mode":"fft","backend":"bf16","layers":4},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"mbs":2,"recompute":"selective:layernorm,mla_up_proj,moe_act"}]'
 timeout "$BENCH_S" python3 bench/gpu_esft.py --timeout 150 --warmup 2 --iters 5 --plan "$PLAN" --out "$OUT" \
     ${BENCH_ARGS:-} \
     2>&1 | grep -v "^\[{" | tail -40

@@ -20,6 +20,22 @@ def apply(patched: list[str]) -> None:
         moe_utils.te_general_gemm = None
         patched.append("moe_utils.te_general_gemm = None")
 
+    # megatron/core/tensor_parallel/random.py:636 CheckpointWithoutOutput sets `self.fp8 = fp8 is not None`, so its
+    # default `fp8=False` (what TransformerLayer's selective "layernorm" recompute passes, transformer_layer.py:577/672)
+    # takes the FP8 branch, which calls TE's FP8GlobalStateManager: NameError without TE. There is no FP8 without TE.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if not getattr(mcore_random.CheckpointWithoutOutput, "_esft_no_fp8", False):
+        original_checkpoint_init = mcore_random.CheckpointWithoutOutput.__init__
+
+        def checkpoint_init(self, *args, **kwargs):
+            original_checkpoint_init(self, *args, **kwargs)
+            self.fp8 = False
+
+        mcore_random.CheckpointWithoutOutput.__init__ = checkpoint_init
+        mcore_random.CheckpointWithoutOutput._esft_no_fp8 = True
+        patched.append("CheckpointWithoutOutput.fp8 = False (selective layernorm recompute)")
+
     # megatron/core/transformer/multi_latent_attention.py:50-65 imports TELinear from
     # megatron.core.extensions.transformer_engine, which exports MagicMock placeholders when TE is missing, so
     # HAVE_TE ends up True and line 185 `isinstance(self.linear_proj, TELinear)` raises TypeError. Force False.

@@ -14,6 +14,9 @@ driven by the *global* expert config (never by what this rank happens to hold):
 * with full activation recompute the layers run inside Megatron's reentrant CheckpointFunction under `no_grad`, and
   a checkpointed chunk whose inputs do not require grad returns an output that does not either (the experts inside
   would get no gradient at all): the guard then sits on the decoder input instead;
+* with selective "layernorm" recompute the pre-MLP norm runs in Megatron's CheckpointWithoutOutput, which records
+  nothing to recompute from when its input does not require grad: the guard then sits on the layer's input (the
+  dgrad of one more frozen attention block);
 * pipeline parallelism: a stage whose layers all come before `first_layer_number` produces an output that does not
   require grad, and Megatron's schedule calls backward on it. Its decoder output is made to require grad, so the
   schedule's backward is a no-op there; later stages receive inputs that require grad from the p2p exchange.
@@ -49,7 +52,8 @@ def _output_hook(module, args, output):
 
 
 def install_hang_guard(model_chunks, first_layer_number: int | None, recompute_full: bool = False) -> list:
-    """Install the hooks; returns their handles. `first_layer_number=None`: the embedding trains, nothing to do."""
+    """Install the hooks; returns their handles. `first_layer_number=None`: the embedding trains, nothing to do.
+    Full recompute is `recompute_full` or read from the model's config, as is selective "layernorm" recompute."""
     if first_layer_number is None:
         return []
     handles = []
@@ -61,11 +65,13 @@ def install_hang_guard(model_chunks, first_layer_number: int | None, recompute_f
         if max(numbers) < first_layer_number:
             handles.append(chunk.decoder.register_forward_hook(_output_hook))  # a stage entirely upstream
             continue
-        if recompute_full:
+        config = chunk.config
+        if recompute_full or config.recompute_granularity == "full":
             handles.append(chunk.decoder.register_forward_pre_hook(_pre_hook_first_arg, with_kwargs=True))
             continue
+        norm_recompute = config.recompute_granularity == "selective" and "layernorm" in (config.recompute_modules or ())
         for number, layer in layers:
-            if number == first_layer_number and is_moe_layer(layer):
+            if number == first_layer_number and is_moe_layer(layer) and not norm_recompute:
                 handles.append(layer.mlp.register_forward_pre_hook(_pre_hook_first_arg, with_kwargs=True))
             elif number == first_layer_number:
                 handles.append(layer.register_forward_pre_hook(_pre_hook_first_arg, with_kwargs=True))

@@ -22,7 +22,8 @@ import contextlib
 from typing import Iterable, Optional, Sequence
 
 import torch
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.tensor_parallel.random import (CheckpointWithoutOutput, get_cuda_rng_tracker,
+                                                  get_expert_parallel_rng_tracker_name)
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -88,6 +89,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
         self._install({"fc1": fc1, "fc2": fc2})
         self.gemm_backend, self._fp8_cache = "bf16", None
         self._frozen_offloaded_from: Optional[torch.device] = None  # set while the frozen weights are in host memory
+        # selective recompute "moe_act" (Megatron-Core's name; models/provider.py lets it through for these experts)
+        self.activation_recompute = (config.recompute_granularity == "selective"
+                                     and "moe_act" in (config.recompute_modules or ()))
 
     def set_gemm_backend(self, backend: str, fp8_weight_cache: str = "frozen") -> None:
         """"bf16": torch._grouped_mm in the parameters' dtype (default). "fp8": row-wise scaled e4m3 forward and
@@ -262,15 +266,24 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
             return contiguous_grad(fp8_swiglu_mlp(x, probs, fc1, fc2, offs, self._fp8_cache))
         h = self._gemm(x, fc1, counts, offs)
+        if not (self.activation_recompute and fc2.requires_grad and h.shape[0] > 0):
+            return self._gemm(self._weighted_activation(h, probs), fc2, counts, offs)
+        # "moe_act" selective recompute, as in Megatron's TEGroupedMLP: only a trainable fc2 saves the activation
+        # (for its weight gradient); drop it after the GEMM and recompute it from h when fc2's gradient arrives
+        checkpoint = CheckpointWithoutOutput(fp8=None)  # fp8=None: no Transformer Engine FP8 state to restore
+        act = checkpoint.checkpoint(self._weighted_activation, h, probs)
+        out = self._gemm(act, fc2, counts, offs)
+        checkpoint.discard_output_and_register_recompute(out)
+        return out
+
+    def _weighted_activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The activation scaled by the router probabilities (MLP.forward's per_token_scale)."""
         if self.config.bias_activation_fusion and h.shape[0] > 0:
             # MLP.forward's fused path for per-token scales: one compiled kernel forward, one backward
             from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
-            act = weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1))
-        else:
-            act = self._activation(h)
-            act = (act * probs.unsqueeze(-1)).to(x.dtype)  # MLP.forward's per_token_scale
-        return self._gemm(act, fc2, counts, offs)
+            return weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1))
+        return (self._activation(h) * probs.unsqueeze(-1)).to(h.dtype)
 
     def _regroup_permutation(self, tokens_per_expert: torch.Tensor, total: int, device) -> Optional[torch.Tensor]:
         """Row permutation that makes each group's rows contiguous (None when they already are)."""

@@ -139,7 +139,7 @@ def transformer_config(
             mscale_all_dim=yarn["mscale_all_dim"] if yarn else 0.0,
         )
         fields.update(overrides)
-        return MLATransformerConfig(**fields)
+        return _validated_config(MLATransformerConfig, fields)
     if cfg.rope_scaling:
         raise UserError(f"{cfg.source}: yarn rope scaling is only supported with MLA")
     fields.update(
@@ -147,7 +147,21 @@ def transformer_config(
         kv_channels=cfg.head_dim,
     )
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    return _validated_config(TransformerConfig, fields)
+
+
+def _validated_config(config_class, fields: dict):
+    """`config_class(**fields)`. Megatron-Core accepts the selective recompute module "moe_act" only for its own
+    grouped-GEMM MLPs (`moe_grouped_gemm`); the frozen-aware grouped experts implement it as well (experts/grouped.py),
+    so it joins `recompute_modules` after Megatron's validation (build_model refuses it for SequentialMLP)."""
+    modules = fields.get("recompute_modules")
+    moe_act = fields.get("recompute_granularity") == "selective" and modules is not None and "moe_act" in modules
+    if moe_act:
+        fields = dict(fields, recompute_modules=[m for m in modules if m != "moe_act"])
+    config = config_class(**fields)
+    if moe_act:
+        config.recompute_modules.append("moe_act")
+    return config
 
 
 def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None,
@@ -227,6 +241,9 @@ def build_model(
 
     fusions = fusion_registry.resolve(fusions, cfg)
     config = transformer_config(cfg, parallel, params_dtype=params_dtype, fusions=fusions, **(config_overrides or {}))
+    if experts != "grouped" and config.recompute_granularity == "selective" and "moe_act" in config.recompute_modules:
+        raise UserError("--recompute-modules moe_act needs the grouped experts (--experts-impl grouped); "
+                        "Megatron-Core's SequentialMLP does not recompute its activation")
     if meta_device:
         config.use_cpu_initialization = True
         config.perform_initialization = False

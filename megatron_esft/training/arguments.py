@@ -9,6 +9,9 @@ import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
 
+# Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="ESFT / full fine-tuning of a DeepSeek MoE model on Megatron-Core")
@@ -78,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-modules", nargs="*", choices=RECOMPUTE_MODULES, default=None, metavar="MODULE",
+                   help="with --recompute-granularity selective: the submodules whose activations are recomputed "
+                        f"in backward, any of {', '.join(RECOMPUTE_MODULES)} (default: core_attn, as Megatron-LM). "
+                        "moe = the whole MoE layer; moe_act = the routed experts' SwiGLU output (trainable experts "
+                        "only save it); mla_up_proj = MLA's q/k/v up-projections and RoPE")
     g.add_argument("--moe-router-load-balancing-type", choices=["seq_aux_loss", "aux_loss", "none"],
                    default="seq_aux_loss", help="seq_aux_loss with --moe-aux-loss-coeff 1e-3 is the reference model's")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
@@ -135,6 +143,10 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.eval_interval and not (args.valid_data or args.split):
         raise UserError("--eval-interval needs --valid-data or --split")
+    if args.recompute_modules is not None and args.recompute_granularity != "selective":
+        raise UserError("--recompute-modules needs --recompute-granularity selective")
+    if args.recompute_modules is not None and "moe_act" in args.recompute_modules and args.experts_impl != "grouped":
+        raise UserError("--recompute-modules moe_act needs --experts-impl grouped")
     if args.flex_attention:
         import torch
 

@@ -39,6 +39,8 @@ def config_overrides(args, cfg: DeepSeekConfig, params_dtype: torch.dtype) -> di
                          recompute_num_layers=args.recompute_num_layers)
     elif args.recompute_granularity == "selective":
         overrides.update(recompute_granularity="selective")
+        if args.recompute_modules is not None:
+            overrides.update(recompute_modules=list(args.recompute_modules))
     return overrides
 
 

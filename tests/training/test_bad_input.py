@@ -63,3 +63,13 @@ def test_cli_error_is_one_line(training_env, tmp_path):
     assert len(errors) == 1 and "selects no expert" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(save)
+
+
+def test_recompute_modules_need_selective_recompute_and_grouped_experts_for_moe_act(training_env, tmp_path):
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="--recompute-modules needs --recompute-granularity selective"):
+        _pretrain(_args(training_env, training_env["base"], save, "--recompute-modules", "moe"))
+    with pytest.raises(UserError, match="moe_act needs --experts-impl grouped"):
+        _pretrain(_args(training_env, training_env["base"], save, "--recompute-granularity", "selective",
+                        "--recompute-modules", "moe_act", "--experts-impl", "sequential"))
+    assert not os.path.exists(save)

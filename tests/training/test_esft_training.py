@@ -82,6 +82,19 @@ def test_grouped_and_sequential_experts_train_alike(training_env, reference):
         assert abs(a - b) <= 1e-6 * abs(b), (seq, reference["losses"][:3])
 
 
+def test_selective_recompute_trains_alike(training_env, reference):
+    """Megatron-LM's selective recompute flags, every module that applies to this model at once: the same training
+    (fp32; a recompute sums some gradients in another order). "moe" recomputes the MoE layers in a reentrant
+    checkpoint, which trains the first MoE layer's experts only through the hang guard."""
+    proc = pretrain(training_env["base"], None, "--expert-config", training_env["ecfg"], "--train-iters", "3",
+                    "--recompute-granularity", "selective", "--recompute-modules", "core_attn", "moe_act",
+                    "layernorm", "mla_up_proj", "moe", data=training_env["data"])
+    got = losses(proc)
+    assert len(got) == 3
+    for a, b in zip(got, reference["losses"][:3]):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, reference["losses"][:3])
+
+
 def test_full_finetuning_trains_everything(training_env):
     """--finetune-mode full (the FFT baseline) runs the same loop with every parameter trainable."""
     save = str(training_env["root"] / "full")
