@@ -267,6 +267,9 @@ def build_model(
             rotary_base=cfg.rope_theta,
         )
     _attach_v2_topk(model, cfg)
+    from megatron_esft.models.routing import use_frozen_aware_gating
+
+    use_frozen_aware_gating(model)
     _norms_to_params_dtype(model, params_dtype)
     from megatron_esft.experts.permutation import set_moe_permutation
 
