@@ -248,7 +248,7 @@ def default_plan(full_layers, fft_layers):
          dict(esft_small, permutation="gather"), dict(esft_small, permutation="megatron")],
         # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
         [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
-         dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "flex_attention"])],
+         dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "linear_cross_entropy", "flex_attention"])],
         # the full V2-Lite depth: bf16 experts, FP8 without a weight cache, FP8 with the frozen experts' cache (fits
         # only with their bf16 weights in host memory)
         [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),

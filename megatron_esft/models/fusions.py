@@ -9,11 +9,13 @@ of an ESFT step's GPU time was such memory-bound work, docs/gpu.md). Megatron-Co
 |---|---|---|
 | `swiglu` | `megatron.core.fusions.fused_bias_swiglu` (`bias_activation_fusion=True`): SwiGLU forward and backward as one `torch.compile`d kernel each, in the dense MLPs, the shared experts, and — weighted by the router probabilities — the routed experts (SequentialMLP's `weighted_bias_swiglu_impl`; the frozen-aware grouped experts call the same function) | `torch.compile` (Triton on CUDA, a C++ compiler on CPU) |
 | `rope` | `megatron.core.fusions.fused_mla_yarn_rope_apply` (`apply_rope_fusion=True`): MLA's YaRN RoPE plus the q / k concatenations as one Triton kernel each way | multi-latent attention with YaRN RoPE, Triton; training forward only (Megatron asserts no inference context) |
+| `linear_cross_entropy` | `models.gpt.ESFTGPTModel` + `models.linear_cross_entropy`: the output layer's GEMM and the cross-entropy loss chunk by chunk of tokens, the logit gradient computed in forward (one `torch.compile`d kernel per chunk on CUDA), no full-vocabulary fp32 tensor; where it does not apply, GPTModel's own loss | a frozen output layer (ESFT), tensor-parallel size 1, no multi-token prediction |
 | `flex_attention` | `models.attention.TorchFlexCoreAttention`: packed-document (masked) attention through torch FlexAttention with a block mask, skipping fully masked blocks (SDPA computes all seq^2 pairs and masks them) | the local spec (no TE); opt-in, not part of "auto" until measured on a GPU; on CPU only without gradients (FlexAttention has no CPU backward: SDPA is used there) |
 
 Each changes only the rounding of intermediate values (one fp32 pass instead of several bf16 roundings); the tests
 compare fused against unfused models. Names and switches follow Megatron-LM (`--no-bias-swiglu-fusion`,
-`--no-rope-fusion`; `--flex-attention` is ours). "auto" = `swiglu` and `rope` where available, which is none on a
+`--no-rope-fusion`; `--no-linear-cross-entropy-fusion` and `--flex-attention` are ours). "auto" = `swiglu`, `rope`
+and `linear_cross_entropy` where available, which is none on a
 machine without CUDA (CPU runs stay on the exact eager path; the tests request fusions explicitly).
 """
 
@@ -25,8 +27,8 @@ from typing import Iterable
 
 import torch
 
-FUSIONS = ("swiglu", "rope", "flex_attention")
-AUTO = ("swiglu", "rope")  # what "auto" may pick (flex_attention is opt-in until measured on a GPU)
+FUSIONS = ("swiglu", "rope", "linear_cross_entropy", "flex_attention")
+AUTO = ("swiglu", "rope", "linear_cross_entropy")  # what "auto" may pick (flex_attention: opt-in until measured)
 CONFIG_FIELDS = {"swiglu": "bias_activation_fusion", "rope": "apply_rope_fusion"}  # Megatron's switches
 
 
@@ -79,6 +81,11 @@ def describe(model) -> str:
     from megatron_esft.models.attention import TorchFlexCoreAttention
 
     on = [name for name, field in CONFIG_FIELDS.items() if getattr(model.config, field, False)]
+    if getattr(model, "linear_cross_entropy", False) and model.post_process:
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+            else model.output_layer.weight
+        # it applies to frozen output layers only (ESFT); call after freezing
+        on.append("linear_cross_entropy" + (" (off: output layer trains)" if weight.requires_grad else ""))
     if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
         on.append("flex_attention")
     line = "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")

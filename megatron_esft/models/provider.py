@@ -228,8 +228,6 @@ def build_model(
     experts/permutation.PERMUTATIONS).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
     # Process-global MoE state of Megatron-Core that must not leak from one model to the next: the aux-loss tracker
@@ -240,6 +238,8 @@ def build_model(
     from megatron_esft.models import fusions as fusion_registry
 
     fusions = fusion_registry.resolve(fusions, cfg)
+    from megatron_esft.models.gpt import ESFTGPTModel
+
     config = transformer_config(cfg, parallel, params_dtype=params_dtype, fusions=fusions, **(config_overrides or {}))
     if experts != "grouped" and config.recompute_granularity == "selective" and "moe_act" in config.recompute_modules:
         raise UserError("--recompute-modules moe_act needs the grouped experts (--experts-impl grouped); "
@@ -255,7 +255,7 @@ def build_model(
         print_rank0(f"note: {cfg.num_nextn_predict_layers} multi-token-prediction layer(s) in the HF config are skipped")
     context = torch.device("meta") if meta_device else contextlib.nullcontext()
     with context:
-        model = GPTModel(
+        model = ESFTGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=cfg.vocab_size,
@@ -266,6 +266,7 @@ def build_model(
             position_embedding_type="rope",
             rotary_base=cfg.rope_theta,
         )
+    model.linear_cross_entropy = "linear_cross_entropy" in fusions
     _attach_v2_topk(model, cfg)
     from megatron_esft.models.routing import use_frozen_aware_gating
 

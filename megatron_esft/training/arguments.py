@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
                    help="eager MLA YaRN RoPE instead of Megatron-Core's Triton kernels (used by default on a GPU "
                         "with Triton)")
+    g.add_argument("--no-linear-cross-entropy-fusion", dest="linear_cross_entropy_fusion", action="store_false",
+                   help="Megatron-Core's output layer + fp32 cross-entropy instead of the chunked fused loss (used by "
+                        "default on a GPU when the output layer is frozen, docs/gpu.md)")
     g.add_argument("--flex-attention", action="store_true",
                    help="packed-document attention through torch FlexAttention with a block mask (skips other "
                         "documents' blocks; GPU only; not measured yet, see docs/gpu.md)")

@@ -49,7 +49,8 @@ def training_fusions(args, cfg: DeepSeekConfig) -> tuple[str, ...]:
     FlexAttention when asked for."""
     from megatron_esft.models import fusions
 
-    off = {"swiglu": not args.bias_swiglu_fusion, "rope": not args.apply_rope_fusion}
+    off = {"swiglu": not args.bias_swiglu_fusion, "rope": not args.apply_rope_fusion,
+           "linear_cross_entropy": not args.linear_cross_entropy_fusion}
     chosen = tuple(name for name in fusions.resolve("auto", cfg) if not off[name])
     return chosen + (("flex_attention",) if args.flex_attention else ())
 

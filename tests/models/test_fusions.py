@@ -33,7 +33,8 @@ def test_resolve_rules(monkeypatch):
     yarn_mla = _cfg(arch="deepseek-v2", yarn=True)
     assert fusions.resolve(None, yarn_mla) == () and fusions.resolve("none", yarn_mla) == ()
     # "auto" turns fusions on only where CUDA runs them; CPU runs keep the eager path
-    assert fusions.resolve("auto", yarn_mla) == (("swiglu", "rope") if torch.cuda.is_available() else ())
+    assert fusions.resolve("auto", yarn_mla) == (("swiglu", "rope", "linear_cross_entropy")
+                                                 if torch.cuda.is_available() else ())
     assert fusions.resolve(["flex_attention"], yarn_mla) == ("flex_attention",)  # opt-in only
     assert fusions.resolve(["swiglu", "swiglu"], yarn_mla) == ("swiglu",)
     assert fusions.config_fields(("rope",)) == {"bias_activation_fusion": False, "apply_rope_fusion": True}

@@ -1,4 +1,5 @@
-"""GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) pick the fused kernels,
+"""GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) and
+--no-linear-cross-entropy-fusion pick the fused kernels,
 --flex-attention is opt-in, --expert-fp8-weight-cache and --offload-frozen-experts need FP8 experts."""
 
 import pytest
@@ -25,10 +26,11 @@ def test_cpu_runs_stay_eager():
 
 def test_flags_turn_fusions_off(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what "auto" would pick on a GPU machine
-    assert _fusions() == ("swiglu", "rope")  # Triton is installed with the test extras
-    assert _fusions("--no-rope-fusion") == ("swiglu",)
-    assert _fusions("--no-bias-swiglu-fusion") == ("rope",)
-    assert _fusions("--no-bias-swiglu-fusion", "--no-rope-fusion") == ()
+    assert _fusions() == ("swiglu", "rope", "linear_cross_entropy")  # Triton is installed with the test extras
+    assert _fusions("--no-rope-fusion") == ("swiglu", "linear_cross_entropy")
+    assert _fusions("--no-bias-swiglu-fusion") == ("rope", "linear_cross_entropy")
+    assert _fusions("--no-linear-cross-entropy-fusion") == ("swiglu", "rope")
+    assert _fusions("--no-bias-swiglu-fusion", "--no-rope-fusion", "--no-linear-cross-entropy-fusion") == ()
 
 
 def test_fp8_weight_cache_flag_needs_fp8_experts():
@@ -68,7 +70,7 @@ def test_flex_attention_is_opt_in_and_needs_a_gpu(monkeypatch):
         with pytest.raises(UserError, match="--flex-attention needs a GPU"):
             validate(args, world_size=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _fusions("--flex-attention") == ("swiglu", "rope", "flex_attention")
+    assert _fusions("--flex-attention") == ("swiglu", "rope", "linear_cross_entropy", "flex_attention")
     assert "flex_attention" not in _fusions()
 
 
