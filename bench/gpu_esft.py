@@ -122,14 +122,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     t0 = time.perf_counter()
     model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides,
                         fusions=fusions, moe_permutation=permutation)
-    from megatron_esft.models.fusions import describe
-
-    fused = describe(model).split(": ", 1)[1]
     build_s = time.perf_counter() - t0
     n = raw["n_routed_experts"]
     gen = torch.Generator().manual_seed(7)
     selection = {str(k): sorted(torch.randperm(n, generator=gen)[:TRAINABLE_PER_LAYER].tolist()) for k in cfg.moe_layers}
     apply_finetune_mode([model], "full" if mode == "fft" else "esft", ExpertConfig(experts=selection))
+    from megatron_esft.models.fusions import describe
+
+    fused = describe(model).split(": ", 1)[1]  # after freezing: the fused loss applies to a frozen output layer only
     if recompute != "none" and mode == "esft":
         # Megatron's recompute is an autograd.Function over the layer's (or MoE block's, norm's) *inputs*: with a
         # frozen embedding no input requires grad and the checkpointed trainable experts would get no gradient. The
