@@ -30,7 +30,7 @@ def print_tables(results, device):
     models = [r for r in results if r.get("kind") == "model"]
     if models:
         print("\n| mode | experts | fused kernels | layers | seq x mbs x accum | documents | recompute | ms/iter | tokens/s | "
-              "model TFLOP/s | peak GiB |"
+              "model TFLOP/s | peak GiB (reserved) |"
               " trainable params | frozen bit-identical | loss first->last |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
@@ -41,7 +41,8 @@ def print_tables(results, device):
                   f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
                   f"{'mean ' + str(r['doc_len']) + ' tokens' if r.get('doc_len') else 'one (causal)'} | "
                   f"{r['recompute']} | "
-                  f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} | "
+                  f"{r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | {r['peak_gib']:.1f} "
+                  f"({r.get('reserved_gib', float('nan')):.1f}) | "
                   f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
                   f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
     for r in models:

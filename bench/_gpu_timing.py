@@ -51,6 +51,13 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def peak_reserved_gib():
+    """Peak memory the caching allocator held (allocated plus its free blocks): what has to fit on the GPU."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 # (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
 _KERNEL_KINDS = [
     ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),

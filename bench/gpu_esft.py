@@ -39,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
 from _gpu_report import print_tables  # noqa: E402
-from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, profile_kernels  # noqa: E402
+from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, peak_reserved_gib, profile_kernels  # noqa: E402
 
 V2_LITE = {
     "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -211,7 +211,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp.finish_grad_sync()
             optimizer.step()
         losses.append(loss.item())
-    peak, kernel_ms = peak_gib(), None
+    peak, reserved, kernel_ms = peak_gib(), peak_reserved_gib(), None
     if args.profile:
         def step():
             ddp.zero_grad_buffer()
@@ -228,7 +228,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
              "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
              "offloaded_gib": offloaded_gib, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
-             "tflops": flops / ms / 1e9, "peak_gib": peak, "trainable_params": n_trainable,
+             "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
+             "trainable_params": n_trainable,
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
              "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
              "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
