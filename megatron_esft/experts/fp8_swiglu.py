@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from megatron_esft.experts.fp8 import (
     FP8WeightCache, CompiledOnCuda, _scaled_mm, quantize_lastdim, quantize_lastdim_reference,
 )
+from megatron_esft.experts.grouped_mm import group_offsets
 from megatron_esft.experts.permutation import gather_rows, sum_pairs
 
 
@@ -218,8 +219,7 @@ def fp8_swiglu_moe(tokens: torch.Tensor, permuted_probs: torch.Tensor, groups, m
     token_of_row, row_of_pair, topk = mapping
     device = tokens.device
     rows = tuple(int(sum(counts)) for _, _, counts in groups)
-    offs = tuple(torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=device)
-                 for _, _, counts in groups)
+    offs = tuple(group_offsets(counts, device) for _, _, counts in groups)
     weights = [w for fc1, fc2, _ in groups for w in (fc1, fc2)]
     return _FP8SwiGLUMoE.apply(tokens.contiguous(), permuted_probs.unsqueeze(-1), token_of_row, row_of_pair, topk,
                                rows, offs, cache, *weights)

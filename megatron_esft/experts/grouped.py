@@ -30,7 +30,8 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_esft.experts import checkpoint as ckpt
-from megatron_esft.experts.grouped_mm import contiguous_grad, grouped_mm_supported, looped_mm
+from megatron_esft.experts.grouped_mm import (contiguous_grad, group_offsets, grouped_mm_supported, looped_mm,
+                                              to_device_async)
 from megatron_esft.experts.permutation import (inverse_permutation, permute_rows, permute_rows_of_tokens, token_mapping,
                                                unpermute_tokens)
 
@@ -89,6 +90,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         self._install({"fc1": fc1, "fc2": fc2})
         self.gemm_backend, self._fp8_cache = "bf16", None
         self._frozen_offloaded_from: Optional[torch.device] = None  # set while the frozen weights are in host memory
+        self._device_constants: dict[tuple, torch.Tensor] = {}  # _on_device
         # selective recompute "moe_act" (Megatron-Core's name; models/provider.py lets it through for these experts)
         self.activation_recompute = (config.recompute_granularity == "selective"
                                      and "moe_act" in (config.recompute_modules or ()))
@@ -260,7 +262,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         )
         offs = None
         if use_grouped:
-            offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(dtype=torch.int32, device=x.device)
+            offs = group_offsets(counts, x.device)
         if self.gemm_backend == "fp8" and offs is not None and self._plain_swiglu() and x.shape[0] > 0:
             from megatron_esft.experts.fp8_swiglu import fp8_swiglu_mlp
 
@@ -292,10 +294,17 @@ class FrozenAwareGroupedExperts(MegatronModule):
             return None
         rank_of = torch.empty(self.num_local_experts, dtype=torch.long)
         rank_of[torch.tensor(order, dtype=torch.long)] = torch.arange(self.num_local_experts)
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=device), tokens_per_expert.to(device), output_size=total
-        )
-        return torch.argsort(rank_of.to(device)[expert_of_row], stable=True)
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_local_experts, device=device),
+                                                to_device_async(tokens_per_expert, device), output_size=total)
+        return torch.argsort(self._on_device(rank_of.tolist(), device)[expert_of_row], stable=True)
+
+    def _on_device(self, values: Sequence[int], device) -> torch.Tensor:
+        """`values` as a long tensor on `device`, made once per distinct value list (a host-to-device copy in every
+        step would synchronize the stream, see grouped_mm.to_device_async)."""
+        key = (tuple(values), str(device))
+        if key not in self._device_constants:
+            self._device_constants[key] = torch.tensor(values, dtype=torch.long).to(device)
+        return self._device_constants[key]
 
     # GatherPermutationMoELayer may call forward with un-permuted tokens and the routing map (EP = expert-TP = 1)
     takes_tokens = True
@@ -323,7 +332,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
     def _forward_tokens(self, tokens, routing_map, probs, counts):
         topk = self.config.moe_router_topk
         order = self._group_ids["trainable"] + self._group_ids["frozen"]
-        expert_order = None if order == sorted(order) else torch.tensor(order, device=tokens.device)
+        expert_order = None if order == sorted(order) else self._on_device(order, tokens.device)
         permuted_probs, mapping = token_mapping(probs, routing_map, topk, expert_order)
         if self._fp8_tokens_path(tokens):
             from megatron_esft.experts.fp8_swiglu import fp8_swiglu_moe

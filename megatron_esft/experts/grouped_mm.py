@@ -87,6 +87,21 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, k: int, n: in
     return reason is None
 
 
+def to_device_async(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a stream synchronization: PyTorch synchronizes the stream after a
+    blocking host-to-device copy (`.to(device)`, `torch.tensor(..., device=cuda)`), so the copy goes from pinned memory
+    with `non_blocking=True` (the caching host allocator keeps the pinned block until the copy has run)."""
+    if device.type != "cuda" or values.device == device:
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def group_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The `offs` of `torch._grouped_mm` (int32 inclusive group ends) for host row counts, on `device` without a
+    stream synchronization (to_device_async)."""
+    return to_device_async(torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32), device)
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y[s:e] = x[s:e] @ weight[g].T for each group g; weight is nn.Linear style [G, N, K]; offs int32 inclusive ends.
 

@@ -259,3 +259,33 @@ def test_cuda_experts_permuting_tokens_match_dispatcher_permutation(mcore, backe
             assert torch.equal(got, want)
         else:
             assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronizations exist on CUDA only")
+@pytest.mark.parametrize("backend", ["bf16", "fp8"])
+@pytest.mark.parametrize("ours", [False, True])
+def test_cuda_experts_run_without_host_syncs(mcore, backend, ours):
+    """With the token counts on the host (where the dispatcher hands them over), the experts' forward and backward
+    synchronize nothing: group offsets and index constants reach the GPU by non-blocking copies or are cached (a
+    blocking host-to-device copy synchronizes the stream)."""
+    from megatron_esft.experts.fp8 import scaled_grouped_mm_supported
+
+    if backend == "fp8" and not scaled_grouped_mm_supported(torch.device("cuda")):
+        pytest.skip("no row-wise FP8 grouped GEMM kernel on this GPU")
+    experts = _experts(torch.bfloat16, [1, 6], backend=backend).cuda()
+    routing_map, probs = _routing(9, num_tokens=256)
+    routing_map, probs = routing_map.cuda(), probs.cuda()
+    counts = routing_map.sum(dim=0).cpu()
+    for checked in (False, True):  # the first step compiles kernels and probes the grouped GEMM
+        tokens = torch.randn(256, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            if ours:
+                out, _ = experts(tokens, counts, probs, routing_map=routing_map)
+            else:
+                rows, permuted_probs, mapping = permute_tokens(tokens, probs, routing_map, K)
+                out = unpermute_tokens(experts(rows, counts, permuted_probs)[0], mapping)
+            out.float().square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert tokens.grad is not None and experts.fc1_trainable.grad is not None
