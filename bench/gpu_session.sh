@@ -34,7 +34,7 @@ timeout "$TESTS_S" python3 -m pytest -q -p no:cacheprovider --timeout 120 -rs \
     tests/experts/test_offload.py tests/experts/test_experts_permute.py tests/experts/test_fp8_swiglu.py \
     tests/experts/test_fp8.py tests/experts/test_permutation.py tests/models/test_fusions.py \
     tests/models/test_linear_cross_entropy.py \
-    tests/training/test_gpu_training.py tests/training/test_log.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/training/test_expert_load.py tests/training/test_gpu_training.py tests/training/test_log.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
 # 2. the benchmark, in the order of what it decides: the check and the experts table (FP8 against bf16 experts); 27
 #    layers, bf16 and FP8 with the frozen experts' cache and their bf16 weights in host memory (model TFLOP/s, what

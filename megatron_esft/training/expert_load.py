@@ -4,7 +4,9 @@ A forward hook on every `TopKRouter` adds `routing_map.sum(0)` (tokens per exper
 micro-batch's valid-token mask) into a `[num_layers, num_experts]` table indexed by HF layer key
 (`router.layer_number - 1`). `reduce()` sums the table over the whole world: data/expert-parallel ranks route
 different tokens, tensor-parallel ranks route different sequence shards (sequence parallelism is always on with
-TP > 1), pipeline stages own different layers.
+TP > 1), pipeline stages own different layers. The hook runs no host synchronization: the counts add up in a table
+on the routers' device (masking by multiplication, not boolean indexing) and reach the host only in `reduce()`, at
+log and evaluation time (a copy to the host in every MoE layer's forward would stall the GPU queue every layer).
 
 Drift: the trainer measures the load on the validation set once before training (the base model's routing on
 exactly those tokens) and at every evaluation; `drift()` is the total-variation distance between the two load
@@ -26,7 +28,8 @@ class ExpertLoadTracker:
 
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         self.routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.shape = (num_layers, num_experts)
+        self._counts = None  # int64 [num_layers, num_experts] on the routers' device, made by the first hook call
         self._valid = None
         self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
 
@@ -50,15 +53,25 @@ class ExpertLoadTracker:
                 valid = valid[rank * step:(rank + 1) * step]
             if valid.numel() == tokens:
                 mask = valid.reshape(-1).to(routing_map.device)
-        rm = routing_map if mask is None else routing_map[mask]
-        self.counts[router.layer_number - 1] += rm.sum(0).to(device="cpu", dtype=torch.float64)
+        if self._counts is None or self._counts.device != routing_map.device:
+            self._counts = torch.zeros(self.shape, dtype=torch.int64, device=routing_map.device)
+        per_expert = (routing_map if mask is None else routing_map & mask.unsqueeze(1)).sum(0)
+        self._counts[router.layer_number - 1] += per_expert
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """This rank's table so far, float64 on the host (a device-to-host copy)."""
+        if self._counts is None:
+            return torch.zeros(self.shape, dtype=torch.float64)
+        return self._counts.to(device="cpu", dtype=torch.float64)
 
     def reset(self) -> None:
-        self.counts.zero_()
+        if self._counts is not None:
+            self._counts.zero_()
 
     def reduce(self) -> torch.Tensor:
         """Global counts (a collective over the world); resets the local table."""
-        total = self.counts.clone()
+        total = self.counts
         if dist.is_initialized():
             all_reduce(total)
         self.reset()
