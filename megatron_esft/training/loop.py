@@ -86,11 +86,13 @@ def _loss_func(loss_mask, scale, output_tensor):
 
 
 def _forward_step(tracker, scale, data_iterator, model):
-    from megatron_esft.data import build_attention_mask, valid_token_mask
+    from megatron_esft.data import build_attention_mask, to_device, valid_token_mask
 
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    batch = {k: v.to(device) for k, v in batch.items()}
+    # non-blocking (the loader pins its batches on a GPU machine): a blocking copy would synchronize the stream at
+    # every micro-batch, and the GPU would wait for the host to launch the next forward
+    batch = to_device(batch, device, attention_mask=False)
     if tracker is not None:
         tracker.set_valid_mask(valid_token_mask(batch))
     output = model(batch["tokens"], batch["position_ids"], build_attention_mask(batch), labels=batch["labels"])
