@@ -3,7 +3,8 @@
 Megatron-Core computes the language-model loss as the output layer's logits [s, b, V] (bf16), then
 `vocab_parallel_cross_entropy` on an fp32 copy: max, subtract, exp, sum, divide in place, and in backward a scatter
 and a scale, then the cast back to bf16 for the dgrad GEMM. With DeepSeek's 102,400-token vocabulary that is 1.6 GB
-per 4,096 tokens for every fp32 pass (about 25 GB of memory traffic per micro-batch, ~8 ms on an H100), and the fp32
+per 4,096 tokens for every fp32 pass (about 25 GB of memory traffic per micro-batch by our count of its passes: an
+estimated ~8 ms at H100 bandwidth, not measured), and the fp32
 softmax (1.6 GB) is kept until backward, on top of the bf16 logits and fp32 temporaries at the loss's peak.
 
 When the output weight is frozen the gradient of each token's loss with respect to its hidden state,
