@@ -5,7 +5,7 @@ expert-parallel rank whose local experts in that layer are all frozen then build
 dispatcher's all-to-alls, skips their backward, while the ranks that train an expert run it: the job hangs (the
 official `train_ep.py` fixes this by forcing `requires_grad` on the MoE input of the first trained layer).
 
-`install_hang_guard(model_chunks, first_layer_number, recompute_full)` does the same, identically on every rank and
+`install_hang_guard(model_chunks, first_layer_number)` does the same, identically on every rank and
 driven by the *global* expert config (never by what this rank happens to hold):
 
 * the input of the MoE block of layer `first_layer_number` (the first layer with anything trainable on any rank)
@@ -51,9 +51,9 @@ def _output_hook(module, args, output):
     return _force_requires_grad(output)
 
 
-def install_hang_guard(model_chunks, first_layer_number: int | None, recompute_full: bool = False) -> list:
+def install_hang_guard(model_chunks, first_layer_number: int | None) -> list:
     """Install the hooks; returns their handles. `first_layer_number=None`: the embedding trains, nothing to do.
-    Full recompute is `recompute_full` or read from the model's config, as is selective "layernorm" recompute."""
+    Where the guard sits follows the model's own recompute settings (its config)."""
     if first_layer_number is None:
         return []
     handles = []
@@ -66,7 +66,7 @@ def install_hang_guard(model_chunks, first_layer_number: int | None, recompute_f
             handles.append(chunk.decoder.register_forward_hook(_output_hook))  # a stage entirely upstream
             continue
         config = chunk.config
-        if recompute_full or config.recompute_granularity == "full":
+        if config.recompute_granularity == "full":
             handles.append(chunk.decoder.register_forward_pre_hook(_pre_hook_first_arg, with_kwargs=True))
             continue
         norm_recompute = config.recompute_granularity == "selective" and "layernorm" in (config.recompute_modules or ())

@@ -186,7 +186,7 @@ def pretrain(argv=None) -> int:
 
         set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
-    install_hang_guard(model, first, recompute_full=args.recompute_granularity == "full")
+    install_hang_guard(model, first)
     from megatron_esft.models.fusions import describe
 
     par.print_rank0(describe(model))

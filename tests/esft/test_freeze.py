@@ -90,8 +90,7 @@ def _grads(model, guard: bool):
     ecfg = ExpertConfig(dict(ECFG))
     freeze.apply_finetune_mode(model, "esft", ecfg)
     if guard:
-        install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, "esft", ["1", "2"]),
-                           recompute_full=model.config.recompute_granularity == "full")
+        install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, "esft", ["1", "2"]))
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     loss = model(tokens, torch.arange(16).expand(2, 16), None, labels=tokens).sum()
     if not loss.requires_grad:
