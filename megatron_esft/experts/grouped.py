@@ -292,11 +292,10 @@ class FrozenAwareGroupedExperts(MegatronModule):
         order = self._group_ids["trainable"] + self._group_ids["frozen"]
         if order == sorted(order):
             return None
-        rank_of = torch.empty(self.num_local_experts, dtype=torch.long)
-        rank_of[torch.tensor(order, dtype=torch.long)] = torch.arange(self.num_local_experts)
+        rank_of = inverse_permutation(self._on_device(order, device))  # expert id -> its position in `order`
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_local_experts, device=device),
                                                 to_device_async(tokens_per_expert, device), output_size=total)
-        return torch.argsort(self._on_device(rank_of.tolist(), device)[expert_of_row], stable=True)
+        return torch.argsort(rank_of[expert_of_row], stable=True)
 
     def _on_device(self, values: Sequence[int], device) -> torch.Tensor:
         """`values` as a long tensor on `device`, made once per distinct value list (a host-to-device copy in every
