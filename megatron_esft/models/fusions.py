@@ -82,10 +82,9 @@ def describe(model) -> str:
 
     on = [name for name, field in CONFIG_FIELDS.items() if getattr(model.config, field, False)]
     if getattr(model, "linear_cross_entropy", False) and model.post_process:
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-            else model.output_layer.weight
         # it applies to frozen output layers only (ESFT); call after freezing
-        on.append("linear_cross_entropy" + (" (off: output layer trains)" if weight.requires_grad else ""))
+        trains = model.output_weight().requires_grad
+        on.append("linear_cross_entropy" + (" (off: output layer trains)" if trains else ""))
     if any(isinstance(m, TorchFlexCoreAttention) for m in model.modules()):
         on.append("flex_attention")
     line = "fused kernels: " + (", ".join(on) if on else "none (eager torch ops)")

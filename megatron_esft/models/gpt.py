@@ -41,5 +41,10 @@ class ESFTGPTModel(GPTModel):
             return None
         if has_config_logger_enabled(self.config):
             return None
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else layer.weight
+        weight = self.output_weight()
         return None if weight.requires_grad else weight
+
+    def output_weight(self):
+        """The weight of the output layer of this (last) pipeline stage, tied to the embedding or its own."""
+        return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else self.output_layer.weight
