@@ -153,7 +153,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             rows[number] = (routed + int(tpe.sum()), trainable + int(tpe[ids].sum()) if ids else trainable)
 
         hooks.append(experts.register_forward_pre_hook(hook))
-    from megatron_esft.experts import set_expert_gemm_backend
+    from megatron_esft.experts import note_expert_weights_updated, set_expert_gemm_backend
 
     set_expert_gemm_backend([model], backend, cache)
     offloaded_gib = 0.0
@@ -210,6 +210,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                 loss.backward()
             ddp.finish_grad_sync()
             optimizer.step()
+            note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current
         losses.append(loss.item())
     peak, reserved, kernel_ms = peak_gib(), peak_reserved_gib(), None
     if args.profile:
@@ -219,6 +220,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp(tokens, position_ids, attention_mask, labels=labels).float().mean().backward()
             ddp.finish_grad_sync()
             optimizer.step()
+            note_expert_weights_updated([model])
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
     flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
                                                                     for k, (r, t) in rows.items()}, pairs)

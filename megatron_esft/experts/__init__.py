@@ -4,11 +4,13 @@
   checkpoint layout), on `torch._grouped_mm` (CPU and GPU) with a per-expert loop fallback.
 * `use_grouped_experts(spec)` (spec.py): swap the experts in a layer/block spec; `set_expert_gemm_backend(model,
   "fp8")` switches every such module to FP8 row-wise grouped GEMMs (fp8.py; H100/B200);
-  `offload_frozen_expert_weights(model)` then keeps only the FP8 copies of frozen experts on the device.
+  `offload_frozen_expert_weights(model)` then keeps only the FP8 copies of frozen experts on the device;
+  `note_expert_weights_updated(model)` after each optimizer step keeps cached FP8 copies of trained experts current.
 """
 
 from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
-from megatron_esft.experts.spec import offload_frozen_expert_weights, set_expert_gemm_backend, use_grouped_experts
+from megatron_esft.experts.spec import (note_expert_weights_updated, offload_frozen_expert_weights,
+                                       set_expert_gemm_backend, use_grouped_experts)
 
-__all__ = ["FrozenAwareGroupedExperts", "offload_frozen_expert_weights", "set_expert_gemm_backend",
+__all__ = ["FrozenAwareGroupedExperts", "note_expert_weights_updated", "offload_frozen_expert_weights", "set_expert_gemm_backend",
            "use_grouped_experts"]

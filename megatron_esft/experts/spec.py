@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -77,6 +79,24 @@ def offload_frozen_expert_weights(model_chunks) -> tuple[int, int]:
         moved += module.offload_frozen_weights()
         cached += module._fp8_cache.nbytes()
     return moved, cached
+
+
+def note_expert_weights_updated(model_chunks) -> int:
+    """Tell the FP8 weight caches that the trainable experts' weights changed (call after every optimizer step).
+
+    The caches notice in-place updates through a Parameter by its autograd version. Megatron-Core's
+    DistributedOptimizer instead writes the new bf16 weights into DDP's parameter buffer, of which the Parameters are
+    views, and that leaves their version unchanged: a `fp8_weight_cache="all"` cache would keep quantizing the first
+    step's weights. This bumps the version of every trainable expert Parameter (nothing is copied; with
+    `--overlap-param-gather` the cache is re-made at the next forward, after DDP's pre-hook waited for the gather).
+    Returns how many Parameters were marked."""
+    marked = 0
+    for module in _grouped_experts_modules(model_chunks):
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                torch.autograd.graph.increment_version(param)
+                marked += 1
+    return marked
 
 
 def _grouped_experts_modules(model_chunks):

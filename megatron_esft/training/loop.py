@@ -176,6 +176,7 @@ def pretrain(argv=None) -> int:
     from megatron.core import parallel_state as ps
 
     from megatron_esft.data import SFTDataLoader, valid_token_mask
+    from megatron_esft.experts import note_expert_weights_updated
 
     model = setup.build_trainable_model(args, cfg, parallel)
     if not resume:
@@ -283,6 +284,7 @@ def pretrain(argv=None) -> int:
         optimizer.zero_grad()
         reports = _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
         _, grad_norm, _ = optimizer.step()
+        note_expert_weights_updated(model)  # FP8 caches of trained experts: the optimizer bypasses their versions
         scheduler.step(increment=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

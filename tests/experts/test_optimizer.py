@@ -7,7 +7,7 @@ from tiny import batch, build_model, copy_sequential_to_grouped, freeze_grouped,
 TRAINABLE = {2: [1, 5, 6]}
 
 
-def _train_setup(model, config, use_distributed_optimizer):
+def _train_setup(model, config, use_distributed_optimizer, bf16=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -17,7 +17,8 @@ def _train_setup(model, config, use_distributed_optimizer):
         model,
     )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1.0, params_dtype=torch.float32,
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1.0, bf16=bf16,
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
                         use_distributed_optimizer=use_distributed_optimizer),
         [ddp],
     )
@@ -161,3 +162,29 @@ def test_fused_adamw_matches_foreach_adamw(mcore, monkeypatch):
     assert foreach_weights.keys() == fused_weights.keys() and foreach_weights
     for name, w in foreach_weights.items():
         torch.testing.assert_close(fused_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fp8_cache_of_trainable_experts_follows_the_distributed_optimizer(mcore):
+    """With `fp8_weight_cache="all"` the trainable experts' e4m3 copies are kept between steps and must be re-made
+    after each optimizer step. Megatron's DistributedOptimizer writes the new bf16 weights into DDP's parameter buffer
+    (of which the Parameters are views), which does not bump their autograd version: without the trainer's
+    `note_expert_weights_updated` the cache would keep the first step's weights. Three steps must equal re-quantizing
+    every call ("none") bit for bit."""
+    from megatron_esft.experts import note_expert_weights_updated, set_expert_gemm_backend
+
+    config = tiny_config(params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=True)
+    torch.manual_seed(0)
+    models = [build_model(config, grouped=True) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runs = []
+    for model, cache in zip(models, ("none", "all")):
+        freeze_grouped(model, TRAINABLE)
+        set_expert_gemm_backend([model], "fp8", cache)
+        ddp, optimizer = _train_setup(model, config, use_distributed_optimizer=True, bf16=True)
+        losses = []
+        for step in range(3):
+            losses.append(_step(ddp, optimizer, batch(seed=step)))
+            note_expert_weights_updated([model])
+        runs.append(losses)
+    assert runs[0][0] != runs[0][2]  # the weights moved
+    assert runs[1] == runs[0]
