@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce-scatter each gradient bucket while backward still runs (data parallelism)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the updated weights bucket by bucket during the next forward (needs "
+                        "--overlap-grad-reduce)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient bucket with --overlap-grad-reduce (default: max(40M, 1M x DP))")
     g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 main weights (GPU only)")
     g.add_argument("--expert-gemm", choices=["bf16", "fp8"], default="bf16",
                    help="routed-expert GEMMs of --experts-impl grouped: fp8 = row-wise scaled FP8 forward and "
@@ -121,7 +128,12 @@ def _positive(args, *names):
 def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     _positive(args, "train-iters", "micro-batch-size", "global-batch-size", "seq-length", "log-interval",
               "save-interval", "eval-interval", "eval-iters", "tensor-model-parallel-size",
-              "pipeline-model-parallel-size", "expert-model-parallel-size", "recompute-num-layers", "exit-interval")
+              "pipeline-model-parallel-size", "expert-model-parallel-size", "recompute-num-layers", "exit-interval",
+              "ddp-bucket-size")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise UserError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:
+        raise UserError("--ddp-bucket-size needs --overlap-grad-reduce (without it all gradients form one bucket)")
     if args.finetune_mode == "full" and args.expert_config:
         raise UserError("--expert-config is for --finetune-mode esft; --finetune-mode full trains every parameter")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:

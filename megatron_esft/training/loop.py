@@ -194,7 +194,7 @@ def pretrain(argv=None) -> int:
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)
-    ddp_model = setup.wrap_ddp(model)
+    ddp_model = setup.wrap_ddp(model, args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size)
     optimizer = setup.build_optimizer(args, ddp_model)
     scheduler = setup.build_scheduler(args, optimizer)
     setup.configure_schedule_hooks(ddp_model, optimizer)
@@ -250,13 +250,15 @@ def pretrain(argv=None) -> int:
             "train_state": train_state,
         }
         t0 = time.perf_counter()
-        ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
-                                    hf_assets if os.path.isdir(hf_assets) else None)
+        with setup.parameters_gathered(ddp_model):
+            ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
+                                        hf_assets if os.path.isdir(hf_assets) else None)
         par.print_rank0(f"saved checkpoint at iteration {it:7d} to {root} ({time.perf_counter() - t0:.1f} s)")
 
     def run_eval(it):
         nonlocal best_loss, base_load
-        loss, counts = evaluate(ddp_model, valid_ds, args, tracker)
+        with setup.parameters_gathered(ddp_model):
+            loss, counts = evaluate(ddp_model, valid_ds, args, tracker)
         if base_load is None and it == 0:
             base_load = counts
         logger.validation(it, loss, counts, base_load)

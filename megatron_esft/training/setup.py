@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megatron_esft.models.hf_config import DeepSeekConfig
@@ -73,19 +75,46 @@ def mark_routed_experts_expert_parallel(model) -> None:
             param.allreduce = False
 
 
-def wrap_ddp(model):
+def wrap_ddp(model, overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+             bucket_size: int | None = None):
+    """Megatron-Core DDP with the distributed optimizer's fp32 grad buffers (trainable parameters only).
+
+    `overlap_grad_reduce` (Megatron-LM's --overlap-grad-reduce): each bucket's reduce-scatter starts as soon as
+    backward has produced all its gradients, instead of after the whole backward. With ESFT every trainable
+    parameter gets a gradient in every backward (a trainable expert without tokens gets zeros, and the hang guard
+    keeps backward reaching the lowest trained layer), which the overlapped buckets need: they launch once each of
+    their parameters has reported. `overlap_param_gather` (--overlap-param-gather): the updated weights' all-gather
+    runs during the next forward (DDP's forward pre-hooks wait for each bucket); until then the bf16 weights are
+    stale, so evaluation and checkpointing go through `parameters_gathered`. `bucket_size`: parameters per bucket
+    (Megatron-LM's --ddp-bucket-size; default with overlap: max(40M, 1M x DP))."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     mark_routed_experts_expert_parallel(model)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=True,
         check_for_nan_in_grad=False,
-        bucket_size=None,
+        bucket_size=bucket_size,
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+@contextlib.contextmanager
+def parameters_gathered(ddp_model):
+    """Up-to-date model weights inside the block, with --overlap-param-gather too (what Megatron-LM does around
+    evaluation and checkpoint saves): DDP's forward pre-hooks come off, which all-gathers every bucket now, and are
+    put back afterwards. Without overlapped gathers the weights are current after every optimizer step already."""
+    if not getattr(ddp_model, "use_forward_hook", False):
+        yield
+        return
+    ddp_model.disable_forward_pre_hook()  # param_sync=True: a synchronous all-gather of every bucket
+    try:
+        yield
+    finally:
+        ddp_model.enable_forward_pre_hook()
 
 
 def build_optimizer(args, ddp_model):
@@ -164,7 +193,9 @@ def configure_schedule_hooks(ddp_model, optimizer) -> None:
 
     config = ddp_model.config
     config.no_sync_func = ddp_model.no_sync
-    config.grad_sync_func = None
+    # with overlapped grad reduction the pipeline schedule launches the last buckets itself (Megatron-LM's
+    # default --align-grad-reduce); without it finalize_model_grads reduces everything after backward
+    config.grad_sync_func = ddp_model.start_grad_sync if ddp_model.ddp_config.overlap_grad_reduce else None
     config.param_sync_func = None
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss

@@ -73,3 +73,14 @@ def test_recompute_modules_need_selective_recompute_and_grouped_experts_for_moe_
         _pretrain(_args(training_env, training_env["base"], save, "--recompute-granularity", "selective",
                         "--recompute-modules", "moe_act", "--experts-impl", "sequential"))
     assert not os.path.exists(save)
+
+
+def test_overlap_flags_need_overlapped_grad_reduce(training_env, tmp_path):
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="--overlap-param-gather needs --overlap-grad-reduce"):
+        _pretrain(_args(training_env, training_env["base"], save, "--overlap-param-gather"))
+    with pytest.raises(UserError, match="--ddp-bucket-size needs --overlap-grad-reduce"):
+        _pretrain(_args(training_env, training_env["base"], save, "--ddp-bucket-size", "1000"))
+    with pytest.raises(UserError, match="--ddp-bucket-size 0: must be at least 1"):
+        _pretrain(_args(training_env, training_env["base"], save, "--overlap-grad-reduce", "--ddp-bucket-size", "0"))
+    assert not os.path.exists(save)

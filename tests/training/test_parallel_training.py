@@ -65,3 +65,37 @@ def test_pp2_with_a_stage_that_trains_nothing(training_env, reference, tmp_path)
     for key in changed:
         rows = [e for e in range(8) if not torch.equal(base[key][e], trained[key][e])]
         assert rows == [1, 6], (key, rows)
+
+
+def _validation_losses(proc) -> dict[int, float]:
+    import re
+
+    return {int(it): float(v) for it, v in
+            re.findall(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)", proc.stdout)}
+
+
+def test_dp2_with_overlapped_grad_reduce_and_param_gather(training_env, reference):
+    """DP=2 with --overlap-grad-reduce --overlap-param-gather and small buckets, 6 iterations with checkpoints every 3
+    and validation every 2: the 1-rank reference run's losses and checkpoints. With the overlapped gather the updated
+    weights arrive only during the next forward (DDP's pre-hooks), so the checkpoint saved at iteration 3, with no
+    forward since the step, holds the step's weights only because the trainer gathers them first; the validations
+    at 2 and 4 take DDP's pre-hooks off and put them back in the middle of training."""
+    env = training_env
+    save = str(env["root"] / "dp2-overlap")
+    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
+                    "--eval-interval", "2", "--overlap-grad-reduce", "--overlap-param-gather",
+                    "--ddp-bucket-size", "5000", nproc=2, data=env["data"])
+    for a, b in zip(losses(proc), reference["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    ref_val, val = _validation_losses(reference["proc"]), _validation_losses(proc)
+    assert sorted(val) == [0, 2, 4, 6] and sorted(ref_val) == [0, 3, 6]
+    for it in (0, 6):
+        assert abs(val[it] - ref_val[it]) <= 1e-5 * abs(ref_val[it]), (it, val[it], ref_val[it])
+    base = load_hf(env["hf"])
+    for iteration, ref_key in (("3", "hf3"), (None, "hf6")):
+        trained = to_hf(save, str(env["root"] / f"dp2-overlap-hf-{iteration}"), iteration=iteration)
+        _check_frozen(base, trained)
+        for key, ref in reference[ref_key].items():
+            if selected_name(key):
+                rel = float((trained[key] - ref).norm() / ref.norm())
+                assert rel <= 1e-4, (iteration, key, rel)
