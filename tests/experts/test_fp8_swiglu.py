@@ -96,25 +96,40 @@ def test_frozen_mlp_saves_neither_input_nor_activation():
 
 
 def test_compiled_kernels_equal_their_eager_references():
-    """torch.compile (Inductor; Triton on a GPU, C++ here) of each fused kernel gives the eager results."""
+    """Each fused kernel through `CompiledOnCuda.compiled`, the path CUDA tensors take (torch.compile with the row
+    dimension marked dynamic; Inductor's C++ backend here, Triton on a GPU), at two row counts: the eager results,
+    no fallback to eager (a failed compile falls back), and no recompilation for the second row count (a guard on
+    the row count would recompile for every group size of every step)."""
+    from megatron_esft.experts.fp8 import CompiledOnCuda, quantize_lastdim_reference
+    from megatron_esft.models.linear_cross_entropy import _loss_and_logit_grad_reference
+
     g = torch.Generator().manual_seed(5)
-    m = 37
-    h = torch.randn(m, 2 * FFN, generator=g).bfloat16()
-    da = torch.randn(m, FFN, generator=g).bfloat16()
-    probs = torch.rand(m, 1, generator=g)
-    cases = [(swiglu_quantize_reference, (h, probs)), (weighted_swiglu_reference, (h, probs)),
-             (swiglu_backward_quantize_reference, (da, h, probs)),
-             (swiglu_backward_quantize_keep_reference, (da, h, probs))]
-    for fn, args in cases:
-        eager = fn(*args)
-        compiled = torch.compile(fn)(*args)
-        eager, compiled = (eager,) if torch.is_tensor(eager) else eager, (compiled,) if torch.is_tensor(compiled) else compiled
-        for e, c in zip(eager, compiled):
-            assert e.dtype == c.dtype and e.shape == c.shape, fn.__name__
-            if e.dtype == torch.float8_e4m3fn:  # fp32 math in another order: an e4m3 rounding tie may flip
-                assert (e.float() != c.float()).float().mean() < 1e-3, fn.__name__
-            else:
-                torch.testing.assert_close(c.float(), e.float(), rtol=1e-5, atol=1e-6, msg=fn.__name__)
+
+    def cases(m):
+        h = torch.randn(m, 2 * FFN, generator=g).bfloat16()
+        da = torch.randn(m, FFN, generator=g).bfloat16()
+        probs = torch.rand(m, 1, generator=g)
+        labels = torch.randint(-1, 2 * FFN + 2, (m,), generator=g)  # some outside the vocabulary
+        return [(swiglu_quantize_reference, (h, probs)), (weighted_swiglu_reference, (h, probs)),
+                (swiglu_backward_quantize_reference, (da, h, probs)),
+                (swiglu_backward_quantize_keep_reference, (da, h, probs)), (quantize_lastdim_reference, (h,)),
+                (_loss_and_logit_grad_reference, (h, labels))]
+
+    kernels = {}
+    for m in (37, 54):
+        for fn, args in cases(m):
+            kernel = kernels.setdefault(fn, CompiledOnCuda(fn))
+            with torch._dynamo.config.patch(error_on_recompile=m != 37):  # the second row count: no new graph
+                eager, compiled = fn(*args), kernel.compiled(*args)
+            assert not kernel._failed, fn.__name__
+            eager = (eager,) if torch.is_tensor(eager) else eager
+            compiled = (compiled,) if torch.is_tensor(compiled) else compiled
+            for e, c in zip(eager, compiled, strict=True):
+                assert e.dtype == c.dtype and e.shape == c.shape, fn.__name__
+                if e.dtype == torch.float8_e4m3fn:  # fp32 math in another order: an e4m3 rounding tie may flip
+                    assert (e.float() != c.float()).float().mean() < 1e-3, fn.__name__
+                else:
+                    torch.testing.assert_close(c.float(), e.float(), rtol=1e-5, atol=1e-6, msg=fn.__name__)
 
 
 def test_rejects_bad_inputs():
