@@ -24,6 +24,18 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False  # forced on when TP > 1 with MoE (Megatron-Core requires it)
+    # uneven pipeline stages (Megatron-LM's --decoder-first/last-pipeline-num-layers): the other stages split the
+    # remaining layers evenly (models/provider.pipeline_stage_layers)
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> "ParallelConfig":
+        """From parsed Megatron-LM-style arguments (`--tensor-model-parallel-size`, ..., and the uneven-pipeline
+        flags of `add_uneven_pipeline_arguments` where the parser has them)."""
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        fields.pop("sequence_parallel", None)
+        return cls(**{**fields, **overrides})
 
     @property
     def tp(self) -> int:
@@ -36,6 +48,14 @@ class ParallelConfig:
     @property
     def ep(self) -> int:
         return self.expert_model_parallel_size
+
+
+def add_uneven_pipeline_arguments(parser) -> None:
+    """Megatron-LM's uneven pipeline split (to an argparse parser or argument group)."""
+    parser.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, metavar="N",
+                        help="decoder layers of the first pipeline stage (the other stages split the rest evenly)")
+    parser.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None, metavar="N",
+                        help="decoder layers of the last pipeline stage (the other stages split the rest evenly)")
 
 
 def world_size() -> int:

@@ -13,6 +13,7 @@ import os
 import _bootstrap  # noqa: F401
 
 from megatron_esft.errors import UserError, run_cli
+from megatron_esft.parallel import add_uneven_pipeline_arguments
 from megatron_esft.routing.cli import ArgumentParser
 from megatron_esft.routing.scores import GATE_KINDS
 
@@ -33,6 +34,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
+    add_uneven_pipeline_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     parser.add_argument("--tensorboard-dir", help="also log the score heatmaps to TensorBoard")
     parser.add_argument("--no-plot", action="store_true", help="do not write scores_token.png")
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, seed=args.seed, template=args.template,
         gate=args.gate, tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size, dtype=args.dtype,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
         tensorboard_dir=args.tensorboard_dir, plot=not args.no_plot, progress=not args.no_progress,
     ))
     return 0

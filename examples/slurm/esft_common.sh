@@ -100,6 +100,10 @@ esft_single_launcher() {
 esft_parallel_args() {
     PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --expert-model-parallel-size "$EP"
         --pipeline-model-parallel-size "$PP")
+    # uneven pipeline stages (e.g. DeepSeek-V3's 61 layers): the other stages split the remaining layers evenly
+    [ -n "${PP_FIRST_LAYERS:-}" ] && PARALLEL_ARGS+=(--decoder-first-pipeline-num-layers "$PP_FIRST_LAYERS")
+    [ -n "${PP_LAST_LAYERS:-}" ] && PARALLEL_ARGS+=(--decoder-last-pipeline-num-layers "$PP_LAST_LAYERS")
+    return 0
 }
 
 # ---- resume --------------------------------------------------------------------------------------------------------

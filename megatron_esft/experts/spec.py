@@ -33,13 +33,14 @@ def _moe_mlp_specs(spec):
 
 def use_grouped_experts(spec, backend: str = "torch"):
     """Return a copy of a layer spec (ModuleSpec) or block spec (TransformerBlockSubmodules) whose MoE layers use the
-    frozen-aware grouped experts. Dense layers are untouched. `backend`: "torch" (torch._grouped_mm, CPU and GPU);
-    "te" (Transformer Engine GroupedLinear) is reserved and not implemented yet."""
+    frozen-aware grouped experts. Dense layers are untouched (a pipeline stage's block may hold dense layers only, e.g.
+    the first stage of an uneven split). `backend`: "torch" (torch._grouped_mm, CPU and GPU); "te" (Transformer
+    Engine GroupedLinear) is reserved and not implemented yet."""
     experts_cls = _experts_class(backend)
     spec = copy.deepcopy(spec)
     mlps = list(_moe_mlp_specs(spec))
-    if not mlps:
-        raise ValueError("use_grouped_experts: the spec has no MoE layer")
+    if not mlps and getattr(spec, "layer_specs", None) is None:
+        raise ValueError("use_grouped_experts: the layer spec is not a MoE layer")
     for mlp in mlps:
         experts = mlp.submodules.experts
         submodules = experts.submodules if isinstance(experts, ModuleSpec) else None

@@ -42,8 +42,34 @@ def _check_divisibility(cfg: DeepSeekConfig, parallel: ParallelConfig) -> None:
         raise UserError(f"attention heads are not divisible by --tensor-model-parallel-size {parallel.tp}")
     if cfg.vocab_size % parallel.tp:
         raise UserError(f"vocab_size {cfg.vocab_size} is not divisible by --tensor-model-parallel-size {parallel.tp}")
-    if cfg.num_layers % parallel.pp:
-        raise UserError(f"{cfg.num_layers} layers are not divisible by --pipeline-model-parallel-size {parallel.pp}")
+    pipeline_stage_layers(cfg.num_layers, parallel)
+
+
+def pipeline_stage_layers(num_layers: int, parallel: ParallelConfig) -> list[int]:
+    """Decoder layers per pipeline stage: an even split, or Megatron-LM's uneven one, where
+    --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers fix the first / last stage and the
+    stages between split the rest evenly (DeepSeek-V3's 61 layers, V2-Lite's 27 over 2 stages). UserError otherwise
+    (before Megatron-Core's own ValueError, with the flags' names)."""
+    pp, first, last = parallel.pp, parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        if num_layers % pp:
+            raise UserError(f"{num_layers} layers are not divisible by --pipeline-model-parallel-size {pp} (uneven "
+                            "stages: --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers)")
+        return [num_layers // pp] * pp
+    if pp < 2:
+        raise UserError("--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers need "
+                        "--pipeline-model-parallel-size of at least 2")
+    for flag, value in (("first", first), ("last", last)):
+        if value is not None and value < 1:
+            raise UserError(f"--decoder-{flag}-pipeline-num-layers {value}: must be at least 1")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    if (middle_stages == 0 and middle != 0) or (middle_stages and (middle < middle_stages or middle % middle_stages)):
+        raise UserError(f"{num_layers} layers over --pipeline-model-parallel-size {pp} with first stage {first} and "
+                        f"last stage {last}: {middle} layers left for {middle_stages} other stage(s), which must split "
+                        "them evenly (at least one each)")
+    middle_split = [middle // middle_stages] * middle_stages if middle_stages else []
+    return ([first] if first is not None else []) + middle_split + ([last] if last is not None else [])
 
 
 def transformer_config(
@@ -88,6 +114,8 @@ def transformer_config(
         persist_layer_norm=False,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=1,
         sequence_parallel=parallel.tp > 1,

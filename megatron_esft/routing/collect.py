@@ -70,6 +70,8 @@ class CollectArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
     dtype: str | None = None  # default: the checkpoint's
     tensorboard_dir: str | None = None
     plot: bool = True
@@ -96,8 +98,7 @@ def collect_expert_scores(args: CollectArgs):
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = getattr(torch, args.dtype or meta.get("params_dtype") or "float32")
 
-    parallel = par.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                  args.expert_model_parallel_size, sequence_parallel=args.tensor_model_parallel_size > 1)
+    parallel = par.ParallelConfig.from_args(args, sequence_parallel=args.tensor_model_parallel_size > 1)
     par.initialize(parallel, seed=args.seed)
     dataset, _ = build_sft_datasets(args.data, tokenizer=tokenizer, seq_length=args.seq_length, pack=True,
                                     seed=args.seed, template=args.template)

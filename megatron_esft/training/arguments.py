@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
+from megatron_esft.parallel import add_uneven_pipeline_arguments
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    add_uneven_pipeline_arguments(g)
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce-scatter each gradient bucket while backward still runs (data parallelism)")

@@ -67,6 +67,16 @@ def resolve_run(args):
     return iteration, meta, cfg, shape, resume, ecfg
 
 
+def _layers_per_stage(model) -> list[int]:
+    """Decoder layers each pipeline stage built (a collective over the pipeline group)."""
+    from megatron.core import parallel_state as ps
+
+    counts = torch.zeros(ps.get_pipeline_model_parallel_world_size(), dtype=torch.int64)
+    counts[ps.get_pipeline_model_parallel_rank()] = len(model.decoder.layers)
+    par.all_reduce(counts, group=ps.get_pipeline_model_parallel_group())
+    return counts.tolist()
+
+
 def build_data(args):
     from megatron_esft.data import build_sft_datasets, load_tokenizer
 
@@ -170,8 +180,7 @@ def pretrain(argv=None) -> int:
     train_ds, valid_ds = build_data(args)
     if args.eval_interval and valid_ds is None:
         raise UserError("--eval-interval: the validation set is empty")
-    parallel = par.ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                  args.expert_model_parallel_size)
+    parallel = par.ParallelConfig.from_args(args)
     setup.initialize_parallel(parallel, seed=args.seed)
     from megatron.core import parallel_state as ps
 
@@ -191,6 +200,8 @@ def pretrain(argv=None) -> int:
     from megatron_esft.models.fusions import describe
 
     par.print_rank0(describe(model))
+    if parallel.pp > 1:
+        par.print_rank0(f"pipeline stages: {', '.join(map(str, _layers_per_stage(model)))} decoder layers")
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)

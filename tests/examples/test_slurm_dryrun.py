@@ -239,3 +239,18 @@ def test_flags_are_accepted_by_the_tools_that_exist(env):
         assert unknown == [], f"{os.path.basename(script)} does not accept {unknown}"
         checked.append(os.path.basename(script))
     assert {"convert_hf_to_mcore.py", "select_experts.py", "convert_mcore_to_hf.py"} <= set(checked)
+
+
+def test_uneven_pipeline_stages_reach_scoring_and_training(env):
+    """PP_FIRST_LAYERS / PP_LAST_LAYERS become Megatron-LM's uneven-split flags of the two tools that build the model
+    per pipeline stage, and both tools accept them."""
+    commands, _ = dry_run(V3, env, SLURM_JOB_NUM_NODES="16", SLURM_JOB_NODELIST="gpu[001-016]", PP="4", EP="16",
+                          PP_FIRST_LAYERS="13")
+    steps = by_script(commands)
+    for name in ("collect_expert_scores.py", "pretrain_esft.py"):
+        args = steps[name][3]
+        assert args["--pipeline-model-parallel-size"] == "4" and args["--decoder-first-pipeline-num-layers"] == "13"
+        assert "--decoder-last-pipeline-num-layers" not in args
+        help_text = subprocess.run([sys.executable, steps[name][2], "--help"], capture_output=True, text=True,
+                                   timeout=60).stdout
+        assert "--decoder-first-pipeline-num-layers" in help_text

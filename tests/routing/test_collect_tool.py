@@ -83,7 +83,8 @@ def _hf_reference(hf_dir, load_dir, data, arch):
 @pytest.mark.parametrize("arch, layers, nproc, extra", [
     ("deepseek-v2", 3, 1, []),
     ("deepseek-v3", 3, 2, ["--expert-model-parallel-size", "2"]),
-    ("deepseek-v2", 4, 2, ["--pipeline-model-parallel-size", "2"]),  # stage 0: dense layer 0 + MoE layer 1
+    # uneven pipeline stages: stage 0 holds the dense layer 0 only (no router), stage 1 MoE layers 1-3
+    ("deepseek-v2", 4, 2, ["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "3"]),
 ])
 def test_scores_match_transformers_routers(tiny_hf, tmp_path, arch, layers, nproc, extra):
     from megatron_esft.checkpoint.convert import hf_to_mcore

@@ -84,3 +84,11 @@ def test_overlap_flags_need_overlapped_grad_reduce(training_env, tmp_path):
     with pytest.raises(UserError, match="--ddp-bucket-size 0: must be at least 1"):
         _pretrain(_args(training_env, training_env["base"], save, "--overlap-grad-reduce", "--ddp-bucket-size", "0"))
     assert not os.path.exists(save)
+
+
+def test_uneven_pipeline_flags_need_pipeline_stages(training_env, tmp_path):
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="need --pipeline-model-parallel-size of at least 2"):
+        _pretrain(_args(training_env, training_env["base"], save, "--finetune-mode", "full",
+                        "--decoder-first-pipeline-num-layers", "1"))
+    assert not os.path.exists(save)

@@ -17,7 +17,7 @@ def _check_frozen(base, trained):
 
 def _train_3_iterations_like_reference(training_env, reference, name, *layout):
     """3 ESFT iterations at `layout` (2 ranks): the losses and trained experts land on the 1-rank run's (<= 1e-5 /
-    1e-4 relative) and every other tensor stays bit-identical to the base. Returns the checkpoint directory."""
+    1e-4 relative) and every other tensor stays bit-identical to the base. Returns (checkpoint directory, the run)."""
     save = str(training_env["root"] / name)
     proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
                     *layout, nproc=2, data=training_env["data"])
@@ -29,11 +29,11 @@ def _train_3_iterations_like_reference(training_env, reference, name, *layout):
         if selected_name(key):
             rel = float((trained[key] - ref).norm() / ref.norm())
             assert rel <= 1e-4, (key, rel)
-    return save
+    return save, proc
 
 
 def test_ep2_matches_ep1_without_hang(training_env, reference):
-    save = _train_3_iterations_like_reference(training_env, reference, "ep2", "--expert-model-parallel-size", "2")
+    save, _ = _train_3_iterations_like_reference(training_env, reference, "ep2", "--expert-model-parallel-size", "2")
     # resharding resume: the EP=2 checkpoint (model + optimizer with per-expert keys) continues at EP=1
     resumed = pretrain(save, None, "--train-iters", "4", data=training_env["data"])
     assert "resumed from" in resumed.stdout and "RNG states not restored" in resumed.stdout
@@ -65,6 +65,14 @@ def test_pp2_with_a_stage_that_trains_nothing(training_env, reference, tmp_path)
     for key in changed:
         rows = [e for e in range(8) if not torch.equal(base[key][e], trained[key][e])]
         assert rows == [1, 6], (key, rows)
+
+
+def test_pp2_with_uneven_stages(training_env, reference):
+    """--decoder-first-pipeline-num-layers 1: stage 0 holds the dense layer 0 alone, stage 1 the three MoE layers
+    (Megatron-LM's uneven split, which DeepSeek-V3's 61 layers need); training lands on the 1-rank run."""
+    _, proc = _train_3_iterations_like_reference(training_env, reference, "pp2-uneven", "--pipeline-model-parallel-size",
+                                                 "2", "--decoder-first-pipeline-num-layers", "1")
+    assert "pipeline stages: 1, 3 decoder layers" in proc.stdout
 
 
 def _validation_losses(proc) -> dict[int, float]:
