@@ -14,10 +14,10 @@ extra bytes per *trainable* parameter.
 
 Each configuration runs in its own process (clean peak memory, an OOM is reported, not fatal): `--warmup` steps,
 then `--iters` steps timed with CUDA events (median). Reported: time/iteration, tokens/s, model TFLOP/s and peak
-allocated memory. Model FLOPs count useful work only: forward of every layer; dgrad only where a gradient has to
-flow (above the first trainable layer, plus fc2 dgrad of trainable experts inside it); wgrad only for trainable
-weights; routed-expert FLOPs from the actual routed token counts of the step (hooks on the experts); causal
-attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
+allocated memory. Model FLOPs count useful work only, as the trainer's --log-throughput (training/flops.py): forward
+of every layer; dgrad only where a gradient has to flow (above the first trainable layer, plus fc2 dgrad of
+trainable experts inside it); wgrad only for trainable weights; the trained experts' rows counted by hooks on the
+experts in the timed steps; causal attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
 (`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
 data); embedding lookups 0. `"offload": true` keeps the frozen experts' bf16 weights in host memory (FP8 with a
 weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
@@ -58,43 +58,6 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 
 # --------------------------------------------------------------------------------------------- model timing
-def _flops_per_step(model, cfg, raw, mode, seq, mbs, rows, attended_pairs=None):
-    """Useful FLOPs of one training step (see the module docstring). rows[layer_number] = (routed, trainable);
-    attended_pairs: (query, key) pairs one sequence attends (default causal s(s+1)/2; per document when packed)."""
-    from megatron_esft.esft.freeze import decoder_layers, is_moe_layer
-
-    h, heads = raw["hidden_size"], raw["num_attention_heads"]
-    tokens = seq * mbs
-    per_expert = 3 * h * raw["moe_intermediate_size"]
-    fc2 = h * raw["moe_intermediate_size"]
-    pairs = seq * (seq + 1) / 2 if attended_pairs is None else attended_pairs
-    # per token: scores (qk dims) and PV (v dims), 2 FLOPs per MAC, over the pairs of its sequence
-    core = 2 * heads * (raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"] + raw["v_head_dim"]) * pairs / seq
-    layers = sorted(decoder_layers([model]), key=lambda t: t[0])
-    # ESFT selects experts in every MoE layer: the first MoE layer is the lowest one with trainable weights
-    first_trainable = min(number for number, layer in layers if is_moe_layer(layer)) if mode == "esft" else 0
-    fwd = dgrad = wgrad = 0.0
-    for number, layer in layers:
-        dense = sum(p.numel() for name, p in layer.named_parameters() if p.dim() >= 2 and ".experts." not in f".{name}")
-        routed, trainable = rows.get(number, (0, 0))
-        f_layer = 2 * dense * tokens + core * tokens + 2 * per_expert * routed
-        fwd += f_layer
-        if mode == "fft":
-            dgrad += f_layer + core * tokens  # attention core backward = 2x its forward
-            wgrad += 2 * dense * tokens + 2 * per_expert * routed
-        else:
-            if number > first_trainable:
-                dgrad += f_layer + core * tokens
-            elif number == first_trainable:
-                dgrad += 2 * fc2 * trainable
-            wgrad += 2 * per_expert * trainable
-    out_layer = 2 * raw["vocab_size"] * h * tokens
-    fwd += out_layer
-    dgrad += out_layer
-    wgrad += out_layer if mode == "fft" else 0
-    return fwd + dgrad + wgrad
-
-
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
               permutation="experts", offload=False):
     import torch
@@ -222,8 +185,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             optimizer.step()
             note_expert_weights_updated([model])
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
-    flops = _flops_per_step(model, cfg, raw, mode, args.seq, mbs * accum, {k: (r / args.iters, t / args.iters)
-                                                                    for k, (r, t) in rows.items()}, pairs)
+    # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
+    # by the hooks; causal attention over the whole sequence unless packed documents were given
+    from megatron_esft.training.flops import TrainedWeights, iteration_flops
+
+    what_trains = TrainedWeights() if mode == "fft" else TrainedWeights({int(k): v for k, v in selection.items()})
+    per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
+    flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
+                            trained_rows={number - 1: t / args.iters for number, (_, t) in rows.items()})
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging, evaluation, saving")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-throughput", action="store_true",
+                   help="model TFLOP/s per GPU in the iteration line and TensorBoard, counting useful FLOPs only (no "
+                        "weight gradients of frozen weights, no input gradients below the lowest trained layer)")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")

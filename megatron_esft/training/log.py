@@ -53,11 +53,17 @@ class TrainingLogger:
             self.writer.add_scalar(key, value, iteration)
 
     def train_line(self, *, iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, trainable,
-                   tokens_per_s, aux_losses: dict | None = None) -> None:
+                   tokens_per_s, aux_losses: dict | None = None, throughput: float | None = None) -> None:
+        """Megatron-LM's iteration line; `throughput`: model TFLOP/s per GPU (--log-throughput, training/flops.py)."""
         parts = [
             f" iteration {iteration:8d}/{train_iters:8d}",
             f"consumed samples: {consumed:12d}",
             f"elapsed time per iteration (ms): {ms_per_iter:.1f}",
+        ]
+        if throughput is not None:
+            parts.append(f"throughput per GPU (TFLOP/s/GPU): {throughput:.1f}")
+            self.scalar("throughput", throughput, iteration)
+        parts += [
             f"learning rate: {lr:.6E}",
             f"global batch size: {gbs:5d}",
             f"lm loss: {loss:.6E}",

@@ -28,7 +28,7 @@ from megatron_esft.esft import freeze
 from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json_dict, load_expert_config
 from megatron_esft.esft.hang_guard import install_hang_guard
 from megatron_esft.models.hf_config import parse_hf_config
-from megatron_esft.training import setup
+from megatron_esft.training import flops, setup
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
@@ -283,15 +283,19 @@ def pretrain(argv=None) -> int:
 
     signals = ExitSignalHandler(args.exit_signal_handler)
     ddp_model.train()
-    window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
+    window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0, "pairs": 0.0}
+    trained_weights = flops.TrainedWeights.from_expert_config(ecfg if args.finetune_mode == "esft" else None)
     report_memory = True  # Megatron-LM prints the memory line once, after the first logged iteration
     while iteration < args.train_iters:
         batches = [next(loader) for _ in range(args.num_micro_batches)]
-        answer_tokens = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches))], dtype=torch.float64)
-        real_tokens = torch.tensor([float(sum(valid_token_mask(b).sum() for b in batches))], dtype=torch.float64)
-        par.all_reduce(answer_tokens, group=ps.get_data_parallel_group())
-        par.all_reduce(real_tokens, group=ps.get_data_parallel_group())
-        scale = args.num_micro_batches * ps.get_data_parallel_world_size() / max(float(answer_tokens), 1.0)
+        # over the data-parallel group: answer tokens (the loss's normalizer), real tokens, attended pairs
+        counts = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches)),
+                               float(sum(valid_token_mask(b).sum() for b in batches)),
+                               float(sum(flops.attended_pairs(b["document_ids"]) for b in batches))
+                               if args.log_throughput else 0.0], dtype=torch.float64)
+        par.all_reduce(counts, group=ps.get_data_parallel_group())
+        answer_tokens, real_tokens, pairs = counts.tolist()
+        scale = args.num_micro_batches * ps.get_data_parallel_world_size() / max(answer_tokens, 1.0)
         t0 = time.perf_counter()
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -306,19 +310,24 @@ def pretrain(argv=None) -> int:
         window["time"] += time.perf_counter() - t0
         window["iters"] += 1
         window["loss"] += loss
-        window["real"] += float(real_tokens)
+        window["real"] += real_tokens
+        window["pairs"] += pairs
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             counts = tracker.reduce()
+            throughput = flops.tflops_per_gpu(
+                cfg, trained_weights, tokens=window["iters"] * args.global_batch_size * args.seq_length,
+                pairs=window["pairs"], expert_load=counts, seconds=window["time"],
+                world_size=dist.get_world_size()) if args.log_throughput else None
             logger.train_line(
                 iteration=iteration, train_iters=args.train_iters, consumed=loader.consumed_samples,
                 ms_per_iter=1000.0 * window["time"] / window["iters"], lr=scheduler.get_lr(optimizer.param_groups[0])
                 if optimizer.param_groups else args.lr, gbs=args.global_batch_size, loss=window["loss"] / window["iters"],
                 grad_norm=float(grad_norm or 0.0), trainable=report.total,
-                tokens_per_s=window["real"] / max(window["time"], 1e-9))
+                tokens_per_s=window["real"] / max(window["time"], 1e-9), throughput=throughput)
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
             report_memory = False
-            window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0}
+            window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0, "pairs": 0.0}
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
         signaled = signals.received()  # a collective when enabled: called once per iteration on every rank

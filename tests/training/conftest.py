@@ -124,11 +124,12 @@ def training_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(training_env):
     """ESFT at EP=1 (grouped experts), 6 iterations straight, validation at 0/3/6 (keep-best), checkpoints at 3 and 6,
-    plus HF exports of both."""
+    TensorBoard and --log-throughput, plus HF exports of both."""
     env = training_env
     save = str(env["root"] / "ref")
     proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
-                    "--eval-interval", "3", "--tensorboard-dir", str(env["root"] / "tb"), data=env["data"])
+                    "--eval-interval", "3", "--tensorboard-dir", str(env["root"] / "tb"), "--log-throughput",
+                    data=env["data"])
     hf3 = to_hf(save, str(env["root"] / "ref-hf-3"), iteration=3)
     hf6 = to_hf(save, str(env["root"] / "ref-hf-6"))
     return {"save": save, "proc": proc, "losses": losses(proc), "hf3": hf3, "hf6": hf6,
