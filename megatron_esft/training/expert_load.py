@@ -16,6 +16,8 @@ only from the trained experts changing the hidden states of later layers.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -64,6 +66,17 @@ class ExpertLoadTracker:
         if self._counts is None:
             return torch.zeros(self.shape, dtype=torch.float64)
         return self._counts.to(device="cpu", dtype=torch.float64)
+
+    @contextlib.contextmanager
+    def separate_table(self):
+        """Count into a table of its own inside the block, then go on with the outer one: an evaluation in the middle
+        of a logging window (--log-interval not dividing --eval-interval) must not report the window's training
+        routing as validation routing, nor hand its validation tokens to the next training log line."""
+        outer, self._counts = self._counts, None
+        try:
+            yield
+        finally:
+            self._counts = outer
 
     def reset(self) -> None:
         if self._counts is not None:

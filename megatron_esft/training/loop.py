@@ -165,11 +165,13 @@ def evaluate(ddp_model, valid, args, tracker):
     batches = list(eval_batches(valid, args.micro_batch_size))
     if args.eval_iters:
         batches = batches[: args.eval_iters]
-    with torch.no_grad():
-        reports = _run_micro_batches(ddp_model, batches, args, tracker, True, 1.0)
+    with tracker.separate_table():  # training counts not yet logged stay out of the validation routing
+        with torch.no_grad():
+            reports = _run_micro_batches(ddp_model, batches, args, tracker, True, 1.0)
+        counts = tracker.reduce()
     ddp_model.train()
     loss, _ = _global_loss(reports)
-    return loss, tracker.reduce()
+    return loss, counts
 
 
 # ------------------------------------------------------------------------------------------------ the loop

@@ -41,6 +41,38 @@ def test_counts_real_tokens_per_layer_and_expert():
 
 
 
+
+def test_evaluation_counts_in_a_table_of_its_own():
+    """An evaluation inside a logging window (separate_table, what the trainer's evaluate uses): its reduce sees
+    the evaluation's tokens only, and the training counts of the window are still there afterwards."""
+    from megatron_esft.models.hf_config import parse_hf_config
+    from megatron_esft.models.provider import build_model
+    from megatron_esft.models.tiny import TinySpec, hf_config_dict
+    from megatron_esft.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig(), seed=1)
+    cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", layers=3, hidden=32, experts=8, moe_ffn=16,
+                                                  vocab=64)))
+    model = build_model(cfg, experts="grouped").eval()
+    tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
+    train, valid = (torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+
+    def forward(tokens):
+        with torch.no_grad():
+            model(tokens, torch.arange(16).expand(2, 16), None)
+
+    forward(train)
+    train_counts = tracker.reduce()
+    forward(valid)
+    valid_counts = tracker.reduce()
+    assert not torch.equal(train_counts, valid_counts)
+    forward(train)  # a training step of the window, not yet logged
+    with tracker.separate_table():
+        forward(valid)
+        assert torch.equal(tracker.reduce(), valid_counts)
+    assert torch.equal(tracker.reduce(), train_counts)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronizations exist on CUDA only")
 def test_cuda_hook_runs_without_host_syncs():
     from megatron.core.transformer.moe.router import TopKRouter
