@@ -291,12 +291,12 @@ def pretrain(argv=None) -> int:
     while iteration < args.train_iters:
         batches = [next(loader) for _ in range(args.num_micro_batches)]
         # over the data-parallel group: answer tokens (the loss's normalizer), real tokens, attended pairs
-        counts = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches)),
-                               float(sum(valid_token_mask(b).sum() for b in batches)),
-                               float(sum(flops.attended_pairs(b["document_ids"]) for b in batches))
-                               if args.log_throughput else 0.0], dtype=torch.float64)
-        par.all_reduce(counts, group=ps.get_data_parallel_group())
-        answer_tokens, real_tokens, pairs = counts.tolist()
+        batch_counts = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches)),
+                                     float(sum(valid_token_mask(b).sum() for b in batches)),
+                                     float(sum(flops.attended_pairs(b["document_ids"]) for b in batches))
+                                     if args.log_throughput else 0.0], dtype=torch.float64)
+        par.all_reduce(batch_counts, group=ps.get_data_parallel_group())
+        answer_tokens, real_tokens, pairs = batch_counts.tolist()
         scale = args.num_micro_batches * ps.get_data_parallel_world_size() / max(answer_tokens, 1.0)
         t0 = time.perf_counter()
         ddp_model.zero_grad_buffer()
