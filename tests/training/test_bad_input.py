@@ -92,3 +92,13 @@ def test_uneven_pipeline_flags_need_pipeline_stages(training_env, tmp_path):
         _pretrain(_args(training_env, training_env["base"], save, "--finetune-mode", "full",
                         "--decoder-first-pipeline-num-layers", "1"))
     assert not os.path.exists(save)
+
+
+def test_megatron_lm_flags_that_are_always_on_are_accepted():
+    """A Megatron-LM launch script's --sequence-parallel and --use-distributed-optimizer parse; what they ask for is
+    what the trainer always does (sequence parallelism with TP > 1, the distributed optimizer)."""
+    from megatron_esft.training.arguments import build_parser
+
+    args = build_parser().parse_args(["--load", "x", "--train-data", "y", "--train-iters", "1", "--seq-length", "8",
+                                      "--lr", "1e-5", "--sequence-parallel", "--use-distributed-optimizer"])
+    assert args.sequence_parallel and args.use_distributed_optimizer
