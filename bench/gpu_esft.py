@@ -17,10 +17,10 @@ then `--iters` steps timed with CUDA events (median). Reported: time/iteration, 
 allocated memory. Model FLOPs count useful work only, as the trainer's --log-throughput (training/flops.py): forward
 of every layer; dgrad only where a gradient has to flow (above the first trainable layer, plus fc2 dgrad of
 trainable experts inside it); wgrad only for trainable weights; the trained experts' rows counted by hooks on the
-experts in the timed steps; causal attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per head-dim), per document for packed jobs
-(`"doc_len": N`: documents of random length around N with per-document causal masks, as the trainer feeds packed SFT
-data); embedding lookups 0. `"offload": true` keeps the frozen experts' bf16 weights in host memory (FP8 with a
-weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
+experts in the timed steps; causal attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per
+head-dim), per document for packed jobs (`"doc_len": N`: documents of random length around N with per-document
+causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offload": true` keeps the frozen
+experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
 default: the grouped experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
@@ -101,7 +101,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         from megatron_esft.esft.hang_guard import install_hang_guard
 
         install_hang_guard([model], min(cfg.moe_layers) + 1)
-    rows, hooks, counting = {}, [], [False]
+    trained_rows, hooks, counting = {}, [], [False]  # layer number -> rows routed to its trainable experts
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
             continue
@@ -110,10 +110,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         def hook(module, inputs, number=number):
             if not counting[0]:
                 return  # activation recomputation inside backward is not useful work
-            tpe = inputs[1]
             ids = module.trainable_local_experts
-            routed, trainable = rows.get(number, (0, 0))
-            rows[number] = (routed + int(tpe.sum()), trainable + int(tpe[ids].sum()) if ids else trainable)
+            trained_rows[number] = trained_rows.get(number, 0) + (int(inputs[1][ids].sum()) if ids else 0)
 
         hooks.append(experts.register_forward_pre_hook(hook))
     from megatron_esft.experts import note_expert_weights_updated, set_expert_gemm_backend
@@ -161,7 +159,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     losses = []
     for it in range(args.warmup + args.iters):
         if it == args.warmup:
-            rows.clear()
+            trained_rows.clear()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         with (timer if it >= args.warmup else NullCtx()):
             ddp.zero_grad_buffer()
@@ -192,7 +190,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     what_trains = TrainedWeights() if mode == "fft" else TrainedWeights({int(k): v for k, v in selection.items()})
     per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
     flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
-                            trained_rows={number - 1: t / args.iters for number, (_, t) in rows.items()})
+                            trained_rows={number - 1: t / args.iters for number, t in trained_rows.items()})
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,

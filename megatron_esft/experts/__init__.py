@@ -12,5 +12,5 @@ from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
 from megatron_esft.experts.spec import (note_expert_weights_updated, offload_frozen_expert_weights,
                                        set_expert_gemm_backend, use_grouped_experts)
 
-__all__ = ["FrozenAwareGroupedExperts", "note_expert_weights_updated", "offload_frozen_expert_weights", "set_expert_gemm_backend",
-           "use_grouped_experts"]
+__all__ = ["FrozenAwareGroupedExperts", "note_expert_weights_updated", "offload_frozen_expert_weights",
+           "set_expert_gemm_backend", "use_grouped_experts"]

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
     # what Megatron-LM scripts pass and megatron_esft always does: accepted, so those scripts run unchanged
     g.add_argument("--sequence-parallel", action="store_true",
-                   help="accepted for Megatron-LM scripts: sequence parallelism is always on with TP > 1 (MoE needs it)")
+                   help="accepted for Megatron-LM scripts: sequence parallelism is always on with TP > 1 (MoE "
+                        "needs it)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="accepted for Megatron-LM scripts: the distributed optimizer is always used")
     g.add_argument("--overlap-grad-reduce", action="store_true",

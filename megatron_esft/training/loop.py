@@ -67,6 +67,11 @@ def resolve_run(args):
     return iteration, meta, cfg, shape, resume, ecfg
 
 
+def _new_window() -> dict:
+    """Sums over the iterations of one logging window: seconds, iterations, loss, real tokens, attended pairs."""
+    return {"time": 0.0, "iters": 0, "loss": 0.0, "real": 0.0, "pairs": 0.0}
+
+
 def _layers_per_stage(model) -> list[int]:
     """Decoder layers each pipeline stage built (a collective over the pipeline group)."""
     from megatron.core import parallel_state as ps
@@ -285,7 +290,7 @@ def pretrain(argv=None) -> int:
 
     signals = ExitSignalHandler(args.exit_signal_handler)
     ddp_model.train()
-    window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0, "pairs": 0.0}
+    window = _new_window()
     trained_weights = flops.TrainedWeights.from_expert_config(ecfg if args.finetune_mode == "esft" else None)
     report_memory = True  # Megatron-LM prints the memory line once, after the first logged iteration
     while iteration < args.train_iters:
@@ -329,7 +334,7 @@ def pretrain(argv=None) -> int:
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
             report_memory = False
-            window = {"time": 0.0, "iters": 0, "loss": 0.0, "tokens": 0.0, "real": 0.0, "pairs": 0.0}
+            window = _new_window()
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
         signaled = signals.received()  # a collective when enabled: called once per iteration on every rank
