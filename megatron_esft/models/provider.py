@@ -33,7 +33,10 @@ from megatron_esft.parallel import ParallelConfig
 EXPERT_IMPLS = ("sequential", "grouped")
 
 
-def _check_divisibility(cfg: DeepSeekConfig, parallel: ParallelConfig) -> None:
+def check_parallel_layout(cfg: DeepSeekConfig, parallel: ParallelConfig) -> None:
+    """UserError unless the model splits over this layout (experts over EP, heads and vocabulary over TP, layers over
+    the pipeline stages). `transformer_config` runs it; the tools call it as soon as the checkpoint's config is
+    read, so a bad layout fails before any data is loaded."""
     if cfg.n_routed_experts % parallel.ep:
         raise UserError(
             f"n_routed_experts {cfg.n_routed_experts} is not divisible by --expert-model-parallel-size {parallel.ep}"
@@ -86,7 +89,7 @@ def transformer_config(
 
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    _check_divisibility(cfg, parallel)
+    check_parallel_layout(cfg, parallel)
     on_gpu = torch.cuda.is_available()
     fields = dict(
         num_layers=cfg.num_layers,

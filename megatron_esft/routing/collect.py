@@ -87,7 +87,7 @@ def collect_expert_scores(args: CollectArgs):
     from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, read_meta, read_tracker
     from megatron_esft.data import build_sft_datasets, load_tokenizer
     from megatron_esft.models.hf_config import parse_hf_config
-    from megatron_esft.models.provider import build_model
+    from megatron_esft.models.provider import build_model, check_parallel_layout
     from megatron_esft.routing.collector import RoutingStatsCollector
     from megatron_esft.routing.forward import forward_only, shard_for_data_parallel_rank
 
@@ -99,6 +99,7 @@ def collect_expert_scores(args: CollectArgs):
     dtype = getattr(torch, args.dtype or meta.get("params_dtype") or "float32")
 
     parallel = par.ParallelConfig.from_args(args, sequence_parallel=args.tensor_model_parallel_size > 1)
+    check_parallel_layout(cfg, parallel)
     par.initialize(parallel, seed=args.seed)
     dataset, _ = build_sft_datasets(args.data, tokenizer=tokenizer, seq_length=args.seq_length, pack=True,
                                     seed=args.seed, template=args.template)

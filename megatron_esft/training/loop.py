@@ -28,6 +28,7 @@ from megatron_esft.esft import freeze
 from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json_dict, load_expert_config
 from megatron_esft.esft.hang_guard import install_hang_guard
 from megatron_esft.models.hf_config import parse_hf_config
+from megatron_esft.models.provider import check_parallel_layout
 from megatron_esft.training import flops, setup
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.expert_load import ExpertLoadTracker
@@ -184,10 +185,11 @@ def pretrain(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args, par.world_size())
     start_iteration, meta, cfg, shape, resume, ecfg = resolve_run(args)
+    parallel = par.ParallelConfig.from_args(args)
+    check_parallel_layout(cfg, parallel)
     train_ds, valid_ds = build_data(args)
     if args.eval_interval and valid_ds is None:
         raise UserError("--eval-interval: the validation set is empty")
-    parallel = par.ParallelConfig.from_args(args)
     setup.initialize_parallel(parallel, seed=args.seed)
     from megatron.core import parallel_state as ps
 
