@@ -127,6 +127,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             p.allreduce = False
     ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True, bucket_size=None))
+    from megatron_esft.compat import use_torch_adam
+
+    use_torch_adam()  # the trainer's optimizer, also where TE or apex import
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=1e-4, weight_decay=0.0, bf16=True, params_dtype=torch.bfloat16,
         use_distributed_optimizer=True, clip_grad=1.0), [ddp])

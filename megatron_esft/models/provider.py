@@ -1,8 +1,12 @@
 """Build a Megatron-Core GPTModel for a DeepSeek config.
 
-`transformer_config` maps a `DeepSeekConfig` onto Megatron-Core's (MLA)TransformerConfig; `block_spec` picks the layer
-specs (Transformer Engine spec when TE is importable on a GPU, otherwise the local spec with torch-SDPA attention);
-`build_model` returns the GPTModel for this rank's pipeline stage.
+`transformer_config` maps a `DeepSeekConfig` onto Megatron-Core's (MLA)TransformerConfig; `block_spec` builds the layer
+specs; `build_model` returns the GPTModel for this rank's pipeline stage.
+
+The layer spec is always Megatron-Core's local spec (Megatron-LM's `--transformer-impl local`) with torch norms and
+torch-SDPA attention, also on machines where Transformer Engine or apex import (NGC images): it is the spec every test
+and benchmark of this project runs, the fused kernels of models/fusions.py and the frozen-aware experts replace its
+modules, and it gives checkpoints the same keys on every machine.
 
 Choices that matter for exact parity with the HF implementations:
 * router logits in fp32 (`moe_router_dtype="fp32"`, like HF's gate) and softmax over all experts before top-k
@@ -25,7 +29,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from megatron_esft.compat import have_transformer_engine
 from megatron_esft.errors import UserError
 from megatron_esft.models.hf_config import DeepSeekConfig
 from megatron_esft.parallel import ParallelConfig
@@ -115,6 +118,7 @@ def transformer_config(
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        transformer_impl="local",  # block_spec's layer spec
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
@@ -195,31 +199,61 @@ def _validated_config(config_class, fields: dict):
     return config
 
 
-def block_spec(config, *, experts: str = "sequential", use_te: bool | None = None, vp_stage=None, pp_rank=None,
-               flex_attention: bool = False):
-    """Decoder block spec for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`.
-    `flex_attention`: packed-document attention through FlexAttention (local spec only, models/attention.py). MoE
-    layers dispatch with the gather permutation (experts/permutation.py; switchable after the build)."""
+def block_spec(config, *, experts: str = "sequential", vp_stage=None, pp_rank=None, flex_attention: bool = False):
+    """Local-spec decoder block for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`.
+    `flex_attention`: packed-document attention through FlexAttention (models/attention.py). MoE layers dispatch with
+    the gather permutation (experts/permutation.py; switchable after the build)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_esft.models.attention import TorchFlexCoreAttention, TorchSDPACoreAttention
 
     if experts not in EXPERT_IMPLS:
         raise UserError(f"unknown experts implementation {experts!r} (choose from {', '.join(EXPERT_IMPLS)})")
-    if use_te is None:
-        use_te = torch.cuda.is_available() and have_transformer_engine()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, vp_stage=vp_stage, pp_rank=pp_rank)
-    if flex_attention and use_te:
-        raise UserError("the flex_attention fusion replaces the local spec's attention; Transformer Engine is in use")
-    if not use_te:
-        from megatron_esft.models.attention import TorchFlexCoreAttention, TorchSDPACoreAttention
-
-        core_attention = TorchFlexCoreAttention if flex_attention else TorchSDPACoreAttention
-        for layer_spec in spec.layer_specs:
-            layer_spec.submodules.self_attention.submodules.core_attention = core_attention
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+    _use_torch_norms(spec)
+    core_attention = TorchFlexCoreAttention if flex_attention else TorchSDPACoreAttention
+    for layer_spec in spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = core_attention
     from megatron_esft.experts.spec import use_gather_permutation, use_grouped_experts
 
     if experts == "grouped":
         spec = use_grouped_experts(spec)
     return use_gather_permutation(spec)
+
+
+def _use_torch_norms(spec) -> None:
+    """Replace apex's FusedLayerNorm by the torch norm throughout a local block spec, in place. Megatron-Core's local
+    spec takes FusedLayerNorm whenever apex imports (NGC images), but it supports LayerNorm only and DeepSeek models
+    use RMSNorm; `get_gpt_decoder_block_spec(normalization="RMSNorm")` would fix the layers' norms but not the final
+    one (gpt_layer_specs.py:644 always takes LNImpl)."""
+    import dataclasses
+
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    seen = set()
+
+    def visit(node):
+        if id(node) in seen:  # layer specs share their submodule objects
+            return
+        seen.add(id(node))
+        if isinstance(node, ModuleSpec):
+            if node.module is FusedLayerNorm:
+                node.module = WrappedTorchNorm
+            visit(node.submodules)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for field in dataclasses.fields(node):
+                value = getattr(node, field.name)
+                if value is FusedLayerNorm:
+                    setattr(node, field.name, WrappedTorchNorm)
+                else:
+                    visit(value)
+
+    visit(spec)
 
 
 def _attach_v2_topk(model, cfg: DeepSeekConfig) -> None:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     add_uneven_pipeline_arguments(g)
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="Megatron-Core layer spec. Only local is built, also where Transformer Engine imports "
+                        "(Megatron-LM's default is transformer_engine; see docs/troubleshooting.md)")
     # what Megatron-LM scripts pass and megatron_esft always does: accepted, so those scripts run unchanged
     g.add_argument("--sequence-parallel", action="store_true",
                    help="accepted for Megatron-LM scripts: sequence parallelism is always on with TP > 1 (MoE "
@@ -173,6 +176,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise UserError("--recompute-modules needs --recompute-granularity selective")
     if args.recompute_modules is not None and "moe_act" in args.recompute_modules and args.experts_impl != "grouped":
         raise UserError("--recompute-modules moe_act needs --experts-impl grouped")
+    if args.transformer_impl != "local":
+        raise UserError(f"--transformer-impl {args.transformer_impl} is not supported: megatron_esft builds Megatron-Core's "
+                        "local layer spec on every machine (docs/troubleshooting.md)")
     if args.flex_attention:
         import torch
 

@@ -120,6 +120,9 @@ def parameters_gathered(ddp_model):
 def build_optimizer(args, ddp_model):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_esft.compat import use_torch_adam
+
+    use_torch_adam()
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,

@@ -102,3 +102,16 @@ def test_megatron_lm_flags_that_are_always_on_are_accepted():
     args = build_parser().parse_args(["--load", "x", "--train-data", "y", "--train-iters", "1", "--seq-length", "8",
                                       "--lr", "1e-5", "--sequence-parallel", "--use-distributed-optimizer"])
     assert args.sequence_parallel and args.use_distributed_optimizer
+
+
+def test_transformer_impl_local_is_accepted_and_transformer_engine_refused(training_env, tmp_path):
+    """Megatron-LM scripts pass --transformer-impl; only the local spec is built (models/provider.py)."""
+    from megatron_esft.training.arguments import build_parser
+
+    args = build_parser().parse_args(["--load", "x", "--train-data", "y", "--train-iters", "1", "--seq-length", "8",
+                                      "--lr", "1e-5", "--transformer-impl", "local"])
+    assert args.transformer_impl == "local"
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="--transformer-impl transformer_engine is not supported"):
+        _pretrain(_args(training_env, training_env["base"], save, "--transformer-impl", "transformer_engine"))
+    assert not os.path.exists(save)
