@@ -46,7 +46,7 @@ def _build_in_subprocess(arch: str, code: str) -> dict:
 def test_apex_importable_still_builds_torch_rmsnorms(tmp_path):
     """apex's FusedLayerNorm supports LayerNorm only; DeepSeek uses RMSNorm everywhere, including MLA's latent norms and
     the final norm. With apex importable the model must be the same one as without it: same keys, same loss."""
-    for arch in ("deepseek-v2", "deepseek-moe"):
+    for arch in ("deepseek-v3", "deepseek-moe"):  # V3: MLA with q-LoRA (q and kv latent norms)
         with_apex = _build_in_subprocess(arch, BUILD_WITH_APEX_IMPORTABLE)
         without_apex = _build_in_subprocess(arch, BUILD_WITH_APEX_IMPORTABLE.replace(
             'sys.modules["apex"] = types.ModuleType("apex")', "pass").replace(
