@@ -15,8 +15,11 @@
 #   to_hf    full HF checkpoint with the trained experts merged    skip if $HF_OUT_DIR/config.json exists
 #
 # Requeue: the sbatch headers ask for `--requeue` and `--signal=B:USR1@<sec>`. On USR1 (time limit near) the handler
-# stops the running step with SIGTERM and requeues the job; checkpoints are written atomically every
-# $SAVE_INTERVAL iterations, so the requeued job resumes from the newest complete one (`--load $SAVE_DIR`).
+# stops the running step with SIGTERM (pretrain_esft.py --exit-signal-handler then saves if it can before torchrun's
+# kill) and requeues the job; checkpoints are written atomically every $SAVE_INTERVAL iterations, so the requeued job
+# resumes from the newest complete one (`--load $SAVE_DIR`). EXIT_DURATION_MINS (Megatron-LM's
+# --exit-duration-in-mins) makes training save and stop by itself that many minutes after it started; the job is then
+# requeued to continue, and nothing since the last checkpoint is lost.
 
 TRACKER_FILE=latest_checkpointed_iteration.txt  # Megatron-LM's tracker, written last by megatron_esft saves
 
@@ -135,6 +138,9 @@ esft_train_args() {
         --weight-decay "$WEIGHT_DECAY" --seed "$SEED" --save-interval "$SAVE_INTERVAL"
         --log-interval "$LOG_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR"
         "${PARALLEL_ARGS[@]}")
+    # save on SIGTERM (the USR1 handler's, scancel's, preemption's) when the save fits before the step is killed
+    TRAIN_ARGS+=(--exit-signal-handler)
+    [ -n "${EXIT_DURATION_MINS:-}" ] && TRAIN_ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_MINS")
     # shellcheck disable=SC2206  # extra pretrain_esft.py flags as a word list
     [ -n "${EXTRA_TRAIN_ARGS:-}" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
     return 0
@@ -184,6 +190,23 @@ esft_run() {
     return "$status"
 }
 
+# Training that exited cleanly before TRAIN_ITERS (EXIT_DURATION_MINS, or an --exit-interval in EXTRA_TRAIN_ARGS)
+# must not go on to the export stages: requeue the job, which resumes from the checkpoint just saved.
+esft_continue_unfinished_training() {
+    [ "${DRY_RUN:-0}" = 1 ] && return 0
+    local before=$1 now
+    now=$(esft_saved_iteration)
+    ((now >= TRAIN_ITERS)) && return 0
+    ((now > before)) || esft_die "training exited at iteration $now of $TRAIN_ITERS without saving a new checkpoint"
+    if [ "$JOB_ID" = local ]; then
+        esft_log "stage train: stopped at iteration $now of $TRAIN_ITERS; run the script again to continue"
+    else
+        esft_log "stage train: stopped at iteration $now of $TRAIN_ITERS; requeueing job $JOB_ID to continue"
+        scontrol requeue "$JOB_ID"
+    fi
+    exit 0
+}
+
 esft_has_stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 esft_stage() {  # esft_stage NAME SKIP_IF_EXISTS -- command...
@@ -229,7 +252,10 @@ esft_main() {
         esft_distributed_launcher
         esft_train_args
         esft_log "stage train: --load $(esft_resume_dir)"
+        local before
+        before=$(esft_saved_iteration)
         esft_run "${LAUNCH[@]}" "${TRAIN_ARGS[@]}"
+        esft_continue_unfinished_training "$before"
     fi
 
     esft_single_launcher

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, finish the iteration, save a checkpoint (with --save) and exit")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, metavar="MINUTES",
+                   help="after the first iteration that ends this many minutes after start-up, save a checkpoint "
+                        "(with --save) and exit (for a job's time limit)")
     return p
 
 
@@ -144,6 +147,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
               "save-interval", "eval-interval", "eval-iters", "tensor-model-parallel-size",
               "pipeline-model-parallel-size", "expert-model-parallel-size", "recompute-num-layers", "exit-interval",
               "ddp-bucket-size")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise UserError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
     if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:

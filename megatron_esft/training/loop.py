@@ -131,27 +131,33 @@ def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
 
 class ExitSignalHandler:
     """Megatron-LM's --exit-signal-handler: on SIGTERM (what Slurm sends before the time limit, and what the sbatch
-    scripts' USR1 trap forwards), finish the current iteration, save, and exit cleanly. Every rank checks at the same
-    point of the loop and the decision is all-reduced, so all ranks stop at the same iteration."""
+    scripts' USR1 trap forwards), finish the current iteration, save, and exit cleanly (see `exit_requested`)."""
 
     def __init__(self, enabled: bool, signum: int = signal.SIGTERM):
-        self.enabled, self.signum, self._got = enabled, signum, False
+        self.enabled, self.signum, self.received = enabled, signum, False
         self._previous = signal.signal(signum, self._handle) if enabled else None
 
     def _handle(self, signum, frame):
-        self._got = True
-
-    def received(self) -> bool:
-        if not self.enabled:
-            return False
-        flag = torch.tensor([1.0 if self._got else 0.0])
-        if dist.is_initialized():
-            par.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.received = True
 
     def restore(self) -> None:
         if self.enabled:
             signal.signal(self.signum, self._previous)
+
+
+def exit_requested(signals: ExitSignalHandler, args, start_time: float) -> tuple[bool, float | None]:
+    """(stop now, minutes since start-up when --exit-duration-in-mins ran out). Every rank calls it at the same point
+    of the loop and the conditions are all-reduced, so all ranks stop at the same iteration even when only one of
+    them got the signal or its clock ran past the limit first (Megatron-LM decides both the same way)."""
+    if not signals.enabled and args.exit_duration_in_mins is None:
+        return False, None
+    minutes = (time.time() - start_time) / 60.0
+    flags = torch.tensor([float(signals.received),
+                          float(args.exit_duration_in_mins is not None and minutes > args.exit_duration_in_mins)])
+    if dist.is_initialized():
+        par.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signaled, timed_out = bool(flags[0]), bool(flags[1])
+    return signaled or timed_out, minutes if timed_out else None
 
 
 def _global_loss(reports) -> tuple[float, float]:
@@ -182,6 +188,7 @@ def evaluate(ddp_model, valid, args, tracker):
 
 # ------------------------------------------------------------------------------------------------ the loop
 def pretrain(argv=None) -> int:
+    start_time = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's _TRAIN_START_TIME
     args = build_parser().parse_args(argv)
     validate(args, par.world_size())
     start_iteration, meta, cfg, shape, resume, ecfg = resolve_run(args)
@@ -339,10 +346,11 @@ def pretrain(argv=None) -> int:
             window = _new_window()
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
-        signaled = signals.received()  # a collective when enabled: called once per iteration on every rank
-        stop = bool(args.exit_interval and iteration % args.exit_interval == 0) or signaled
-        if signaled and iteration < args.train_iters:
-            par.print_rank0(f"exit signal received: saving at iteration {iteration} and exiting")
+        requested, timed_out_after = exit_requested(signals, args, start_time)  # a collective when enabled
+        stop = bool(args.exit_interval and iteration % args.exit_interval == 0) or requested
+        if requested and iteration < args.train_iters:
+            par.print_rank0(f"exiting program after {timed_out_after} minutes" if timed_out_after is not None
+                            else f"exit signal received: saving at iteration {iteration} and exiting")
         if args.save and (iteration == args.train_iters or stop
                           or (args.save_interval and iteration % args.save_interval == 0)):
             save(args.save, iteration)

@@ -122,7 +122,7 @@ def test_v2_lite_single_node(env):
         "--micro-batch-size": "1", "--global-batch-size": "32", "--seq-length": "4096", "--lr": "1e-5",
         "--weight-decay": "0.1", "--seed": "5934875", "--save-interval": "100", "--log-interval": "10",
         "--tensorboard-dir": f"{work}/tensorboard", "--tensor-model-parallel-size": "1",
-        "--expert-model-parallel-size": "8", "--pipeline-model-parallel-size": "1"}
+        "--expert-model-parallel-size": "8", "--pipeline-model-parallel-size": "1", "--exit-signal-handler": True}
     # the pipeline around training follows DESIGN.md's tool flags
     assert steps["convert_hf_to_mcore.py"][3] == {"--hf": "/ckpt/model", "--out": f"{work}/base_mcore"}
     assert steps["collect_expert_scores.py"][3] == {
@@ -226,7 +226,9 @@ def test_usr1_stops_the_step_and_requeues(env, tmp_path):
 def test_flags_are_accepted_by_the_tools_that_exist(env):
     """Every flag a script passes appears in that tool's own --help (tools still being built are checked once they
     exist; the conversion and selection tools must already be among the checked ones)."""
-    commands, _ = dry_run(V3, env, SLURM_JOB_NUM_NODES="16", SLURM_JOB_NODELIST="gpu[001-016]")
+    commands, _ = dry_run(V3, env, SLURM_JOB_NUM_NODES="16", SLURM_JOB_NODELIST="gpu[001-016]",
+                          EXIT_DURATION_MINS="230")
+    assert by_script(commands)["pretrain_esft.py"][3]["--exit-duration-in-mins"] == "230"
     checked = []
     for command in commands:
         _, _, script, args = split_launch(command)
@@ -254,3 +256,32 @@ def test_uneven_pipeline_stages_reach_scoring_and_training(env):
         help_text = subprocess.run([sys.executable, steps[name][2], "--help"], capture_output=True, text=True,
                                    timeout=60).stdout
         assert "--decoder-first-pipeline-num-layers" in help_text
+
+
+# a training step that saved a checkpoint at iteration $SAVED_AT and exited 0 (as --exit-duration-in-mins does)
+FAKE_SRUN_SAVES = """#!/bin/bash
+echo "started $*" >> "$FAKE_LOG"
+if [ -n "$SAVED_AT" ]; then mkdir -p "$WORK_DIR/checkpoints"; echo "$SAVED_AT" > "$WORK_DIR/checkpoints/%s"; fi
+exit 0
+""" % TRACKER
+
+
+@pytest.mark.parametrize("saved_at, rc, fake_log, message", [
+    ("200", 0, ["requeue 4242"], "stopped at iteration 200 of 500; requeueing job 4242"),
+    ("", 2, [], "training exited at iteration 0 of 500 without saving a new checkpoint"),
+    ("500", 0, ["export_esft.py"], "done"),
+])
+def test_training_that_stops_early_requeues_instead_of_exporting(env, tmp_path, saved_at, rc, fake_log, message):
+    """Not a dry run: after a training step that exits 0 before TRAIN_ITERS, the job is requeued (or, with no new
+    checkpoint, stops with an error) and the export stages do not run; a finished one goes on to the export."""
+    (tmp_path / "bin" / "srun").write_text(FAKE_SRUN_SAVES)
+    result = subprocess.run(["bash", V2_LITE], env={**env, "DRY_RUN": "0", "STAGES": "train export",
+                                                    "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "dgx07",
+                                                    "SAVED_AT": saved_at},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == rc, result.stderr
+    assert message in result.stderr
+    lines = (tmp_path / "fake.log").read_text().splitlines()
+    assert "pretrain_esft.py" in lines[0] and "--exit-signal-handler" in lines[0]
+    after = lines[1:]  # what ran after training: each expected piece in its own line, nothing else
+    assert len(after) == len(fake_log) and all(piece in line for piece, line in zip(fake_log, after)), lines

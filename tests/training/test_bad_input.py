@@ -86,6 +86,14 @@ def test_overlap_flags_need_overlapped_grad_reduce(training_env, tmp_path):
     assert not os.path.exists(save)
 
 
+def test_exit_duration_must_be_positive(training_env, tmp_path):
+    save = str(tmp_path / "out")
+    for minutes in ("0", "-5", "nan"):
+        with pytest.raises(UserError, match=f"--exit-duration-in-mins {float(minutes)}: must be positive"):
+            _pretrain(_args(training_env, training_env["base"], save, "--exit-duration-in-mins", minutes))
+    assert not os.path.exists(save)
+
+
 def test_uneven_pipeline_flags_need_pipeline_stages(training_env, tmp_path):
     save = str(tmp_path / "out")
     with pytest.raises(UserError, match="need --pipeline-model-parallel-size of at least 2"):

@@ -1,11 +1,14 @@
-"""--exit-signal-handler: SIGTERM mid-run finishes the iteration, saves a resumable checkpoint and exits 0."""
+"""--exit-signal-handler: SIGTERM mid-run finishes the iteration, saves a resumable checkpoint and exits 0.
+--exit-duration-in-mins: the same once the time is up."""
 
 import re
 import signal
 import subprocess
 import time
 
-from tests.training.conftest import PY, REPO, TRAIN, _env
+import torch
+
+from tests.training.conftest import PY, REPO, TRAIN, _env, load_mcore, losses, pretrain
 
 
 def test_sigterm_saves_and_exits(training_env):
@@ -34,3 +37,18 @@ def test_sigterm_saves_and_exits(training_env):
     saved = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= saved < 100000
     assert f"saved checkpoint at iteration {saved:7d}" in out
+
+
+def test_exit_duration_saves_at_the_first_iteration_past_it_and_resumes_like_the_reference(training_env, reference,
+                                                                                          tmp_path):
+    env, save = training_env, str(tmp_path / "timed")
+    first = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--eval-interval", "3",
+                     "--exit-duration-in-mins", "1e-9", data=env["data"])  # start-up alone takes longer
+    assert re.search(r"^exiting program after [0-9.e-]+ minutes$", first.stdout, re.M), first.stdout[-2000:]
+    assert int((tmp_path / "timed" / "latest_checkpointed_iteration.txt").read_text()) == 1
+    assert len(losses(first)) == 1
+    second = pretrain(save, save, "--train-iters", "6", "--eval-interval", "3", data=env["data"])
+    assert losses(first) + losses(second) == reference["losses"]
+    straight, resumed = load_mcore(reference["save"], 6), load_mcore(save, 6)
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
