@@ -18,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="ESFT / full fine-tuning of a DeepSeek MoE model on Megatron-Core")
     g = p.add_argument_group("checkpoints and data")
     g.add_argument("--load", required=True, help="base checkpoint (convert_hf_to_mcore.py) or a training checkpoint")
+    g.add_argument("--finetune", action="store_true",
+                   help="start a new run from a training checkpoint's model weights only (no optimizer, RNG, data "
+                        "position or iteration; mode and expert config from the command line), as in Megatron-LM; "
+                        "a base checkpoint always starts a new run")
     g.add_argument("--save", default=None, help="directory for training checkpoints")
     g.add_argument("--train-data", nargs="+", required=True, help="messages JSONL file(s) or indexed prefix(es)")
     g.add_argument("--valid-data", nargs="+", default=None)

@@ -42,7 +42,7 @@ def resolve_run(args):
     source = f"{args.load} (esft_meta.json)"
     cfg = parse_hf_config(meta["hf_config"], source=source)
     shape = ModelShape.from_hf_dict(meta["hf_config"], source=args.load)
-    resume = ts.is_training_checkpoint(meta)
+    resume = ts.is_training_checkpoint(meta) and not args.finetune  # --finetune: its weights as a new base
     ecfg = None
     if resume:
         saved_mode = meta.get("finetune_mode")
@@ -206,6 +206,9 @@ def pretrain(argv=None) -> int:
     model = setup.build_trainable_model(args, cfg, parallel)
     if not resume:
         ts.load_model_only(args.load, start_iteration, model)
+        if ts.is_training_checkpoint(meta):
+            par.print_rank0(f"--finetune: model weights of {args.load} at iteration {start_iteration}; "
+                            "new run from iteration 0")
     freeze.apply_finetune_mode(model, args.finetune_mode, ecfg)
     if args.expert_gemm != "bf16":  # after freezing: set_trainable_experts rebuilds the expert Parameters
         from megatron_esft.experts.spec import set_expert_gemm_backend
@@ -269,8 +272,9 @@ def pretrain(argv=None) -> int:
             "kind": args.finetune_mode,
             "finetune_mode": args.finetune_mode,
             "expert_config": ecfg.to_json_dict() if ecfg is not None else None,
-            "base_checkpoint": meta.get("base_checkpoint", {"load": os.path.abspath(args.load),
-                                                            "iteration": start_iteration}),
+            # the weights this run started from (with --finetune: the training checkpoint it loaded)
+            "base_checkpoint": meta["base_checkpoint"] if resume else {"load": os.path.abspath(args.load),
+                                                                       "iteration": start_iteration},
             "saved_parallel": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp,
                                "dp": ps.get_data_parallel_world_size()},
             "trainable_params": report.total,
