@@ -5,7 +5,7 @@ Stdout, every --log-interval (Megatron's field names and order, plus the ESFT on
     iteration N/ M | consumed samples: S | elapsed time per iteration (ms): X | learning rate: LR |
     global batch size: G | lm loss: Y | grad norm: Z | trainable params: P | tokens/s: T
 
-TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
+TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`, `lm loss validation ppl`,
 `iteration-time`, with --log-memory-to-tensorboard `mem-allocated-bytes`, `mem-max-allocated-bytes`,
 `mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
 `expert-load/fraction/layer_K` (a histogram over experts), `expert-load/selected-share/layer_K` (the share of the
@@ -14,6 +14,8 @@ layer's routed tokens that go to the experts ESFT trains; the rest go to frozen 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -124,8 +126,10 @@ class TrainingLogger:
         self.writer.add_text("trainable-params/table", "\n".join(rows), iteration)
 
     def validation(self, iteration: int, loss: float, counts: torch.Tensor | None, base: torch.Tensor | None) -> str:
+        ppl = math.exp(min(20.0, loss))  # Megatron-LM's cap
         self.scalar("lm loss validation", loss, iteration)
-        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E}"
+        self.scalar("lm loss validation ppl", ppl, iteration)
+        line = f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E}"
         if counts is not None and base is not None:
             d = expert_load.drift(counts, base)
             rows = expert_load.moe_rows(base)

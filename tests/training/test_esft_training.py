@@ -2,6 +2,7 @@
 resume, grouped vs sequential experts, Megatron log lines and TensorBoard."""
 
 import glob
+import math
 import os
 import re
 
@@ -47,8 +48,12 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
     assert len(shares) == 6 and all(0.0 < v < 1.0 for v in shares)
     # validation before training (the base model: reference routing, drift 0) and every --eval-interval
     vals = re.findall(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+) \| "
-                      r"expert-load drift \(max over layers\): ([0-9.]+)", out)
-    assert [int(v[0]) for v in vals] == [0, 3, 6] and float(vals[0][2]) == 0.0
+                      r"lm loss PPL: ([0-9.E+-]+) \| expert-load drift \(max over layers\): ([0-9.]+)", out)
+    assert [int(v[0]) for v in vals] == [0, 3, 6] and float(vals[0][3]) == 0.0
+    for _, loss, ppl, _ in vals:  # Megatron-LM's perplexity, also in TensorBoard
+        assert abs(float(ppl) - math.exp(float(loss))) <= 1e-5 * float(ppl)
+    ppls = [e.value for e in tb.Scalars("lm loss validation ppl")]
+    assert len(ppls) == 3 and abs(ppls[-1] - math.exp(float(vals[-1][1]))) <= 1e-5 * ppls[-1]
     best = min(vals[1:], key=lambda v: float(v[1]))
     from megatron_esft.checkpoint.mcore_checkpoint import read_meta, read_tracker
 
