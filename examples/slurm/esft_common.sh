@@ -19,7 +19,8 @@
 # kill) and requeues the job; checkpoints are written atomically every $SAVE_INTERVAL iterations, so the requeued job
 # resumes from the newest complete one (`--load $SAVE_DIR`). EXIT_DURATION_MINS (Megatron-LM's
 # --exit-duration-in-mins) makes training save and stop by itself that many minutes after it started; the job is then
-# requeued to continue, and nothing since the last checkpoint is lost.
+# requeued to continue, and nothing since the last checkpoint is lost. Its default, `auto`, is the job's time left
+# when training starts (squeue's %L) minus EXIT_MARGIN_MINS; `EXIT_DURATION_MINS=` (empty) turns it off.
 
 TRACKER_FILE=latest_checkpointed_iteration.txt  # Megatron-LM's tracker, written last by megatron_esft saves
 
@@ -48,6 +49,8 @@ esft_settings() {
     TOP_P=${TOP_P:-$([ "$SCORE_METHOD" = gate ] && echo 0.1 || echo 0.2)}  # the paper's thresholds
     SCORE_TOKENS=${SCORE_TOKENS:-131072}                                       # 32 x 4096, the paper's sample
     MASTER_PORT=${MASTER_PORT:-29500}
+    EXIT_DURATION_MINS=${EXIT_DURATION_MINS-auto}  # set but empty: off
+    EXIT_MARGIN_MINS=${EXIT_MARGIN_MINS:-20}         # > the USR1 lead time + one checkpoint save
 }
 
 # ---- cluster geometry ----------------------------------------------------------------------------------------------
@@ -140,7 +143,17 @@ esft_train_args() {
         "${PARALLEL_ARGS[@]}")
     # save on SIGTERM (the USR1 handler's, scancel's, preemption's) when the save fits before the step is killed
     TRAIN_ARGS+=(--exit-signal-handler)
-    [ -n "${EXIT_DURATION_MINS:-}" ] && TRAIN_ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_MINS")
+    local exit_minutes=$EXIT_DURATION_MINS
+    if [ "$exit_minutes" = auto ]; then
+        exit_minutes=$(esft_job_minutes_left)
+        if [ -n "$exit_minutes" ] && ((exit_minutes > EXIT_MARGIN_MINS)); then
+            exit_minutes=$((exit_minutes - EXIT_MARGIN_MINS))
+        else
+            esft_log "EXIT_DURATION_MINS=auto: no time limit known (or <= EXIT_MARGIN_MINS=$EXIT_MARGIN_MINS min left); not set"
+            exit_minutes=
+        fi
+    fi
+    [ -n "$exit_minutes" ] && TRAIN_ARGS+=(--exit-duration-in-mins "$exit_minutes")
     # shellcheck disable=SC2206  # extra pretrain_esft.py flags as a word list
     [ -n "${EXTRA_TRAIN_ARGS:-}" ] && TRAIN_ARGS+=($EXTRA_TRAIN_ARGS)
     return 0
@@ -188,6 +201,25 @@ esft_run() {
     wait "$CHILD_PID" || status=$?
     CHILD_PID=
     return "$status"
+}
+
+# Whole minutes left in this job from squeue's %L ([days-]hours:minutes:seconds or minutes:seconds); nothing when
+# there is no limit (UNLIMITED), no Slurm job, or no answer.
+esft_job_minutes_left() {
+    [ "$JOB_ID" = local ] && return 0
+    local left days=0 hours=0 minutes seconds
+    left=$(squeue -h -j "$JOB_ID" -o %L 2>/dev/null) || return 0
+    case "$left" in *-*) days=${left%%-*} left=${left#*-} ;; esac
+    case "$left" in
+        *:*:*) IFS=: read -r hours minutes seconds <<<"$left" ;;
+        *:*) IFS=: read -r minutes seconds <<<"$left" ;;
+        *) return 0 ;;
+    esac
+    local part
+    for part in "$days" "$hours" "$minutes" "$seconds"; do
+        case "$part" in '' | *[!0-9]*) return 0 ;; esac
+    done
+    echo $((((10#$days * 24) + 10#$hours) * 60 + 10#$minutes))
 }
 
 # Training that exited cleanly before TRAIN_ITERS (EXIT_DURATION_MINS, or an --exit-interval in EXTRA_TRAIN_ARGS)

@@ -37,6 +37,12 @@ else
 fi
 """
 
+FAKE_SQUEUE = """#!/bin/bash
+# `squeue -h -j JOB -o %L`: the job's time left, from $FAKE_TIME_LEFT (no answer when it is unset)
+[ -n "$FAKE_TIME_LEFT" ] || exit 1
+echo "$FAKE_TIME_LEFT"
+"""
+
 FAKE_SRUN = """#!/bin/bash
 # a job step that runs until it is stopped; records that it started and how it ended
 echo started >> "$FAKE_LOG"
@@ -49,7 +55,7 @@ while true; do sleep 0.05; done
 def env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("squeue", FAKE_SQUEUE)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     work = tmp_path / "run"
@@ -285,3 +291,25 @@ def test_training_that_stops_early_requeues_instead_of_exporting(env, tmp_path, 
     assert "pretrain_esft.py" in lines[0] and "--exit-signal-handler" in lines[0]
     after = lines[1:]  # what ran after training: each expected piece in its own line, nothing else
     assert len(after) == len(fake_log) and all(piece in line for piece, line in zip(fake_log, after)), lines
+
+
+@pytest.mark.parametrize("script, overrides, minutes", [
+    (V2_LITE, {"FAKE_TIME_LEFT": "03:59:30"}, "219"),        # auto: 239 min left - EXIT_MARGIN_MINS 20
+    (V2_LITE, {"FAKE_TIME_LEFT": "1-02:03:04"}, "1543"),     # days-hours:minutes:seconds
+    (V2_LITE, {"FAKE_TIME_LEFT": "45:10"}, "25"),            # minutes:seconds
+    (V3, {"FAKE_TIME_LEFT": "12:00:00"}, "690"),             # V3's margin is 30 min
+    (V2_LITE, {"FAKE_TIME_LEFT": "2:00:00", "EXIT_MARGIN_MINS": "60"}, "60"),
+    (V2_LITE, {"FAKE_TIME_LEFT": "03:59:30", "EXIT_DURATION_MINS": "100"}, "100"),
+    (V2_LITE, {"FAKE_TIME_LEFT": "03:59:30", "EXIT_DURATION_MINS": ""}, None),  # turned off
+    (V2_LITE, {"FAKE_TIME_LEFT": "UNLIMITED"}, None),
+    (V2_LITE, {"FAKE_TIME_LEFT": "00:19:59"}, None),        # not more than the margin left
+    (V2_LITE, {}, None),                                      # squeue gives no answer
+])
+def test_exit_duration_follows_the_jobs_time_left(env, script, overrides, minutes):
+    nodes = {"SLURM_JOB_NUM_NODES": "16", "SLURM_JOB_NODELIST": "gpu[001-016]"} if script == V3 else \
+        {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "dgx07"}
+    commands, log = dry_run(script, env, STAGES="train", **nodes, **overrides)
+    train = split_launch(commands[0])[3]
+    assert train.get("--exit-duration-in-mins") == minutes
+    if minutes is None and overrides.get("EXIT_DURATION_MINS") != "":
+        assert "EXIT_DURATION_MINS=auto: no time limit known" in log
