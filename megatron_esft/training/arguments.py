@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from a training checkpoint's model weights only (no optimizer, RNG, data "
                         "position or iteration; mode and expert config from the command line), as in Megatron-LM; "
                         "a base checkpoint always starts a new run")
+    for flag, what in (("--no-load-optim", "optimizer state"), ("--no-load-rng", "RNG state")):
+        g.add_argument(flag, action="store_true",
+                       help=f"accepted for Megatron-LM fine-tuning scripts: no {what} is loaded from a base checkpoint "
+                            "or with --finetune (refused when resuming, which restores everything)")
     g.add_argument("--save", default=None, help="directory for training checkpoints")
     g.add_argument("--train-data", nargs="+", required=True, help="messages JSONL file(s) or indexed prefix(es)")
     g.add_argument("--valid-data", nargs="+", default=None)

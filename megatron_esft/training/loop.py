@@ -45,6 +45,11 @@ def resolve_run(args):
     resume = ts.is_training_checkpoint(meta) and not args.finetune  # --finetune: its weights as a new base
     ecfg = None
     if resume:
+        partial = [flag for flag, on in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng))
+                   if on]
+        if partial:
+            raise UserError(f"{' '.join(partial)}: --load {args.load} is a training checkpoint, which resumes with "
+                            "all its state; add --finetune to start a new run from its model weights only")
         saved_mode = meta.get("finetune_mode")
         if saved_mode != args.finetune_mode:
             raise UserError(f"--load {args.load}: checkpoint was trained with --finetune-mode {saved_mode}, "
