@@ -1,7 +1,7 @@
 """Megatron-Core 0.16.1 bugs of its local (non-Transformer-Engine) layer spec.
 
 megatron_esft always builds the local spec (models/provider.py), also on machines where TE imports, so these fixes
-apply everywhere. Each one touches only modules of the local spec (torch norms, MLA with a column-parallel
+apply everywhere. Each one touches only the local spec (its norm choice, torch norms, MLA with a column-parallel
 `linear_kv_down_proj`), so it changes nothing in a model built from another spec.
 """
 
@@ -12,6 +12,19 @@ import torch
 
 def apply(patched: list[str]) -> None:
     import megatron.core.transformer.multi_latent_attention as mla
+
+    # models/gpt/gpt_layer_specs.py:58-72 and models/backends.py:13-22 choose the local spec's norm at import:
+    # apex's FusedLayerNorm whenever `import apex` succeeds (NGC images), which supports LayerNorm only, while DeepSeek
+    # models use RMSNorm. `get_gpt_decoder_block_spec(normalization="RMSNorm")` would fix the layers' norms but not
+    # the final one (gpt_layer_specs.py:644 takes LNImpl). Take the torch norm, as where apex is absent.
+    from megatron.core.models import backends
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    for module in (gpt_layer_specs, backends):
+        if module.LNImpl is not WrappedTorchNorm:
+            module.LNImpl = WrappedTorchNorm
+            patched.append(f"{module.__name__}.LNImpl = WrappedTorchNorm (apex's FusedLayerNorm has no RMSNorm)")
 
     # transformer/torch_norm.py:32 WrappedTorchNorm asserts `not config.sequence_parallel`, but MoE with TP>1 requires
     # sequence parallelism (moe_layer.py:379). Build the norm with SP off and tag its parameters sequence_parallel, so

@@ -200,7 +200,8 @@ def _validated_config(config_class, fields: dict):
 
 
 def block_spec(config, *, experts: str = "sequential", vp_stage=None, pp_rank=None, flex_attention: bool = False):
-    """Local-spec decoder block for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`.
+    """Local-spec decoder block for this pipeline stage: dense and MoE layers per `config.moe_layer_freq`, torch norms
+    also where apex imports (compat/local_spec.py).
     `flex_attention`: packed-document attention through FlexAttention (models/attention.py). MoE layers dispatch with
     the gather permutation (experts/permutation.py; switchable after the build)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -210,7 +211,6 @@ def block_spec(config, *, experts: str = "sequential", vp_stage=None, pp_rank=No
     if experts not in EXPERT_IMPLS:
         raise UserError(f"unknown experts implementation {experts!r} (choose from {', '.join(EXPERT_IMPLS)})")
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
-    _use_torch_norms(spec)
     core_attention = TorchFlexCoreAttention if flex_attention else TorchSDPACoreAttention
     for layer_spec in spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = core_attention
@@ -219,41 +219,6 @@ def block_spec(config, *, experts: str = "sequential", vp_stage=None, pp_rank=No
     if experts == "grouped":
         spec = use_grouped_experts(spec)
     return use_gather_permutation(spec)
-
-
-def _use_torch_norms(spec) -> None:
-    """Replace apex's FusedLayerNorm by the torch norm throughout a local block spec, in place. Megatron-Core's local
-    spec takes FusedLayerNorm whenever apex imports (NGC images), but it supports LayerNorm only and DeepSeek models
-    use RMSNorm; `get_gpt_decoder_block_spec(normalization="RMSNorm")` would fix the layers' norms but not the final
-    one (gpt_layer_specs.py:644 always takes LNImpl)."""
-    import dataclasses
-
-    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    seen = set()
-
-    def visit(node):
-        if id(node) in seen:  # layer specs share their submodule objects
-            return
-        seen.add(id(node))
-        if isinstance(node, ModuleSpec):
-            if node.module is FusedLayerNorm:
-                node.module = WrappedTorchNorm
-            visit(node.submodules)
-        elif isinstance(node, (list, tuple)):
-            for item in node:
-                visit(item)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for field in dataclasses.fields(node):
-                value = getattr(node, field.name)
-                if value is FusedLayerNorm:
-                    setattr(node, field.name, WrappedTorchNorm)
-                else:
-                    visit(value)
-
-    visit(spec)
 
 
 def _attach_v2_topk(model, cfg: DeepSeekConfig) -> None:
