@@ -20,8 +20,9 @@ trainable experts inside it); wgrad only for trainable weights; the trained expe
 experts in the timed steps; causal attention counts the lower triangle (scores and PV: 2·s·(s+1)/2 MACs per
 head-dim), per document for packed jobs (`"doc_len": N`: documents of random length around N with per-document
 causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offload": true` keeps the frozen
-experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts). `"permutation"` picks the MoE token permutation ("experts", the
-default: the grouped experts permute; "gather": the dispatcher's gather permutation; "megatron": Megatron-Core's own).
+experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts).
+`"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
+dispatcher's gather permutation; "megatron": Megatron-Core's own).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.

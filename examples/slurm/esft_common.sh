@@ -149,7 +149,8 @@ esft_train_args() {
         if [ -n "$exit_minutes" ] && ((exit_minutes > EXIT_MARGIN_MINS)); then
             exit_minutes=$((exit_minutes - EXIT_MARGIN_MINS))
         else
-            esft_log "EXIT_DURATION_MINS=auto: no time limit known (or <= EXIT_MARGIN_MINS=$EXIT_MARGIN_MINS min left); not set"
+            esft_log "EXIT_DURATION_MINS=auto: no time limit known" \
+                "(or <= EXIT_MARGIN_MINS=$EXIT_MARGIN_MINS min left); not set"
             exit_minutes=
         fi
     fi

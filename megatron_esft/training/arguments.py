@@ -190,8 +190,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.recompute_modules is not None and "moe_act" in args.recompute_modules and args.experts_impl != "grouped":
         raise UserError("--recompute-modules moe_act needs --experts-impl grouped")
     if args.transformer_impl != "local":
-        raise UserError(f"--transformer-impl {args.transformer_impl} is not supported: megatron_esft builds Megatron-Core's "
-                        "local layer spec on every machine (docs/troubleshooting.md)")
+        raise UserError(f"--transformer-impl {args.transformer_impl} is not supported: megatron_esft builds "
+                        "Megatron-Core's local layer spec on every machine (docs/troubleshooting.md)")
     if args.flex_attention:
         import torch
 

@@ -5,12 +5,13 @@ Stdout, every --log-interval (Megatron's field names and order, plus the ESFT on
     iteration N/ M | consumed samples: S | elapsed time per iteration (ms): X | learning rate: LR |
     global batch size: G | lm loss: Y | grad norm: Z | trainable params: P | tokens/s: T
 
-TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`, `lm loss validation ppl`,
-`iteration-time`, with --log-memory-to-tensorboard `mem-allocated-bytes`, `mem-max-allocated-bytes`,
-`mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`, `expert-load/imbalance/layer_K`,
-`expert-load/fraction/layer_K` (a histogram over experts), `expert-load/selected-share/layer_K` (the share of the
-layer's routed tokens that go to the experts ESFT trains; the rest go to frozen experts), `expert-load/drift/layer_K`
-(validation routing vs the base model's), and a `trainable-params/table` text panel (per-layer trainable counts).
+TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
+`lm loss validation ppl`, `iteration-time`, with --log-memory-to-tensorboard `mem-allocated-bytes`,
+`mem-max-allocated-bytes`, `mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`,
+`expert-load/imbalance/layer_K`, `expert-load/fraction/layer_K` (a histogram over experts),
+`expert-load/selected-share/layer_K` (the share of the layer's routed tokens that go to the experts ESFT trains; the
+rest go to frozen experts), `expert-load/drift/layer_K` (validation routing vs the base model's), and a
+`trainable-params/table` text panel (per-layer trainable counts).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
     lines = [line for line in out.splitlines() if line.startswith(" iteration ")]
     assert len(lines) == 6
     pattern = (r" iteration +(\d+)/ +6 \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [0-9.]+ \| "
-               r"throughput per GPU \(TFLOP/s/GPU\): [0-9.]+ \| learning rate: 1\.000000E-03 \| global batch size: +4 \| lm loss: [0-9.E+-]+ \| "
+               r"throughput per GPU \(TFLOP/s/GPU\): [0-9.]+ \| learning rate: 1\.000000E-03 \| "
+               r"global batch size: +4 \| lm loss: [0-9.E+-]+ \| "
                r"grad norm: [0-9.]+ \| trainable params: (\d+) \| tokens/s: [0-9.]+")
     for i, line in enumerate(lines, 1):
         m = re.fullmatch(pattern, line)

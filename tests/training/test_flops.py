@@ -62,7 +62,8 @@ def _reference(model, cfg, tokens, pairs, routed_rows, trained_rows):
         if number > lowest:
             dgrad += f_layer + core
         elif number == lowest:
-            shared_fc2 = sum(p.numel() for name, p in matrices if "shared_experts.linear_fc2" in name and p.requires_grad)
+            shared_fc2 = sum(p.numel() for name, p in matrices
+                             if "shared_experts.linear_fc2" in name and p.requires_grad)
             dgrad += 2 * fc2 * trained + 2 * shared_fc2 * tokens
         wgrad += 2 * tokens * sum(p.numel() for _, p in matrices if p.requires_grad)
         if is_moe_layer(layer) and layer.mlp.experts.trainable_local_experts:

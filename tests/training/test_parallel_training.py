@@ -70,8 +70,9 @@ def test_pp2_with_a_stage_that_trains_nothing(training_env, reference, tmp_path)
 def test_pp2_with_uneven_stages(training_env, reference):
     """--decoder-first-pipeline-num-layers 1: stage 0 holds the dense layer 0 alone, stage 1 the three MoE layers
     (Megatron-LM's uneven split, which DeepSeek-V3's 61 layers need); training lands on the 1-rank run."""
-    _, proc = _train_3_iterations_like_reference(training_env, reference, "pp2-uneven", "--pipeline-model-parallel-size",
-                                                 "2", "--decoder-first-pipeline-num-layers", "1")
+    _, proc = _train_3_iterations_like_reference(training_env, reference, "pp2-uneven",
+                                                 "--pipeline-model-parallel-size", "2",
+                                                 "--decoder-first-pipeline-num-layers", "1")
     assert "pipeline stages: 1, 3 decoder layers" in proc.stdout
 
 
