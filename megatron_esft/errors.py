@@ -1,8 +1,9 @@
 """User-facing errors: one line, non-zero exit, no traceback.
 
 Library code raises `UserError` for bad input (a missing file, a bad field, an unsupported architecture); tools wrap
-their `main` with `run_cli`, which prints `error: <message>` on stderr and exits with status 2. Anything else is a bug
-and keeps its traceback.
+their `main` with `run_cli`, which prints `error: <message>` on stderr and exits with status 2. A run that cannot go on
+(a training loss that became NaN) raises `RunStopped`: also one line, exit status 1. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ class UserError(Exception):
     """Bad input from the user. The message names the file/line/field and the problem, in one line."""
 
 
+class RunStopped(Exception):
+    """A run stopped on purpose because going on would write wrong results (e.g. a NaN loss before the optimizer step);
+    the message says why, what was kept and what to do, in one line."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a one-line `UserError` (run_cli prints it; no usage dump)."""
 
@@ -26,10 +32,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(main: Callable[[], object]) -> None:
     try:
         result = main()
-    except UserError as exc:
+    except (UserError, RunStopped) as exc:
         message = " ".join(str(exc).split())  # guarantee one line
         print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(exc, UserError) else 1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
                    help="torch's multi-tensor AdamW instead of its fused kernel (the default, as Megatron-LM's "
                         "apex/TE FusedAdam)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false",
+                   help="keep training when the loss or the gradient norm is NaN/Inf (default: stop before the "
+                        "optimizer step, as Megatron-LM)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("model and parallelism")

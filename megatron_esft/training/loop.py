@@ -12,6 +12,7 @@ the forward), so any DP/EP/TP/PP layout and any gradient-accumulation split comp
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -29,7 +30,7 @@ from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json
 from megatron_esft.esft.hang_guard import install_hang_guard
 from megatron_esft.models.hf_config import parse_hf_config
 from megatron_esft.models.provider import check_parallel_layout
-from megatron_esft.training import flops, setup
+from megatron_esft.training import finite_check, flops, setup
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
@@ -235,7 +236,7 @@ def pretrain(argv=None) -> int:
     setup.configure_schedule_hooks(ddp_model, optimizer)
 
     loader = SFTDataLoader(train_ds, args.micro_batch_size)
-    iteration, best_loss, base_load = 0, None, None
+    iteration, best_loss, base_load, last_saved = 0, None, None, None
     if resume:
         state = meta["train_state"]
         same_world = meta.get("world_size") == dist.get_world_size()
@@ -267,6 +268,7 @@ def pretrain(argv=None) -> int:
     hf_assets = os.path.join(args.load, HF_ASSETS)
 
     def save(root, it):
+        nonlocal last_saved
         train_state = {"iteration": it, "consumed_samples": loader.consumed_samples, "data": loader.state_dict(),
                        "scheduler": scheduler.state_dict(), "best_validation_loss": best_loss,
                        "base_expert_load": base_load.tolist() if base_load is not None else None}
@@ -290,6 +292,13 @@ def pretrain(argv=None) -> int:
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
                                         hf_assets if os.path.isdir(hf_assets) else None)
         par.print_rank0(f"saved checkpoint at iteration {it:7d} to {root} ({time.perf_counter() - t0:.1f} s)")
+        if root == args.save:
+            last_saved = f"iteration {it} in {root}"
+
+    def stop_non_finite(what):
+        logger.close()  # what was logged up to here stays readable in TensorBoard
+        return finite_check.stopped(iteration + 1, what, last_saved or (
+            f"iteration {start_iteration} in {args.load}" if resume else None))
 
     def run_eval(it):
         nonlocal best_loss, base_load
@@ -325,13 +334,18 @@ def pretrain(argv=None) -> int:
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         reports = _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
-        _, grad_norm, _ = optimizer.step()
+        loss, _ = _global_loss(reports)
+        if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
+            raise stop_non_finite(f"lm loss is {loss}")
+        try:
+            _, grad_norm, _ = optimizer.step()
+        except finite_check.NonFiniteGradNorm as exc:
+            raise stop_non_finite(f"{exc} (lm loss {loss:.6E})") from None
         note_expert_weights_updated(model)  # FP8 caches of trained experts: the optimizer bypasses their versions
         scheduler.step(increment=1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         iteration += 1
-        loss, _ = _global_loss(reports)
         window["time"] += time.perf_counter() - t0
         window["iters"] += 1
         window["loss"] += loss

@@ -139,6 +139,10 @@ def build_optimizer(args, ddp_model):
     optimizer = get_megatron_optimizer(config, [ddp_model])
     if args.fused_adam:
         use_fused_adam(optimizer)
+    if args.check_for_nan_in_loss_and_grad:
+        from megatron_esft.training.finite_check import check_grad_norm_before_update
+
+        check_grad_norm_before_update(optimizer)
     return optimizer
 
 
