@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
                    help="torch's multi-tensor AdamW instead of its fused kernel (the default, as Megatron-LM's "
                         "apex/TE FusedAdam)")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, continue with this command's learning-rate/weight-decay schedule (--lr, "
+                        "--min-lr, --lr-*, --weight-decay) instead of the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's schedule even where this command's differs (without "
+                        "either flag such a resume is refused)")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
                    action="store_false",
                    help="keep training when the loss or the gradient norm is NaN/Inf (default: stop before the "
@@ -161,6 +167,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
               "ddp-bucket-size")
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise UserError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise UserError("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
     if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:

@@ -65,6 +65,11 @@ def resolve_run(args):
         if iteration >= args.train_iters:
             raise UserError(f"--load {args.load}: checkpoint is at iteration {iteration}, --train-iters is "
                             f"{args.train_iters}: nothing left to train")
+        changed = setup.schedule_differences(args, meta["train_state"]["scheduler"])
+        if changed and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+            raise UserError(f"--load {args.load}: the schedule differs from the checkpoint's: {', '.join(changed)}; "
+                            "pass --override-opt_param-scheduler to continue with this command's, or "
+                            "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
     elif args.finetune_mode == "esft":
         if not args.expert_config:
             raise UserError("--finetune-mode esft needs --expert-config (or --finetune-mode full)")
@@ -246,7 +251,7 @@ def pretrain(argv=None) -> int:
             setup.use_fused_adam(optimizer)  # the loaded param groups carry the checkpoint's flags
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
-        scheduler.load_state_dict(state["scheduler"])
+        setup.load_scheduler_state(scheduler, state["scheduler"])
         loader.load_state_dict(state["data"])
         iteration, best_loss = start_iteration, state.get("best_validation_loss")
         base_load = torch.tensor(state["base_expert_load"], dtype=torch.float64) if state.get("base_expert_load") \

@@ -173,25 +173,65 @@ def use_fused_adam(optimizer) -> int:
     return switched
 
 
+def schedule_settings(args) -> dict:
+    """The learning-rate and weight-decay schedule of the command line, under the names of Megatron-Core's
+    OptimizerParamScheduler (its arguments and its state dict)."""
+    style = args.lr_decay_style
+    return {
+        "max_lr": args.lr,
+        "min_lr": args.min_lr if style != "constant" else args.lr,
+        "lr_warmup_steps": args.lr_warmup_iters,
+        "lr_decay_steps": max(args.lr_decay_iters or args.train_iters, args.lr_warmup_iters + 1),
+        "lr_decay_style": style,
+        "start_wd": args.weight_decay,
+        "end_wd": args.weight_decay,
+    }
+
+
+# schedule values a resumed run compares with its checkpoint's, and the flags that set them
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_steps": "--lr-decay-iters (default: --train-iters)", "lr_decay_style": "--lr-decay-style",
+                   "start_wd": "--weight-decay"}
+
+
+def schedule_differences(args, saved: dict) -> list[str]:
+    """Where the command line's schedule differs from a checkpoint's saved scheduler state, as `--flag new
+    (checkpoint: old)`. A constant schedule ignores --min-lr and the decay length, so those count only when both
+    schedules decay."""
+    ours = schedule_settings(args)
+    decaying = ours["lr_decay_style"] != "constant" and saved.get("lr_decay_style") != "constant"
+    return [f"{flag} {ours[key]} (checkpoint: {saved.get(key)})" for key, flag in _SCHEDULE_FLAGS.items()
+            if ours[key] != saved.get(key) and (decaying or key not in ("min_lr", "lr_decay_steps"))]
+
+
 def build_scheduler(args, optimizer):
+    """Megatron-Core's OptimizerParamScheduler. On resume its state comes from the checkpoint: the step count always,
+    the schedule's values too unless --override-opt_param-scheduler (Megatron-LM's flag) gives the command line's
+    precedence (the trainer refuses a resume whose schedule differs from the checkpoint's without either flag)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    decay_iters = args.lr_decay_iters or args.train_iters
-    style = args.lr_decay_style
+    settings = schedule_settings(args)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if args.lr_warmup_iters else args.lr,
-        max_lr=args.lr,
-        min_lr=args.min_lr if style != "constant" else args.lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=max(decay_iters, args.lr_warmup_iters + 1),
-        lr_decay_style=style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        **settings,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    """Restore the scheduler of a resumed run. Megatron-Core's scheduler reads the peak and minimum learning rate of
+    each optimizer param group (`max_lr`, `min_lr`: set from the command line when the optimizer is built) before its
+    own, so keeping the checkpoint's schedule (the default; --use-checkpoint-opt_param-scheduler) also means putting
+    the checkpoint's values into the groups, and the current step's learning rate is then set again from them."""
+    scheduler.load_state_dict(state)
+    if not scheduler.override_opt_param_scheduler:
+        for group in scheduler.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)
 
 
 def configure_schedule_hooks(ddp_model, optimizer) -> None:
