@@ -33,6 +33,8 @@ esft_settings() {
     : "${ESFT_REPO:?ESFT_REPO must point at the megatron_esft checkout}"
     : "${HF_MODEL:?set HF_MODEL to the HF checkpoint directory (config.json, safetensors, tokenizer)}"
     : "${TRAIN_DATA:?set TRAIN_DATA to the task training JSONL (messages format)}"
+    # one path, several, or a weighted blend "1 task.jsonl 1 alignment.jsonl" (pretrain_esft.py --train-data)
+    read -ra TRAIN_DATA_ARGS <<<"$TRAIN_DATA"
     PYTHON=${PYTHON:-python}
     WORK_DIR=${WORK_DIR:-$ESFT_REPO/runs/$MODEL_NAME-$TASK}
     BASE_CKPT=${BASE_CKPT:-$WORK_DIR/base_mcore}
@@ -43,8 +45,13 @@ esft_settings() {
     ADAPTER_DIR=${ADAPTER_DIR:-$WORK_DIR/adapter}
     HF_OUT_DIR=${HF_OUT_DIR:-$WORK_DIR/hf_merged}
     TOKENIZER=${TOKENIZER:-$HF_MODEL}
-    SCORE_DATA=${SCORE_DATA:-$TRAIN_DATA}
     STAGES=${STAGES:-convert collect select train export to_hf}
+    if [ -z "${SCORE_DATA:-}" ]; then
+        # experts are scored on the task data alone: a blend does not say which of its sources that is
+        [[ ${TRAIN_DATA_ARGS[0]} =~ ^[0-9.eE+-]+$ ]] && esft_has_stage collect &&
+            esft_die "TRAIN_DATA is a weighted blend ($TRAIN_DATA): set SCORE_DATA to the task data to score experts on"
+        SCORE_DATA=$TRAIN_DATA
+    fi
     SCORE_METHOD=${SCORE_METHOD:-token}
     TOP_P=${TOP_P:-$([ "$SCORE_METHOD" = gate ] && echo 0.1 || echo 0.2)}  # the paper's thresholds
     SCORE_TOKENS=${SCORE_TOKENS:-131072}                                       # 32 x 4096, the paper's sample
@@ -130,7 +137,7 @@ esft_train_args() {
     esft_parallel_args
     TRAIN_ARGS=("$ESFT_REPO/pretrain_esft.py"
         --load "$(esft_resume_dir)" --save "$SAVE_DIR"
-        --train-data "$TRAIN_DATA" --tokenizer "$TOKENIZER")
+        --train-data "${TRAIN_DATA_ARGS[@]}" --tokenizer "$TOKENIZER")
     if [ "${FINETUNE_MODE:-esft}" = full ]; then
         TRAIN_ARGS+=(--finetune-mode full)
     else

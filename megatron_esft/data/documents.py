@@ -12,7 +12,7 @@ A document is `(tokens int32[n], target_mask uint8[n])` (see conversation.py). T
                                   complete dataset)
 
 `open_documents(path, tokenizer, template)` picks the store: a `.jsonl`/`.json` file, or an indexed prefix (given as
-PREFIX, PREFIX_tokens, or any of the files above).
+PREFIX, PREFIX_tokens, or any of the files above); several paths of either kind are concatenated (`ConcatDocuments`).
 """
 
 from __future__ import annotations
@@ -154,22 +154,48 @@ class IndexedDocuments(Documents):
         return f"{self.prefix}: document {i}"
 
 
-def open_documents(paths, tokenizer: TokenizerAdapter, template: str = "esft") -> Documents:
-    """Documents from JSONL file(s) or one indexed prefix; several JSONL paths are concatenated in order."""
+class ConcatDocuments(Documents):
+    """Several stores as one: document ids run through the parts in order; `ranges[k]` are part k's ids."""
+
+    def __init__(self, parts: Sequence[Documents]):
+        self.parts = list(parts)
+        counts = [len(part) for part in self.parts]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.ranges = [np.arange(self._starts[k], self._starts[k + 1]) for k in range(len(self.parts))]
+        self.lengths = np.concatenate([part.lengths for part in self.parts]) if self.parts else np.zeros(0, np.int64)
+
+    def _locate(self, i: int) -> tuple[Documents, int]:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self.parts[k], int(i - self._starts[k])
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        part, local = self._locate(i)
+        return part.get(local)
+
+    def where(self, i: int) -> str:
+        part, local = self._locate(i)
+        return part.where(local)
+
+
+def _open_one(path: str, tokenizer: TokenizerAdapter, template: str) -> Documents:
+    prefix = indexed_prefix(path)
+    return JsonlDocuments([path], tokenizer, template) if prefix is None else IndexedDocuments(prefix, tokenizer,
+                                                                                             template)
+
+
+def open_documents(paths, tokenizer: TokenizerAdapter, template: str = "esft", separate: bool = False) -> Documents:
+    """Documents from JSONL file(s) and/or indexed prefixes, concatenated in order. `separate=True` returns a
+    `ConcatDocuments` whose `ranges` tell each path's documents apart (for weighted blends)."""
     check_template(template)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise UserError("no data path given")
-    prefixes = [indexed_prefix(p) for p in paths]
-    if all(p is None for p in prefixes):
-        return JsonlDocuments(paths, tokenizer, template)
-    if len(paths) > 1:
-        raise UserError(f"{', '.join(paths)}: give one indexed prefix, or JSONL files only")
-    if prefixes[0] is None:  # unreachable; kept for clarity
-        raise UserError(f"{paths[0]}: no such file")
-    return IndexedDocuments(prefixes[0], tokenizer, template)
+    if separate or any(indexed_prefix(p) is not None for p in paths):
+        parts = [_open_one(p, tokenizer, template) for p in paths]
+        return parts[0] if len(parts) == 1 and not separate else ConcatDocuments(parts)
+    return JsonlDocuments(paths, tokenizer, template)
 
 
 def check_data_path(path: str) -> None:

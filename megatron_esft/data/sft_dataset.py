@@ -3,7 +3,9 @@
     train, valid = build_sft_datasets(train_data, valid_data=None, split=None, tokenizer=tok, seq_length=4096,
                                       pack=True, seed=1234, template="esft", truncate="warn")
 
-* `train_data` / `valid_data`: a JSONL file (or a list of them) or an indexed prefix from tools/preprocess_data.py.
+* `train_data` / `valid_data`: a JSONL file or an indexed prefix from tools/preprocess_data.py, or a list of them
+  (concatenated). `train_weights`, one per training path, blends them instead (data/blend.py: each epoch's shares of
+  documents follow the weights).
 * `split`: Megatron style "98,2" (or "98,2,0": train, valid[, test held out and unused]), applied per document
   with a permutation from `seed`; ignored when `valid_data` is given. Neither -> `valid is None`.
 * `truncate`: documents longer than `seq_length` keep BOS and their last `seq_length - 1` tokens (the answer is at
@@ -25,6 +27,7 @@ import logging
 
 import numpy as np
 
+from megatron_esft.data.blend import DocumentBlend
 from megatron_esft.data.conversation import check_template
 from megatron_esft.data.documents import Documents, check_data_path, open_documents
 from megatron_esft.data.packing import build_sample, pack_documents
@@ -64,6 +67,7 @@ class SFTDataset:
         shuffle: bool = True,
         truncate: str = "warn",
         name: str = "train",
+        blend: DocumentBlend | None = None,
     ):
         if seq_length < 2:
             raise UserError(f"--seq-length {seq_length}: must be at least 2")
@@ -75,6 +79,7 @@ class SFTDataset:
             raise UserError(f"{name} data: no samples (after the split)")
         self.seq_length, self.pad_id, self.bos_id = seq_length, pad_id, bos_id
         self.pack, self.seed, self.shuffle, self.name = pack, seed, shuffle, name
+        self.blend = blend  # a weighted blend draws each epoch's documents from its sources (data/blend.py)
         full = documents.lengths[self.doc_ids]
         long = np.flatnonzero(full > seq_length)
         if len(long) and truncate == "error":
@@ -98,6 +103,8 @@ class SFTDataset:
         if not self.shuffle:
             return self.doc_ids
         rng = np.random.default_rng([self.seed, _EPOCH_STREAM, epoch])
+        if self.blend is not None:
+            return self.blend.order(epoch, rng)
         return self.doc_ids[rng.permutation(len(self.doc_ids))]
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
@@ -160,6 +167,8 @@ class SFTDataset:
         h.update(np.ascontiguousarray(self.doc_ids).tobytes())
         h.update(np.ascontiguousarray(self._lengths[self.doc_ids]).tobytes())
         h.update(repr((self.seq_length, self.pack, self.seed, self.shuffle, self.pad_id)).encode())
+        if self.blend is not None:
+            h.update(self.blend.fingerprint())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -178,36 +187,45 @@ def build_sft_datasets(
     seed: int = 1234,
     template: str = "esft",
     truncate: str = "warn",
+    train_weights: list[float] | None = None,
 ) -> tuple[SFTDataset, SFTDataset | None]:
-    """Build (train, valid) datasets; see the module docstring."""
+    """Build (train, valid) datasets; see the module docstring. `train_weights` (one per train path) makes the
+    training stream a weighted blend of the paths (data/blend.py); validation always keeps every document once."""
     check_template(template)
     if truncate not in TRUNCATE_MODES:
         raise UserError(f"truncate={truncate!r}: expected one of {', '.join(TRUNCATE_MODES)}")
-    for p in [train_data] if isinstance(train_data, str) else list(train_data):
+    train_paths = [train_data] if isinstance(train_data, str) else list(train_data)
+    if train_weights is not None and len(train_weights) != len(train_paths):
+        raise ValueError(f"{len(train_weights)} weights for {len(train_paths)} training paths")
+    for p in train_paths:
         check_data_path(p)
     if valid_data is not None:
         for p in [valid_data] if isinstance(valid_data, str) else list(valid_data):
             check_data_path(p)
     common = dict(seq_length=seq_length, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, pack=pack, seed=seed,
                   truncate=truncate)
-    train_docs = open_documents(train_data, tokenizer, template)
-    all_ids = np.arange(len(train_docs), dtype=np.int64)
+    train_docs = open_documents(train_paths, tokenizer, template, separate=train_weights is not None)
+    train_ids, valid_docs, valid_ids = np.arange(len(train_docs), dtype=np.int64), None, None
     if valid_data is not None:
         valid_docs = open_documents(valid_data, tokenizer, template)
-        train = SFTDataset(train_docs, all_ids, name="train", **common)
-        valid = SFTDataset(valid_docs, np.arange(len(valid_docs)), shuffle=False, name="valid", **common)
-        return train, valid
-    if split is None:
-        return SFTDataset(train_docs, all_ids, name="train", **common), None
-    train_frac, valid_frac = parse_split(split)
-    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(train_docs))
-    n_train = int(round(train_frac * len(perm)))
-    n_valid = int(round(valid_frac * len(perm)))
-    if valid_frac > 0 and n_valid == 0 and len(perm) > 1:
-        n_valid = 1  # a requested validation split gets at least one document
-        n_train = min(n_train, len(perm) - 1)
-    train_ids = np.sort(perm[:n_train])
-    valid_ids = np.sort(perm[n_train : n_train + n_valid])
-    train = SFTDataset(train_docs, train_ids, name="train", **common)
-    valid = SFTDataset(train_docs, valid_ids, shuffle=False, name="valid", **common) if n_valid else None
+        valid_ids = np.arange(len(valid_docs))
+    elif split is not None:
+        train_frac, valid_frac = parse_split(split)
+        perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(train_docs))
+        n_train = int(round(train_frac * len(perm)))
+        n_valid = int(round(valid_frac * len(perm)))
+        if valid_frac > 0 and n_valid == 0 and len(perm) > 1:
+            n_valid = 1  # a requested validation split gets at least one document
+            n_train = min(n_train, len(perm) - 1)
+        train_ids = np.sort(perm[:n_train])
+        valid_docs, valid_ids = (train_docs, np.sort(perm[n_train : n_train + n_valid])) if n_valid else (None, None)
+    blend = None
+    if train_weights is not None:
+        sources = [train_ids[np.isin(train_ids, ids)] for ids in train_docs.ranges]
+        for path, ids in zip(train_paths, sources):
+            if not len(ids):
+                raise UserError(f"--train-data {path}: no training documents in this blend source (after the split)")
+        blend = DocumentBlend(sources, train_weights, seed)
+    train = SFTDataset(train_docs, train_ids, name="train", blend=blend, **common)
+    valid = SFTDataset(valid_docs, valid_ids, shuffle=False, name="valid", **common) if valid_docs is not None else None
     return train, valid

@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"accepted for Megatron-LM fine-tuning scripts: no {what} is loaded from a base checkpoint "
                             "or with --finetune (refused when resuming, which restores everything)")
     g.add_argument("--save", default=None, help="directory for training checkpoints")
-    g.add_argument("--train-data", nargs="+", required=True, help="messages JSONL file(s) or indexed prefix(es)")
+    g.add_argument("--train-data", nargs="+", required=True,
+                   help="messages JSONL file(s) or indexed prefix(es); a weighted blend as in Megatron-LM's "
+                        "--data-path: WEIGHT PATH WEIGHT PATH ... (shares of documents, e.g. 1 task.jsonl 1 "
+                        "alignment.jsonl for the paper's 1:1 mix)")
     g.add_argument("--valid-data", nargs="+", default=None)
     g.add_argument("--split", default=None, help="Megatron-style train,valid split of --train-data, e.g. 98,2")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's hf_assets)")
@@ -167,6 +170,12 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
               "ddp-bucket-size")
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
+    from megatron_esft.data.blend import parse_weighted_paths
+
+    args.train_data, args.train_data_weights = parse_weighted_paths(args.train_data, "--train-data")
+    if args.valid_data and parse_weighted_paths(args.valid_data, "--valid-data")[1] is not None:
+        raise UserError("--valid-data takes paths only: validation reads every document once (weights are for "
+                        "--train-data)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise UserError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.overlap_param_gather and not args.overlap_grad_reduce:

@@ -101,7 +101,9 @@ def build_data(args):
     tokenizer = load_tokenizer(tok_dir)
     train, valid = build_sft_datasets(args.train_data, valid_data=args.valid_data, split=args.split,
                                       tokenizer=tokenizer, seq_length=args.seq_length, pack=not args.no_pack,
-                                      seed=args.seed, template=args.template)
+                                      seed=args.seed, template=args.template, train_weights=args.train_data_weights)
+    if train.blend is not None:
+        par.print_rank0(train.blend.describe(args.train_data))
     return train, valid
 
 

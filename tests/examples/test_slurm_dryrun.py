@@ -196,6 +196,25 @@ def test_overrides_and_full_finetune(env):
     assert train["--lr"] == "3e-5" and train["--bf16"] is True and train["--recompute-granularity"] == "selective"
 
 
+def test_weighted_blend_of_training_data(env):
+    blend = "1 /data/intent.jsonl 1 /data/alignment.jsonl"
+    commands, _ = dry_run(V2_LITE, env, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="x", TRAIN_DATA=blend,
+                          SCORE_DATA="/data/intent.jsonl")
+    train = next(c for c in commands if any(a.endswith("pretrain_esft.py") for a in c))
+    at = train.index("--train-data")
+    assert train[at + 1 : at + 5] == blend.split() and train[at + 5].startswith("--")
+    assert by_script(commands)["collect_expert_scores.py"][3]["--data"] == "/data/intent.jsonl"
+    # the experts are scored on the task data: a blend without SCORE_DATA does not say which source that is
+    result = subprocess.run(["bash", V2_LITE], env={**env, "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "x",
+                                                    "TRAIN_DATA": blend}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "set SCORE_DATA to the task data" in result.stderr, result.stderr
+    assert "+ srun" not in result.stdout
+    # with scores from an earlier job (no collect stage) it trains
+    commands, _ = dry_run(V2_LITE, env, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="x", TRAIN_DATA=blend,
+                          STAGES="train")
+    assert len(commands) == 1
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"GLOBAL_BATCH_SIZE": "12"}, "not a multiple of MICRO_BATCH_SIZE*DP=8"),
     ({"EP": "16"}, "not divisible by EP*TP*PP=16"),

@@ -123,3 +123,15 @@ def test_transformer_impl_local_is_accepted_and_transformer_engine_refused(train
     with pytest.raises(UserError, match="--transformer-impl transformer_engine is not supported"):
         _pretrain(_args(training_env, training_env["base"], save, "--transformer-impl", "transformer_engine"))
     assert not os.path.exists(save)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train-data", "1", "a.jsonl", "2"], "a blend needs WEIGHT PATH pairs"),
+    (["--train-data", "0", "a.jsonl"], "blend weight 0 of a.jsonl: must be a positive number"),
+    (["--valid-data", "1", "v.jsonl"], "--valid-data takes paths only"),
+])
+def test_bad_blend(training_env, tmp_path, extra, message):
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match=message):
+        _pretrain(_args(training_env, training_env["base"], save, "--expert-config", training_env["ecfg"], *extra))
+    assert not os.path.exists(save)
