@@ -14,7 +14,9 @@ One checkpoint is one `DIR/iter_XXXXXXX/` written atomically by `mcore_checkpoin
 
 from __future__ import annotations
 
+import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -24,6 +26,8 @@ from megatron_esft.parallel import all_reduce
 
 from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
+    META,
+    iteration_dir,
     load_sharded,
     read_meta,
     read_tracker,
@@ -237,9 +241,17 @@ def load_training_checkpoint(root: str, iteration: int, model, optimizer, restor
         set_rng_state(value if isinstance(value, dict) else value.data)
 
 
-def describe_load(root: str) -> tuple[int, dict]:
-    """(iteration, meta) of the newest checkpoint under `root` (UserError when there is none)."""
-    iteration = read_tracker(root)
+def describe_load(root: str, iteration: int | None = None) -> tuple[int, dict]:
+    """(iteration, meta) of the newest checkpoint under `root`, or of `iteration` (Megatron-LM's --ckpt-step); a
+    UserError when there is none."""
+    latest = read_tracker(root)
+    if iteration is None:
+        iteration = latest
+    elif not os.path.isfile(os.path.join(iteration_dir(root, iteration), META)):
+        saved = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", name) for name in os.listdir(root))
+                       if m and os.path.isfile(os.path.join(root, m.group(0), META)))
+        raise UserError(f"--ckpt-step {iteration}: --load {root} has no complete checkpoint of that iteration "
+                        f"(saved: {', '.join(map(str, saved)) or 'none'})")
     return iteration, read_meta(root, iteration)
 
 

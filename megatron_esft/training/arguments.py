@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, action="store_true",
                        help=f"accepted for Megatron-LM fine-tuning scripts: no {what} is loaded from a base checkpoint "
                             "or with --finetune (refused when resuming, which restores everything)")
+    g.add_argument("--ckpt-step", type=int, default=None, metavar="ITERATION",
+                   help="load this iteration of --load instead of its latest (e.g. to resume before a divergence; "
+                        "later iterations in --save are replaced as training reaches them)")
     g.add_argument("--save", default=None, help="directory for training checkpoints")
     g.add_argument("--train-data", nargs="+", required=True,
                    help="messages JSONL file(s) or indexed prefix(es); a weighted blend as in Megatron-LM's "

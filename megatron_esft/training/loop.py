@@ -39,7 +39,7 @@ from megatron_esft.training.log import TrainingLogger
 # ----------------------------------------------------------------------------------------------------- checks
 def resolve_run(args):
     """Read the checkpoint to start from and decide: fresh fine-tuning or exact resume. No side effects."""
-    iteration, meta = ts.describe_load(args.load)
+    iteration, meta = ts.describe_load(args.load, args.ckpt_step)
     source = f"{args.load} (esft_meta.json)"
     cfg = parse_hf_config(meta["hf_config"], source=source)
     shape = ModelShape.from_hf_dict(meta["hf_config"], source=args.load)
