@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging, evaluation, saving")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="L2 norm of the trained parameters (the optimizer's fp32 main weights) in the iteration "
+                        "line and TensorBoard (params-norm)")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="number of zero entries in the trained parameters' gradients in the iteration line and "
+                        "TensorBoard (num-zeros)")
     g.add_argument("--log-throughput", action="store_true",
                    help="model TFLOP/s per GPU in the iteration line and TensorBoard, counting useful FLOPs only (no "
                         "weight gradients of frozen weights, no input gradients below the lowest trained layer)")

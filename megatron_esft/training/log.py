@@ -3,11 +3,12 @@
 Stdout, every --log-interval (Megatron's field names and order, plus the ESFT ones):
 
     iteration N/ M | consumed samples: S | elapsed time per iteration (ms): X | learning rate: LR |
-    global batch size: G | lm loss: Y | grad norm: Z | trainable params: P | tokens/s: T
+    global batch size: G | lm loss: Y | grad norm: Z [| num zeros: K | params norm: W] | trainable params: P |
+    tokens/s: T
 
 TensorBoard keys follow Megatron-LM (`lm loss`, `learning-rate`, `grad-norm`, `batch-size`, `lm loss validation`,
-`lm loss validation ppl`, `iteration-time`, with --log-memory-to-tensorboard `mem-allocated-bytes`,
-`mem-max-allocated-bytes`, `mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`,
+`lm loss validation ppl`, `iteration-time`, `num-zeros`, `params-norm`, with --log-memory-to-tensorboard
+`mem-allocated-bytes`, `mem-max-allocated-bytes`, `mem-reserved-bytes`) plus `tokens-per-sec`, `trainable-params`,
 `expert-load/imbalance/layer_K`, `expert-load/fraction/layer_K` (a histogram over experts),
 `expert-load/selected-share/layer_K` (the share of the layer's routed tokens that go to the experts ESFT trains; the
 rest go to frozen experts), `expert-load/drift/layer_K` (validation routing vs the base model's), and a
@@ -56,8 +57,10 @@ class TrainingLogger:
             self.writer.add_scalar(key, value, iteration)
 
     def train_line(self, *, iteration, train_iters, consumed, ms_per_iter, lr, gbs, loss, grad_norm, trainable,
-                   tokens_per_s, aux_losses: dict | None = None, throughput: float | None = None) -> None:
-        """Megatron-LM's iteration line; `throughput`: model TFLOP/s per GPU (--log-throughput, training/flops.py)."""
+                   tokens_per_s, aux_losses: dict | None = None, throughput: float | None = None,
+                   num_zeros: float | None = None, params_norm: float | None = None) -> None:
+        """Megatron-LM's iteration line; `throughput`: model TFLOP/s per GPU (--log-throughput, training/flops.py);
+        `num_zeros` / `params_norm`: --log-num-zeros-in-grad / --log-params-norm, in Megatron-LM's formats."""
         parts = [
             f" iteration {iteration:8d}/{train_iters:8d}",
             f"consumed samples: {consumed:12d}",
@@ -73,7 +76,13 @@ class TrainingLogger:
         ]
         for name, value in (aux_losses or {}).items():
             parts.append(f"{name}: {value:.6E}")
-        parts += [f"grad norm: {grad_norm:.6f}", f"trainable params: {trainable}", f"tokens/s: {tokens_per_s:.1f}"]
+        parts.append(f"grad norm: {grad_norm:.6f}")
+        for name, key, value, fmt in (("num zeros", "num-zeros", num_zeros, ".1f"),
+                                      ("params norm", "params-norm", params_norm, ".3f")):
+            if value is not None:
+                parts.append(f"{name}: {value:{fmt}}")
+                self.scalar(key, value, iteration)
+        parts += [f"trainable params: {trainable}", f"tokens/s: {tokens_per_s:.1f}"]
         print_rank0(" | ".join(parts))
         for key, value in (("lm loss", loss), ("learning-rate", lr), ("grad-norm", grad_norm), ("batch-size", gbs),
                            ("iteration-time", ms_per_iter / 1000.0), ("tokens-per-sec", tokens_per_s),

@@ -345,7 +345,7 @@ def pretrain(argv=None) -> int:
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
             raise stop_non_finite(f"lm loss is {loss}")
         try:
-            _, grad_norm, _ = optimizer.step()
+            _, grad_norm, num_zeros = optimizer.step()
         except finite_check.NonFiniteGradNorm as exc:
             raise stop_non_finite(f"{exc} (lm loss {loss:.6E})") from None
         note_expert_weights_updated(model)  # FP8 caches of trained experts: the optimizer bypasses their versions
@@ -369,7 +369,9 @@ def pretrain(argv=None) -> int:
                 ms_per_iter=1000.0 * window["time"] / window["iters"], lr=scheduler.get_lr(optimizer.param_groups[0])
                 if optimizer.param_groups else args.lr, gbs=args.global_batch_size, loss=window["loss"] / window["iters"],
                 grad_norm=float(grad_norm or 0.0), trainable=report.total,
-                tokens_per_s=window["real"] / max(window["time"], 1e-9), throughput=throughput)
+                tokens_per_s=window["real"] / max(window["time"], 1e-9), throughput=throughput,
+                num_zeros=float(num_zeros) if args.log_num_zeros_in_grad else None,
+                params_norm=setup.params_l2_norm(optimizer) if args.log_params_norm else None)
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
             report_memory = False

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -135,6 +136,7 @@ def build_optimizer(args, ddp_model):
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=True,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
     if args.fused_adam:
@@ -144,6 +146,29 @@ def build_optimizer(args, ddp_model):
 
         check_grad_norm_before_update(optimizer)
     return optimizer
+
+
+def params_l2_norm(optimizer) -> float:
+    """L2 norm of the trained parameters (Megatron-LM's --log-params-norm; frozen weights never change, so only the
+    trained ones say anything). Computed on the optimizer's fp32 main weights, each element once over all ranks,
+    exactly as Megatron-Core's gradient norm treats their gradients: the distributed optimizer's shards are disjoint,
+    tensor-parallel duplicates and shared weights are skipped, and the sums are all-reduced over the same groups.
+    A collective: every rank calls it."""
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.transformer.module import param_is_not_shared
+
+    def counted(opt):
+        return [p.detach() for p in opt.get_parameters() if param_is_not_shared(p)
+                and tensor_parallel.param_is_not_tensor_parallel_duplicate(p, getattr(opt, "tp_group", None))]
+
+    chained = optimizer.chained_optimizers
+    if optimizer.grads_states_parallel_group_is_shared():
+        tensors = [t for opt in chained for t in counted(opt)]
+        return float(get_grad_norm_fp32(tensors, grad_stats_parallel_group=optimizer.get_grad_stats_parallel_group()))
+    norms = [get_grad_norm_fp32(counted(opt), grad_stats_parallel_group=opt.get_grad_stats_parallel_group())
+             for opt in chained]
+    return math.sqrt(sum(float(n) ** 2 for n in norms))
 
 
 def use_fused_adam(optimizer) -> int:

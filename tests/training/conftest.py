@@ -58,6 +58,11 @@ def losses(proc) -> list[float]:
     return [float(x) for x in re.findall(r"^ iteration .*\| lm loss: ([0-9.E+-]+)", proc.stdout, re.M)]
 
 
+def logged(proc, field: str) -> list[float]:
+    """A numeric field of every iteration line, e.g. `params norm`."""
+    return [float(x) for x in re.findall(rf"^ iteration .*\| {field}: ([0-9.E+-]+) \|", proc.stdout, re.M)]
+
+
 def to_hf(load, out, iteration=None) -> dict:
     args = ["tools/convert_mcore_to_hf.py", "--load", load, "--out", out]
     if iteration is not None:
@@ -124,12 +129,12 @@ def training_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(training_env):
     """ESFT at EP=1 (grouped experts), 6 iterations straight, validation at 0/3/6 (keep-best), checkpoints at 3 and 6,
-    TensorBoard and --log-throughput, plus HF exports of both."""
+    TensorBoard, --log-throughput, --log-params-norm and --log-num-zeros-in-grad, plus HF exports of both."""
     env = training_env
     save = str(env["root"] / "ref")
     proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
                     "--eval-interval", "3", "--tensorboard-dir", str(env["root"] / "tb"), "--log-throughput",
-                    data=env["data"])
+                    "--log-params-norm", "--log-num-zeros-in-grad", data=env["data"])
     hf3 = to_hf(save, str(env["root"] / "ref-hf-3"), iteration=3)
     hf6 = to_hf(save, str(env["root"] / "ref-hf-6"))
     return {"save": save, "proc": proc, "losses": losses(proc), "hf3": hf3, "hf6": hf6,

@@ -30,7 +30,8 @@ def test_log_lines_trainable_params_and_tensorboard(training_env, reference):
     pattern = (r" iteration +(\d+)/ +6 \| consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [0-9.]+ \| "
                r"throughput per GPU \(TFLOP/s/GPU\): [0-9.]+ \| learning rate: 1\.000000E-03 \| "
                r"global batch size: +4 \| lm loss: [0-9.E+-]+ \| "
-               r"grad norm: [0-9.]+ \| trainable params: (\d+) \| tokens/s: [0-9.]+")
+               r"grad norm: [0-9.]+ \| num zeros: \d+\.0 \| params norm: \d+\.\d{3} \| "
+               r"trainable params: (\d+) \| tokens/s: [0-9.]+")
     for i, line in enumerate(lines, 1):
         m = re.fullmatch(pattern, line)
         assert m, line

@@ -1,10 +1,12 @@
 """training/log.py: Megatron-LM's GPU memory line (`report_memory` in megatron/training/utils.py), printed once after
-the first logged iteration on a GPU; nothing on CPU."""
+the first logged iteration on a GPU; nothing on CPU. --log-params-norm and --log-num-zeros-in-grad."""
 
+import math
 import re
 
 import torch
 
+from conftest import logged, selected_name
 from megatron_esft.training.log import cuda_memory_stats, memory_line
 
 MIB = 2**20
@@ -29,3 +31,17 @@ def test_trainer_reports_gpu_memory_once_and_none_on_cpu(training_env, reference
     else:
         assert cuda_memory_stats() is None
         assert "memory (MB)" not in reference["proc"].stdout
+
+
+def test_params_norm_and_num_zeros_of_the_trained_experts(reference):
+    """--log-params-norm: the L2 norm of the trained parameters after the step, here the three selected experts of
+    the reference run's HF exports at iterations 3 and 6 (float64). --log-num-zeros-in-grad: a selected expert that
+    got no token in an iteration has an all-zero gradient (3 x 64 x 32 entries); any other exact zero is unlikely."""
+    norms = logged(reference["proc"], "params norm")
+    assert len(norms) == 6
+    for iteration, weights in ((3, reference["hf3"]), (6, reference["hf6"])):
+        expected = math.sqrt(sum(float(t.double().pow(2).sum()) for n, t in weights.items() if selected_name(n)))
+        assert abs(norms[iteration - 1] - expected) <= 6e-4, (iteration, norms[iteration - 1], expected)
+    assert norms[0] != norms[5]
+    zeros = logged(reference["proc"], "num zeros")
+    assert len(zeros) == 6 and all(z % (3 * 64 * 32) == 0 and z <= 3 * 3 * 64 * 32 for z in zeros), zeros

@@ -7,7 +7,7 @@ weights (<= 1e-4 relative), with everything else bit-identical to the base.
 
 import torch
 
-from conftest import load_hf, load_mcore, losses, pretrain, selected_name, to_hf
+from conftest import load_hf, load_mcore, logged, losses, pretrain, selected_name, to_hf
 
 
 def _check_frozen(base, trained):
@@ -20,9 +20,13 @@ def _train_3_iterations_like_reference(training_env, reference, name, *layout):
     1e-4 relative) and every other tensor stays bit-identical to the base. Returns (checkpoint directory, the run)."""
     save = str(training_env["root"] / name)
     proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
-                    *layout, nproc=2, data=training_env["data"])
+                    "--log-params-norm", "--log-num-zeros-in-grad", *layout, nproc=2, data=training_env["data"])
     for a, b in zip(losses(proc), reference["losses"][:3]):
         assert abs(a - b) <= 1e-5 * abs(b)
+    # each trained element counted once over the ranks: the 1-rank run's parameter norms and zero counts
+    assert logged(proc, "num zeros") == logged(reference["proc"], "num zeros")[:3]
+    for a, b in zip(logged(proc, "params norm"), logged(reference["proc"], "params norm")[:3], strict=True):
+        assert abs(a - b) <= 1e-3, (a, b)
     trained = to_hf(save, str(training_env["root"] / f"{name}-hf"))
     _check_frozen(load_hf(training_env["hf"]), trained)
     for key, ref in reference["hf3"].items():
