@@ -83,10 +83,17 @@ def _broadcast_str(value: str) -> str:
 
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
-                    rank0_files: dict[str, bytes] | None = None) -> str:
-    """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration."""
+                    rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None) -> str:
+    """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
+
+    With `async_queue` (Megatron-Core's `AsyncCallsQueue`, Megatron-LM's --async-save) the tensors are staged now and
+    written by a background process; the iteration is published (renamed into place, tracker updated, then
+    `on_published()` called) when the queue finalizes the request, a collective the trainer runs between iterations.
+    Until then the previous iteration stays the latest. A save waits for the queue's earlier saves first."""
     from megatron.core import dist_checkpointing
 
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)  # its temporary directory is cleaned up below
     final = iteration_dir(root, iteration)
     tmp = _broadcast_str(os.path.join(root, f".iter_{iteration:07d}.tmp-{uuid.uuid4().hex[:8]}"))
     if _rank() == 0:
@@ -96,8 +103,30 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp)
-    _barrier()
+
+    def publish():
+        _publish(root, iteration, tmp, meta, hf_assets_from, rank0_files)
+        if on_published is not None:
+            on_published()
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded_state_dict, tmp)
+        _barrier()
+        publish()
+    else:
+        # staging copies device tensors to host memory; the writer is a process forked when the request is
+        # scheduled, so host tensors too are written with the values of this moment (tests/checkpoint)
+        request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: str | None,
+             rank0_files: dict[str, bytes] | None) -> None:
+    """Collective, after every rank's shards are in `tmp`: rank 0 adds the meta (and extra files), renames `tmp` to the
+    iteration's directory and points the tracker at it."""
+    final = iteration_dir(root, iteration)
     if _rank() == 0:
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as fh:
             json.dump(dict(meta, format=FORMAT, iteration=iteration), fh, indent=2, sort_keys=True)
@@ -124,7 +153,6 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
             os.fsync(fh.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
     _barrier()
-    return final
 
 
 def load_sharded(root: str, iteration: int, sharded_state_dict: dict) -> dict:

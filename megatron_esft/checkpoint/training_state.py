@@ -146,8 +146,10 @@ def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tupl
     return full, param_states, factories
 
 
-def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None):
-    """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0.
+def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None,
+                             async_queue=None, on_published=None):
+    """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0;
+    `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint).
 
     Only the optimizer's per-parameter tensors go into the checkpoint (keys: `optimizer.state.{param,exp_avg,
     exp_avg_sq}.<model key>[.expert<g>]`, independent of how Megatron splits parameters over its dense and expert
@@ -158,7 +160,8 @@ def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: 
     state = {"model": model_sd, "optimizer": param_states, "rng_state": _rng_sharded(rng_state())}
     rank, world = _world()
     meta = dict(meta, world_size=world, optimizer_step=optimizer_step(optimizer))
-    return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from)
+    return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from, async_queue=async_queue,
+                           on_published=on_published)
 
 
 def load_model_only(root: str, iteration: int, model) -> None:

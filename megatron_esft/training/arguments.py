@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model TFLOP/s per GPU in the iteration line and TensorBoard, counting useful FLOPs only (no "
                         "weight gradients of frozen weights, no input gradients below the lowest trained layer)")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints from a background process while training goes on (the tensors are "
+                        "copied to host memory first); an iteration becomes the latest once written")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")
     g.add_argument("--no-keep-best", action="store_true", help="do not keep the best-validation checkpoint")

@@ -244,6 +244,11 @@ def pretrain(argv=None) -> int:
 
     loader = SFTDataLoader(train_ds, args.micro_batch_size)
     iteration, best_loss, base_load, last_saved = 0, None, None, None
+    async_queue = None
+    if args.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
     if resume:
         state = meta["train_state"]
         same_world = meta.get("world_size") == dist.get_world_size()
@@ -295,14 +300,27 @@ def pretrain(argv=None) -> int:
             "train_state": train_state,
         }
         t0 = time.perf_counter()
+
+        def published():  # the iteration is complete on disk and the latest (with --async-save: some steps later)
+            nonlocal last_saved
+            par.print_rank0(f"saved checkpoint at iteration {it:7d} to {root} ({time.perf_counter() - t0:.1f} s"
+                            f"{', in the background' if async_queue is not None else ''})")
+            if root == args.save:
+                last_saved = f"iteration {it} in {root}"
+
         with setup.parameters_gathered(ddp_model):
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
-                                        hf_assets if os.path.isdir(hf_assets) else None)
-        par.print_rank0(f"saved checkpoint at iteration {it:7d} to {root} ({time.perf_counter() - t0:.1f} s)")
-        if root == args.save:
-            last_saved = f"iteration {it} in {root}"
+                                        hf_assets if os.path.isdir(hf_assets) else None, async_queue, published)
+        if async_queue is not None:
+            par.print_rank0(f"scheduled checkpoint save at iteration {it:7d} to {root} "
+                            f"({time.perf_counter() - t0:.1f} s blocking)")
+
+    def finish_saves():
+        if async_queue is not None:
+            async_queue.maybe_finalize_async_calls(blocking=True)
 
     def stop_non_finite(what):
+        finish_saves()
         logger.close()  # what was logged up to here stays readable in TensorBoard
         return finite_check.stopped(iteration + 1, what, last_saved or (
             f"iteration {start_iteration} in {args.load}" if resume else None))
@@ -386,8 +404,13 @@ def pretrain(argv=None) -> int:
         if args.save and (iteration == args.train_iters or stop
                           or (args.save_interval and iteration % args.save_interval == 0)):
             save(args.save, iteration)
+        if async_queue is not None:
+            async_queue.maybe_finalize_async_calls(blocking=False)  # a collective: publishes finished saves
         if stop:
             break
+    finish_saves()
+    if async_queue is not None:
+        async_queue.close()
     signals.restore()
     tracker.remove()
     logger.close()
