@@ -23,7 +23,8 @@ import torch
 
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import convert
-from megatron_esft.checkpoint.mcore_checkpoint import copy_hf_assets, iteration_dir, read_meta, read_tracker
+from megatron_esft.checkpoint.mcore_checkpoint import copy_hf_assets, read_meta, read_tracker
+from megatron_esft.checkpoint.trained_only import base_of, load_pieces
 from megatron_esft.atomic import atomic_directory
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import ExpertConfig, expert_config_from_json_dict
@@ -63,6 +64,7 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
     stored = getattr(torch, meta["params_dtype"])
     hf_dtypes = meta.get("hf_dtypes", {})
+    base_of(load_dir, iteration)  # a trained-only checkpoint needs its base: checked before anything is built
     par.initialize(par.ParallelConfig())
     model = build_model(cfg, params_dtype=stored, meta_device=True)
     pieces = list(convert._pieces(convert.strip_extra_state(model.sharded_state_dict())))
@@ -80,10 +82,8 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
             dtype = torch.float32 if sh.key.endswith("router.expert_bias") else stored
             sh.data = torch.empty(sh.local_shape, dtype=dtype)
             wanted.append(sh)
-    from megatron.core import dist_checkpointing
-
-    loaded = dist_checkpointing.load({f"{i}": sh for i, sh in enumerate(wanted)}, iteration_dir(load_dir, iteration))
-    tensors = [loaded[f"{i}"].reshape(sh.local_shape) for i, sh in enumerate(wanted)]
+    load_pieces(load_dir, iteration, wanted)  # a trained-only checkpoint: its base's weights, the trained on top
+    tensors = [sh.data.reshape(sh.local_shape) for sh in wanted]
     out = {}
     for name, tensor in convert._hf_tensors(wanted, tensors, cfg):
         if in_adapter(name, ecfg):

@@ -32,6 +32,7 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     strip_extra_state,
 )
 from megatron_esft.checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from megatron_esft.checkpoint.trained_only import base_of, is_trained_only, load_model_in_place, load_pieces
 from megatron_esft.errors import UserError
 from megatron_esft.models.hf_config import DeepSeekConfig, load_hf_config, load_raw_config, parse_hf_config
 from megatron_esft.models.provider import build_model
@@ -130,6 +131,7 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
     cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
     stored = _dtype_of(meta["params_dtype"])
     hf_dtypes = meta.get("hf_dtypes", {})
+    base_of(load_dir, iteration)  # a trained-only checkpoint needs its base: checked before anything is built
     par.initialize(par.ParallelConfig())
     model = build_model(cfg, params_dtype=stored, meta_device=True)
     groups: dict[str, list] = defaultdict(list)
@@ -143,13 +145,13 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
             for sh in pieces:
                 dtype = torch.float32 if sh.key.endswith("router.expert_bias") else stored
                 sh.data = torch.empty(sh.local_shape, dtype=dtype)
-            loaded = load_sharded(load_dir, iteration, {f"{i}": sh for i, sh in enumerate(pieces)})
-            tensors = [loaded[f"{i}"].reshape(sh.local_shape) for i, sh in enumerate(pieces)]
+            load_pieces(load_dir, iteration, pieces)  # a trained-only checkpoint: its base's, the trained on top
+            tensors = [sh.data.reshape(sh.local_shape) for sh in pieces]
             for name, tensor in _hf_tensors(pieces, tensors, cfg):
                 writer.add(name, tensor.to(_dtype_of(hf_dtypes.get(name, meta["params_dtype"]))))
             for sh in pieces:  # the writer holds what it still needs; drop this layer's buffers
                 sh.data = None
-            del loaded, tensors
+            del tensors
         writer.close()
         assets = os.path.join(load_dir, HF_ASSETS)
         if os.path.isdir(assets):
@@ -171,6 +173,9 @@ def load_model_weights(model, load_dir: str, iteration: int | None = None) -> di
     """Load a checkpoint's model weights into `model` (this rank's shard of any TP/EP/PP layout); returns its meta."""
     iteration = read_tracker(load_dir) if iteration is None else iteration
     meta = read_meta(load_dir, iteration)
+    if is_trained_only(meta):
+        load_model_in_place(load_dir, iteration, model)
+        return meta
     sharded = strip_extra_state(model.sharded_state_dict())
     load_sharded(load_dir, iteration, sharded)
     return meta

@@ -34,6 +34,14 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     save_checkpoint,
     strip_extra_state,
 )
+from megatron_esft.checkpoint.trained_only import (
+    MODEL_WEIGHTS,
+    TRAINED,
+    is_trained_only,
+    load_model_in_place,
+    per_expert,
+    trained_model_state,
+)
 from megatron_esft.errors import UserError
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -82,9 +90,6 @@ def _model_sharded(model) -> dict:
     return strip_extra_state(model.sharded_state_dict())
 
 
-EXPERT_AXIS_KEY = ".mlp.experts.experts."  # SequentialMLP's sharded key: the global expert axis is prepended
-
-
 def _per_expert_optimizer_keys(optimizer_sd: dict):
     """Give each routed expert's optimizer state its own dist-ckpt key (`<key>.expert<g>`); returns the factories.
 
@@ -94,25 +99,13 @@ def _per_expert_optimizer_keys(optimizer_sd: dict):
     finds its experts' state by global expert id under any EP layout. Factories (the SwiGLU gate/up split) are
     applied here, so the caller must re-merge loaded values with `apply_factory_merges(loaded, factories)`.
     """
-    import dataclasses
-
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories
 
     factories, _ = extract_matching_values(optimizer_sd, lambda x: isinstance(x, ShardedTensorFactory),
                                            return_lists_as_dicts=True)
     apply_factories(optimizer_sd)
-
-    def rename(value):
-        if isinstance(value, ShardedTensor) and EXPERT_AXIS_KEY in value.key and value.prepend_axis_num == 1:
-            expert = value.global_offset[0]
-            return dataclasses.replace(
-                value, key=f"{value.key}.expert{expert}", global_shape=value.global_shape[1:],
-                global_offset=value.global_offset[1:], prepend_axis_num=0,
-                axis_fragmentations=value.axis_fragmentations[1:] if value.axis_fragmentations else None)
-        return value
-
-    dict_list_map_inplace(rename, optimizer_sd)
+    dict_list_map_inplace(per_expert, optimizer_sd)
     return factories
 
 
@@ -147,9 +140,10 @@ def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tupl
 
 
 def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None,
-                             async_queue=None, on_published=None):
+                             async_queue=None, on_published=None, trained_only: bool = False):
     """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0;
-    `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint).
+    `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint); `trained_only`: the model
+    part holds the trained parameters only, the rest comes from `meta["base_checkpoint"]` (trained_only.py).
 
     Only the optimizer's per-parameter tensors go into the checkpoint (keys: `optimizer.state.{param,exp_avg,
     exp_avg_sq}.<model key>[.expert<g>]`, independent of how Megatron splits parameters over its dense and expert
@@ -157,14 +151,20 @@ def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: 
     line and the LR schedule."""
     model_sd = _model_sharded(model)
     _, param_states, _ = _optimizer_param_states(optimizer, model_sd, is_loading=False)
-    state = {"model": model_sd, "optimizer": param_states, "rng_state": _rng_sharded(rng_state())}
+    state = {"model": trained_model_state(model) if trained_only else model_sd, "optimizer": param_states,
+             "rng_state": _rng_sharded(rng_state())}
     rank, world = _world()
     meta = dict(meta, world_size=world, optimizer_step=optimizer_step(optimizer))
+    if trained_only:
+        meta[MODEL_WEIGHTS] = TRAINED
     return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from, async_queue=async_queue,
                            on_published=on_published)
 
 
 def load_model_only(root: str, iteration: int, model) -> None:
+    if is_trained_only(read_meta(root, iteration)):
+        load_model_in_place(root, iteration, model)
+        return
     loaded = load_sharded(root, iteration, _model_sharded(model))
     _load_into_model(model, loaded)
 
@@ -228,11 +228,15 @@ def load_training_checkpoint(root: str, iteration: int, model, optimizer, restor
     _init_optimizer_state(optimizer)
     model_sd = _model_sharded(model)
     full, param_states, factories = _optimizer_param_states(optimizer, model_sd, is_loading=True)
-    state = {"model": model_sd, "optimizer": param_states}
+    trained_only = is_trained_only(read_meta(root, iteration))
+    state = {"optimizer": param_states} if trained_only else {"model": model_sd, "optimizer": param_states}
     if restore_rng:
         state["rng_state"] = _rng_sharded(None)
     loaded = load_sharded(root, iteration, state)
-    _load_into_model(model, loaded["model"])
+    if trained_only:
+        load_model_in_place(root, iteration, model)
+    else:
+        _load_into_model(model, loaded["model"])
     for opt, sd, param_state, facs in zip(live_optimizers(optimizer), full, loaded["optimizer"], factories):
         sd["param_state"] = apply_factory_merges(param_state, facs)
         for group in sd["optimizer"]["param_groups"]:

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model TFLOP/s per GPU in the iteration line and TensorBoard, counting useful FLOPs only (no "
                         "weight gradients of frozen weights, no input gradients below the lowest trained layer)")
     g.add_argument("--save-interval", type=int, default=None, help="default: only at the end")
+    g.add_argument("--save-trained-weights-only", action="store_true",
+                   help="ESFT: checkpoints hold the trained parameters only (plus optimizer and training state); "
+                        "the frozen weights are read from the base checkpoint, which must stay in place")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training goes on (the tensors are "
                         "copied to host memory first); an iteration becomes the latest once written")
@@ -188,6 +191,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.valid_data and parse_weighted_paths(args.valid_data, "--valid-data")[1] is not None:
         raise UserError("--valid-data takes paths only: validation reads every document once (weights are for "
                         "--train-data)")
+    if args.save_trained_weights_only and args.finetune_mode != "esft":
+        raise UserError("--save-trained-weights-only is for --finetune-mode esft (full fine-tuning trains every "
+                        "weight)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise UserError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.overlap_param_gather and not args.overlap_grad_reduce:

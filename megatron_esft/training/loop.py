@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import training_state as ts
 from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, hf_dtype_name
+from megatron_esft.checkpoint.trained_only import base_of
 from megatron_esft.errors import UserError
 from megatron_esft.esft import freeze
 from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json_dict, load_expert_config
@@ -40,6 +41,7 @@ from megatron_esft.training.log import TrainingLogger
 def resolve_run(args):
     """Read the checkpoint to start from and decide: fresh fine-tuning or exact resume. No side effects."""
     iteration, meta = ts.describe_load(args.load, args.ckpt_step)
+    base_of(args.load, iteration)  # a trained-only checkpoint's frozen weights must still be there
     source = f"{args.load} (esft_meta.json)"
     cfg = parse_hf_config(meta["hf_config"], source=source)
     shape = ModelShape.from_hf_dict(meta["hf_config"], source=args.load)
@@ -310,7 +312,8 @@ def pretrain(argv=None) -> int:
 
         with setup.parameters_gathered(ddp_model):
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
-                                        hf_assets if os.path.isdir(hf_assets) else None, async_queue, published)
+                                        hf_assets if os.path.isdir(hf_assets) else None, async_queue, published,
+                                        trained_only=args.save_trained_weights_only)
         if async_queue is not None:
             par.print_rank0(f"scheduled checkpoint save at iteration {it:7d} to {root} "
                             f"({time.perf_counter() - t0:.1f} s blocking)")

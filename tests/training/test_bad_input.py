@@ -135,3 +135,11 @@ def test_bad_blend(training_env, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         _pretrain(_args(training_env, training_env["base"], save, "--expert-config", training_env["ecfg"], *extra))
     assert not os.path.exists(save)
+
+
+def test_trained_weights_only_is_for_esft(training_env, tmp_path):
+    save = str(tmp_path / "out")
+    with pytest.raises(UserError, match="--save-trained-weights-only is for --finetune-mode esft"):
+        _pretrain(_args(training_env, training_env["base"], save, "--finetune-mode", "full",
+                        "--save-trained-weights-only"))
+    assert not os.path.exists(save)
