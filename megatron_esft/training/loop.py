@@ -282,7 +282,6 @@ def pretrain(argv=None) -> int:
     hf_assets = os.path.join(args.load, HF_ASSETS)
 
     def save(root, it):
-        nonlocal last_saved
         train_state = {"iteration": it, "consumed_samples": loader.consumed_samples, "data": loader.state_dict(),
                        "scheduler": scheduler.state_dict(), "best_validation_loss": best_loss,
                        "base_expert_load": base_load.tolist() if base_load is not None else None}
