@@ -49,9 +49,6 @@ def test_resume_with_another_lr_needs_a_flag_that_says_which_wins(training_env, 
     assert not save.exists()
 
     assert _lr(reference["proc"]) == [1e-3] * 6
-    # a constant schedule continues past the checkpoint's --train-iters without any flag
-    longer = pretrain(reference["save"], None, "--train-iters", "7", data=env["data"])
-    assert _lr(longer) == [1e-3]
     override = pretrain(reference["save"], None, "--train-iters", "7", "--lr", "5e-4",
                         "--override-opt_param-scheduler", data=env["data"])
     assert _lr(override) == [5e-4]
