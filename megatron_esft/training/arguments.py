@@ -194,6 +194,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.save_trained_weights_only and args.finetune_mode != "esft":
         raise UserError("--save-trained-weights-only is for --finetune-mode esft (full fine-tuning trains every "
                         "weight)")
+    if args.save_trained_weights_only and args.moe_router_bias_update_rate:
+        raise UserError("--save-trained-weights-only with --moe-router-bias-update-rate: the router's expert bias "
+                        "changes without being a trained parameter, so only full checkpoints keep it")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise UserError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.overlap_param_gather and not args.overlap_grad_reduce:

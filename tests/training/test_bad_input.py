@@ -142,4 +142,7 @@ def test_trained_weights_only_is_for_esft(training_env, tmp_path):
     with pytest.raises(UserError, match="--save-trained-weights-only is for --finetune-mode esft"):
         _pretrain(_args(training_env, training_env["base"], save, "--finetune-mode", "full",
                         "--save-trained-weights-only"))
+    with pytest.raises(UserError, match="expert bias changes without being a trained parameter"):
+        _pretrain(_args(training_env, training_env["base"], save, "--expert-config", training_env["ecfg"],
+                        "--save-trained-weights-only", "--moe-router-bias-update-rate", "0.001"))
     assert not os.path.exists(save)
