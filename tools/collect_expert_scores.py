@@ -52,8 +52,12 @@ def main(argv=None) -> int:
         raise UserError(f"--gate: unknown gate kind {args.gate!r} (choose from {', '.join(GATE_KINDS)})")
     if not os.path.isdir(args.load):
         raise UserError(f"--load {args.load}: directory does not exist")
+    from megatron_esft.data.blend import parse_weighted_paths
     from megatron_esft.data.documents import check_data_path
 
+    if parse_weighted_paths(args.data, "--data")[1] is not None:
+        raise UserError("--data takes paths only: experts are scored on the task data itself (a weighted blend is "
+                        "for pretrain_esft.py --train-data)")
     for path in args.data:
         check_data_path(path)
     from megatron_esft.routing.collect import CollectArgs, collect_expert_scores

@@ -134,3 +134,7 @@ def test_collect_bad_input_one_line(tmp_path):
         assert fragment in proc.stderr and not (tmp_path / "o").exists()
     proc = _run([COLLECT, "--load", tmp_path / "nope", "--data", "x.jsonl", "--out", tmp_path / "o"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+    proc = _run([COLLECT, "--load", tmp_path, "--data", "1", "task.jsonl", "1", "align.jsonl", "--out", tmp_path / "o"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --data takes paths only: experts are scored on the task data itself (a weighted blend is for "
+        "pretrain_esft.py --train-data)"]
