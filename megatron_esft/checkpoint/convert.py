@@ -25,14 +25,13 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
     copy_hf_assets,
     hf_dtype_name,
-    load_sharded,
     read_meta,
     read_tracker,
     save_checkpoint,
     strip_extra_state,
 )
 from megatron_esft.checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
-from megatron_esft.checkpoint.trained_only import base_of, is_trained_only, load_model_in_place, load_pieces
+from megatron_esft.checkpoint.trained_only import base_of, load_model_in_place, load_pieces
 from megatron_esft.errors import UserError
 from megatron_esft.models.hf_config import DeepSeekConfig, load_hf_config, load_raw_config, parse_hf_config
 from megatron_esft.models.provider import build_model
@@ -173,11 +172,7 @@ def load_model_weights(model, load_dir: str, iteration: int | None = None) -> di
     """Load a checkpoint's model weights into `model` (this rank's shard of any TP/EP/PP layout); returns its meta."""
     iteration = read_tracker(load_dir) if iteration is None else iteration
     meta = read_meta(load_dir, iteration)
-    if is_trained_only(meta):
-        load_model_in_place(load_dir, iteration, model)
-        return meta
-    sharded = strip_extra_state(model.sharded_state_dict())
-    load_sharded(load_dir, iteration, sharded)
+    load_model_in_place(load_dir, iteration, model)  # either kind of checkpoint (trained_only.py)
     return meta
 
 

@@ -37,7 +37,6 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
 from megatron_esft.checkpoint.trained_only import (
     MODEL_WEIGHTS,
     TRAINED,
-    is_trained_only,
     load_model_in_place,
     per_expert,
     trained_model_state,
@@ -162,18 +161,8 @@ def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: 
 
 
 def load_model_only(root: str, iteration: int, model) -> None:
-    if is_trained_only(read_meta(root, iteration)):
-        load_model_in_place(root, iteration, model)
-        return
-    loaded = load_sharded(root, iteration, _model_sharded(model))
-    _load_into_model(model, loaded)
-
-
-def _load_into_model(model, loaded: dict) -> None:
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint/model key mismatch: missing {missing[:3]} unexpected {list(unexpected)[:3]}")
+    """The model weights of a checkpoint of either kind (trained_only.load_model_in_place), nothing else."""
+    load_model_in_place(root, iteration, model)
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -228,15 +217,11 @@ def load_training_checkpoint(root: str, iteration: int, model, optimizer, restor
     _init_optimizer_state(optimizer)
     model_sd = _model_sharded(model)
     full, param_states, factories = _optimizer_param_states(optimizer, model_sd, is_loading=True)
-    trained_only = is_trained_only(read_meta(root, iteration))
-    state = {"optimizer": param_states} if trained_only else {"model": model_sd, "optimizer": param_states}
+    state = {"optimizer": param_states}
     if restore_rng:
         state["rng_state"] = _rng_sharded(None)
     loaded = load_sharded(root, iteration, state)
-    if trained_only:
-        load_model_in_place(root, iteration, model)
-    else:
-        _load_into_model(model, loaded["model"])
+    load_model_in_place(root, iteration, model)  # either kind of checkpoint (trained_only.py)
     for opt, sd, param_state, facs in zip(live_optimizers(optimizer), full, loaded["optimizer"], factories):
         sd["param_state"] = apply_factory_merges(param_state, facs)
         for group in sd["optimizer"]["param_groups"]:
