@@ -61,7 +61,7 @@ def peak_reserved_gib():
 # (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
 _KERNEL_KINDS = [
     ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),
-    ("grouped GEMM", r"grouped"),
+    ("grouped GEMM", r"grouped|GroupProblemShape|PtrArray"),  # torch._grouped_mm's CUTLASS kernels
     ("attention", r"flash|fmha|attention|cudnn|sdpa"),
     ("dense GEMM", r"gemm|nvjet|cutlass|xmma|aten::(mm|addmm|bmm|matmul)$"),
     ("fused (Triton / compiled)", r"^triton|fused|compiled"),
@@ -78,10 +78,23 @@ def kernel_time_by_kind(averages, cuda: bool):
     five biggest unclassified names (to refine the patterns)."""
     import re
 
+    from torch.autograd import DeviceType
+
     totals, other = {}, {}
     for event in averages:
-        ms = (getattr(event, "self_device_time_total", 0) if cuda else event.self_cpu_time_total) / 1e3
-        if ms <= 0 or (not cuda and not event.key.startswith("aten::")):
+        if getattr(event, "is_user_annotation", False):
+            continue  # record_function ranges (e.g. "Optimizer.step#AdamW.step") span kernels counted on their own
+        if cuda:
+            # kernels only: an aten op's own "self device time" is the time of the kernels it launched, which the
+            # kernel events count already (summing both counted every kernel twice: 316 ms of kernels in a 248 ms step)
+            if event.device_type != DeviceType.CUDA:
+                continue
+            ms = event.self_device_time_total / 1e3
+        elif event.key.startswith("aten::"):
+            ms = event.self_cpu_time_total / 1e3
+        else:
+            continue
+        if ms <= 0:
             continue
         kind = next((k for k, pattern in _KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
         totals[kind] = totals.get(kind, 0.0) + ms
@@ -131,14 +144,19 @@ def fingerprint(params):
     """Exact integer hash of the bits of each parameter (chunked by first dim to bound the temporaries)."""
     import torch
 
+    # hashed on the GPU where there is one, also for weights kept in host memory (--offload-frozen-experts): the CPU
+    # would hash V2-Lite's 12.7B host-resident frozen expert weights twice, in several int64 passes each (the likely
+    # reason why the 27-layer offload job ran past its 150 s limit in the 2026-11-30 session)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
     out = []
     for p in params:
         bits = p.detach().view(-1).view(torch.int16) if p.dtype == torch.bfloat16 else p.detach().view(-1).view(torch.int32)
-        acc = torch.zeros((), dtype=torch.int64, device=p.device)
+        where = device or p.device
+        acc = torch.zeros((), dtype=torch.int64, device=where)
         step = 1 << 24
         for s in range(0, bits.numel(), step):
-            chunk = bits[s:s + step].to(torch.int64)
-            pos = torch.arange(s, s + chunk.numel(), device=p.device, dtype=torch.int64) % 1000003 + 1
+            chunk = bits[s:s + step].to(where).to(torch.int64)
+            pos = torch.arange(s, s + chunk.numel(), device=where, dtype=torch.int64) % 1000003 + 1
             acc += (chunk * pos).sum() + (chunk ^ pos).sum()
         out.append(acc)
-    return torch.stack([a.cpu() for a in out]) if out else torch.zeros(0, dtype=torch.int64)  # devices may differ
+    return torch.stack([a.cpu() for a in out]) if out else torch.zeros(0, dtype=torch.int64)
