@@ -49,6 +49,15 @@ def print_tables(results, device):
         if r.get("gpu_kernel_ms"):  # --profile: kernel time of one profiled step against the timed step
             print(f"- {r['mode'].upper()} {r['layers']} layers ({r.get('fusions')}): GPU kernels {r['gpu_kernel_ms']:.1f}"
                   f" ms of {r['ms']:.1f} ms per iteration, GPU busy {r['gpu_kernel_ms'] / r['ms']:.0%}")
+    for r in models:
+        if r.get("phases"):  # GPU-timeline ms (host ms) per phase: equal spans mean the host sets the pace
+            spans = ", ".join(f"{name} {gpu:.1f} ({host:.1f})" for name, (gpu, host) in r["phases"].items())
+            line = (f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers, {r['seq']}x{r['mbs']}x{r.get('accum', 1)}: "
+                    f"GPU ms (host ms) {spans}")
+            if r.get("host_syncs"):
+                count, sites = r["host_syncs"]
+                line += f"; host syncs per step: {count} (" + ", ".join(f"{s} x{n}" for s, n in sites) + ")"
+            print(line)
     for r in results:
         if "error" in r:
             print(f"- {json.dumps(r['job'])}: {r['error']}")

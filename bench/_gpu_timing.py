@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,80 @@ class Timer:
 
     def median_ms(self):
         return statistics.median(self.spans)
+
+
+class PhaseTimer:
+    """Where an iteration's time goes, per phase (forward, backward, optimizer): the GPU timeline's span between
+    marks (CUDA events: kernels and the idle gaps between them) next to the host's (perf_counter: issuing the work,
+    waits at host syncs included). A phase whose GPU span is about its host span is bound by the host: the GPU runs
+    what the host issues as fast as it comes. `mark(name)` ends the phase `name`; phases repeat with gradient
+    accumulation and add up per iteration; medians over the recorded iterations."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.marks, self.iterations = None, []
+
+    def _now(self):
+        import torch
+
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return event, time.perf_counter()
+
+    def start(self, record: bool):
+        self.marks = [(None, *self._now())] if record else None
+
+    def mark(self, name: str):
+        if self.marks is not None:
+            self.marks.append((name, *self._now()))
+
+    def finish(self):
+        """After the iteration's end was synchronized (Timer.__exit__): every event has completed."""
+        if not self.marks:
+            return
+        totals = {}
+        for (_, e0, t0), (name, e1, t1) in zip(self.marks, self.marks[1:]):
+            gpu = e0.elapsed_time(e1) if self.cuda else 1e3 * (t1 - t0)
+            gpu_total, host_total = totals.get(name, (0.0, 0.0))
+            totals[name] = (gpu_total + gpu, host_total + 1e3 * (t1 - t0))
+        self.iterations.append(totals)
+        self.marks = None
+
+    def medians(self) -> dict:
+        """{phase: [GPU-timeline ms, host ms]}, medians over the iterations."""
+        names = self.iterations[0].keys() if self.iterations else ()
+        return {n: [statistics.median(it[n][i] for it in self.iterations) for i in (0, 1)] for n in names}
+
+
+def count_host_syncs(fn):
+    """Host synchronizations in one call of fn, with torch's sync debug mode ("warn": every synchronizing CUDA
+    call warns, from the Python line that made it): (count, [(site, count)] of the five most frequent). Only the
+    Python thread's calls: autograd's backward thread warns on its own (stderr). None on CPU (nothing runs)."""
+    import collections
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    sites = collections.Counter()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    return sum(sites.values()), sites.most_common(5)
 
 
 def peak_gib():

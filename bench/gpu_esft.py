@@ -40,7 +40,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
 from _gpu_report import print_tables  # noqa: E402
-from _gpu_timing import NullCtx, Timer, fingerprint, peak_gib, peak_reserved_gib, profile_kernels  # noqa: E402
+from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, fingerprint, peak_gib,  # noqa: E402
+                         peak_reserved_gib, profile_kernels)
 
 V2_LITE = {
     "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
@@ -159,25 +160,30 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         attention_mask = build_attention_mask(document_ids.to(dev).expand(mbs, -1))
         position_ids = torch.cat([torch.arange(n) for n in lengths]).to(dev).unsqueeze(0).expand(mbs, -1)
         pairs = sum(n * (n + 1) / 2 for n in lengths)
-    timer = Timer()
+    timer, phases = Timer(), PhaseTimer()
     losses = []
     for it in range(args.warmup + args.iters):
         if it == args.warmup:
             trained_rows.clear()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         with (timer if it >= args.warmup else NullCtx()):
+            phases.start(record=it >= args.warmup)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
                 counting[0] = True
                 loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
                 counting[0] = False
+                phases.mark("forward")
                 loss.backward()
+                phases.mark("backward")
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current
+            phases.mark("optimizer")
+        phases.finish()
         losses.append(loss.item())
-    peak, reserved, kernel_ms = peak_gib(), peak_reserved_gib(), None
+    peak, reserved, kernel_ms, syncs = peak_gib(), peak_reserved_gib(), None, None
     if args.profile:
         def step():
             ddp.zero_grad_buffer()
@@ -187,6 +193,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             optimizer.step()
             note_expert_weights_updated([model])
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
+        syncs = count_host_syncs(step)
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
     from megatron_esft.training.flops import TrainedWeights, iteration_flops
@@ -206,7 +213,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
              "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
              "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
              "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
-             "gpu_kernel_ms": kernel_ms if accum == 1 else None}]
+             "gpu_kernel_ms": kernel_ms if accum == 1 else None, "phases": phases.medians(),
+             "host_syncs": syncs}]
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
