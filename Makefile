@@ -17,8 +17,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # The suite builds its tiny models on the CPU. Where a GPU is visible, Megatron-Core's hard-coded CUDA placement
-# (router, RoPE, ...) splits such a model across devices, so the suite runs with the GPU hidden, and then, on a machine
-# with a GPU, the GPU-only tests (test_cuda_*, the trainer on the GPU) run with it visible (`make test-gpu`).
+# (moe/router.py, moe/experts.py: `.to(torch.cuda.current_device())`) splits such a model across devices, so the
+# suite runs with the GPU hidden, and then, on a machine with a GPU, the GPU-only tests (test_cuda_*, the trainer on
+# the GPU) run with it visible (`make test-gpu`).
 GPU_TESTS := -k "test_cuda_ or test_gpu_training or gpu_memory"
 
 test: setup
