@@ -24,6 +24,9 @@ ECFG = {"experts": {"1": [0, 2], "2": [5], "3": []}, "shared_experts": False, "n
 SELECTED = {(1, 0), (1, 2), (2, 5)}
 TRAIN = ["--micro-batch-size", "1", "--global-batch-size", "4", "--seq-length", "48", "--lr", "1e-3",
          "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1", "--split", "90,10"]
+# the reference run's schedule: 6 iterations, checkpoints and validation every 3; runs compared with the reference
+# (its losses, its checkpoints) use it too
+REFERENCE_SCHEDULE = ["--train-iters", "6", "--save-interval", "3", "--eval-interval", "3"]
 WORDS = "the cat sat on a mat dog ran far away blue sky green tree red car fast slow big small".split()
 
 
@@ -132,8 +135,8 @@ def reference(training_env):
     TensorBoard, --log-throughput, --log-params-norm and --log-num-zeros-in-grad, plus HF exports of both."""
     env = training_env
     save = str(env["root"] / "ref")
-    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
-                    "--eval-interval", "3", "--tensorboard-dir", str(env["root"] / "tb"), "--log-throughput",
+    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *REFERENCE_SCHEDULE,
+                    "--tensorboard-dir", str(env["root"] / "tb"), "--log-throughput",
                     "--log-params-norm", "--log-num-zeros-in-grad", data=env["data"])
     hf3 = to_hf(save, str(env["root"] / "ref-hf-3"), iteration=3)
     hf6 = to_hf(save, str(env["root"] / "ref-hf-6"))

@@ -3,13 +3,13 @@ bit, and resuming from one of them replays the reference."""
 
 import torch
 
-from conftest import load_mcore, losses, pretrain
+from conftest import REFERENCE_SCHEDULE, load_mcore, losses, pretrain
 
 
 def test_async_checkpoints_equal_the_synchronous_ones_and_resume_exactly(training_env, reference, tmp_path):
     env, save = training_env, str(tmp_path / "async")
-    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
-                    "--eval-interval", "3", "--async-save", data=env["data"])
+    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *REFERENCE_SCHEDULE, "--async-save",
+                    data=env["data"])
     assert losses(proc) == reference["losses"]
     for it in (3, 6):
         assert f"scheduled checkpoint save at iteration {it:7d} to {save} " in proc.stdout

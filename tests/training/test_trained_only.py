@@ -9,7 +9,8 @@ import shutil
 
 import torch
 
-from conftest import SELECTED, load_hf, load_mcore, losses, pretrain, run, selected_name, to_hf
+from conftest import (REFERENCE_SCHEDULE, SELECTED, load_hf, load_mcore, losses, pretrain, run, selected_name,
+                      to_hf)
 
 
 def _size(path) -> int:
@@ -18,8 +19,8 @@ def _size(path) -> int:
 
 def test_trained_only_checkpoints(training_env, reference, tmp_path):
     env, save = training_env, str(tmp_path / "thin")
-    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
-                    "--eval-interval", "3", "--save-trained-weights-only", data=env["data"])
+    proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *REFERENCE_SCHEDULE,
+                    "--save-trained-weights-only", data=env["data"])
     assert losses(proc) == reference["losses"]
     for it in (3, 6):
         with open(os.path.join(save, f"iter_{it:07d}", "esft_meta.json")) as fh:
