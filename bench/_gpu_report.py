@@ -58,6 +58,12 @@ def print_tables(results, device):
                 count, sites = r["host_syncs"]
                 line += f"; host syncs per step: {count} (" + ", ".join(f"{s} x{n}" for s, n in sites) + ")"
             print(line)
+    for r in models:
+        if r.get("host_profile"):  # --profile: where the host's time goes (bench/_host_profile.py)
+            from _host_profile import format_host_profile
+
+            print(f"\nhost profile, {r['mode'].upper()} {r['backend']} {r['layers']} layers (one step):\n"
+                  + format_host_profile(r["host_profile"], top=10))
     for r in results:
         if "error" in r:
             print(f"- {json.dumps(r['job'])}: {r['error']}")

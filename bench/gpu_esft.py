@@ -23,7 +23,9 @@ causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offl
 experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts).
 `"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
 dispatcher's gather permutation; "megatron": Megatron-Core's own).
-`--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...).
+`--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
+counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
+per phase, per module class in forward, per autograd node in backward).
 After the timed steps the frozen parameters are fingerprinted (exact integer hash of their bits) against the values
 before training: they must be bit-identical, and the trainable experts must have changed.
 """
@@ -40,6 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
 from _gpu_report import print_tables  # noqa: E402
+from _host_profile import format_host_profile, host_profile  # noqa: E402
 from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, fingerprint, peak_gib,  # noqa: E402
                          peak_reserved_gib, profile_kernels)
 
@@ -183,17 +186,25 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             phases.mark("optimizer")
         phases.finish()
         losses.append(loss.item())
-    peak, reserved, kernel_ms, syncs = peak_gib(), peak_reserved_gib(), None, None
+    peak, reserved, kernel_ms, syncs, host = peak_gib(), peak_reserved_gib(), None, None, None
     if args.profile:
-        def step():
+        def forward():
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            ddp(tokens, position_ids, attention_mask, labels=labels).float().mean().backward()
+            return ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
+
+        def finish_step():
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])
+
+        def step():
+            forward().backward()
+            finish_step()
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
         syncs = count_host_syncs(step)
+        host = host_profile(forward, lambda loss: loss.backward(), finish_step)
+        print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(host)}", file=sys.stderr, flush=True)
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
     from megatron_esft.training.flops import TrainedWeights, iteration_flops
@@ -214,7 +225,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
              "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
              "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
              "gpu_kernel_ms": kernel_ms if accum == 1 else None, "phases": phases.medians(),
-             "host_syncs": syncs}]
+             "host_syncs": syncs, "host_profile": host}]
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
