@@ -38,6 +38,9 @@ from megatron_esft.experts.permutation import (inverse_permutation, permute_rows
 
 GROUPS = ("trainable", "frozen")
 GEMM_BACKENDS = ("bf16", "fp8")
+# "host": the dispatcher copies the token counts to the host (one sync per MoE layer) and each group runs its own
+# grouped GEMMs; "device": they stay on the device where the experts can do without (experts/device_counts.py)
+TOKEN_COUNTS = ("host", "device")
 
 
 class FrozenAwareGroupedExperts(MegatronModule):
@@ -89,6 +92,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         self._group_ids: dict[str, list[int]] = {"trainable": list(range(num_local_experts)), "frozen": []}
         self._install({"fc1": fc1, "fc2": fc2})
         self.gemm_backend, self._fp8_cache = "bf16", None
+        self.token_counts, self._stacks = "host", None  # set_token_counts
         self._frozen_offloaded_from: Optional[torch.device] = None  # set while the frozen weights are in host memory
         self._device_constants: dict[tuple, torch.Tensor] = {}  # _on_device
         # selective recompute "moe_act" (Megatron-Core's name; models/provider.py lets it through for these experts)
@@ -115,6 +119,29 @@ class FrozenAwareGroupedExperts(MegatronModule):
         else:
             self._fp8_cache = None
         self.gemm_backend = backend
+
+    def set_token_counts(self, mode: str) -> None:
+        """"host" (default) or "device": keep the token counts on the device where possible (one rank for all
+        experts, the bf16 backend, experts/device_counts.py); `counts_on_device()` says whether it applies."""
+        if mode not in TOKEN_COUNTS:
+            raise ValueError(f"unknown token counts mode {mode!r} (choose from {', '.join(TOKEN_COUNTS)})")
+        if mode == "device" and self._stacks is None:
+            from megatron_esft.experts.device_counts import StackedWeights
+
+            self._stacks = StackedWeights()
+        self.token_counts = mode
+
+    def counts_on_device(self) -> bool:
+        """Whether the next forward from tokens runs with device token counts (the dispatcher then skips its copy of
+        them to the host): the "device" mode, the bf16 backend on grouped GEMMs, probabilities after the
+        activation, all experts on this rank and not in host memory."""
+        if self.token_counts != "device" or self.gemm_backend != "bf16" or self.config.moe_apply_probs_on_input:
+            return False
+        if self.ep_group.size() != 1 or self.frozen_weights_offloaded:
+            return False
+        (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
+        dtype, device = self.fc1_frozen.dtype, self.fc1_frozen.device
+        return grouped_mm_supported(dtype, device, h, n2f) and grouped_mm_supported(dtype, device, f, h)
 
     # ----------------------------------------------------------------------------------------------- partitioning
     @property
@@ -155,6 +182,8 @@ class FrozenAwareGroupedExperts(MegatronModule):
                     for p in ckpt.PROJECTIONS}
         self._group_ids = {"trainable": ids, "frozen": [j for j in range(self.num_local_experts) if j not in ids]}
         self._install(full)
+        if getattr(self, "_stacks", None) is not None:
+            self._stacks.clear()
         if getattr(self, "_fp8_cache", None) is not None:
             self._fp8_cache.clear()  # keyed by storage pointers of the replaced Parameters
 
@@ -315,6 +344,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
         themselves (experts/permutation.py "experts")."""
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.long)
+        if routing_map is not None and tokens_per_expert.device == routing_map.device and self.counts_on_device():
+            return self._forward_tokens_device_counts(permuted_local_hidden_states, routing_map, permuted_probs,
+                                                      tokens_per_expert), None
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync, as SequentialMLP / TEGroupedMLP
         if routing_map is not None:
             return self._forward_tokens(permuted_local_hidden_states, routing_map, permuted_probs, counts), None
@@ -341,6 +373,22 @@ class FrozenAwareGroupedExperts(MegatronModule):
             return fp8_swiglu_moe(tokens, permuted_probs, groups, mapping, self._fp8_cache)
         rows = permute_rows_of_tokens(tokens, mapping)
         return unpermute_tokens(self._groups_forward(rows, permuted_probs, counts), mapping)
+
+    def _forward_tokens_device_counts(self, tokens, routing_map, probs, tokens_per_expert):
+        """One grouped GEMM per projection over all experts, offsets from the device counts (device_counts.py)."""
+        from megatron_esft.experts.device_counts import DeviceCountsExpertMLP
+
+        order = self._group_ids["trainable"] + self._group_ids["frozen"]
+        sorted_order = order == sorted(order)
+        order_on_device = self._on_device(order, tokens.device)
+        permuted_probs, mapping = token_mapping(probs, routing_map, self.config.moe_router_topk,
+                                                None if sorted_order else order_on_device)
+        counts = tokens_per_expert if sorted_order else tokens_per_expert.index_select(0, order_on_device)
+        offs = counts.cumsum(0).to(torch.int32)
+        stacks = [self._stacks.get(getattr(self, f"{p}_trainable"), getattr(self, f"{p}_frozen"), p)
+                  for p in ckpt.PROJECTIONS]
+        return DeviceCountsExpertMLP.apply(tokens, permuted_probs, self.fc1_trainable, self.fc2_trainable, *stacks,
+                                           offs, len(self._group_ids["trainable"]), mapping, self._weighted_activation)
 
     def _fp8_tokens_path(self, tokens) -> bool:
         """FP8 with the tokens quantized before the gather: plain SwiGLU experts on grouped GEMMs."""

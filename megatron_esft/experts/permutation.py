@@ -156,6 +156,10 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     permutation = "experts"
     # set by GatherPermutationMoELayer when its experts can take un-permuted tokens (`forward(..., routing_map=)`)
     experts_take_tokens = False
+    # set by GatherPermutationMoELayer to the experts' `counts_on_device` when they have one: asked once per forward
+    # whether the experts want the token counts left on the device (no copy to the host, no sync; "experts" only)
+    experts_counts_on_device = None
+    _counts_on_device = False
 
     def effective_permutation(self) -> str:
         """The permutation the next forward pass runs: "megatron", "gather" or "experts" (see PERMUTATIONS)."""
@@ -188,7 +192,10 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         self.tokens_per_expert = self.preprocess(routing_map)
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
-        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
+        self._counts_on_device = self._active == "experts" and bool(
+            self.experts_counts_on_device is not None and self.experts_counts_on_device())
+        if not self._counts_on_device:
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_1", self.tokens_per_expert)
         self.hidden_shape_before_permute = hidden_states.shape
         if self._active == "experts":  # a single rank holds every expert: the all-to-alls are identities
             return hidden_states, probs
@@ -202,8 +209,10 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         # nothing to gather over TP and the sort by local expert is the identity: only the sync points remain
         if self.shared_experts is not None:
             self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
-        self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
-        tokens_per_expert = self._maybe_dtoh_and_synchronize("before_finish", self.tokens_per_expert)
+        tokens_per_expert = self.tokens_per_expert
+        if not self._counts_on_device:
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
+            tokens_per_expert = self._maybe_dtoh_and_synchronize("before_finish", self.tokens_per_expert)
         self.tokens_per_expert = None
         return global_input_tokens, tokens_per_expert, global_probs
 
@@ -243,6 +252,7 @@ class GatherPermutationMoELayer(MoELayer):
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
             self.token_dispatcher.experts_take_tokens = bool(getattr(self.experts, "takes_tokens", False))
+            self.token_dispatcher.experts_counts_on_device = getattr(self.experts, "counts_on_device", None)
 
     def routed_experts_compute(self, hidden_states, probs):
         dispatcher = self.token_dispatcher

@@ -71,6 +71,17 @@ def set_expert_gemm_backend(model_chunks, backend: str = "bf16", fp8_weight_cach
     return switched
 
 
+def set_expert_token_counts(model_chunks, mode: str = "host") -> int:
+    """Where every frozen-aware experts module takes its token counts: "host" (default) or "device" (no host sync
+    where the experts can do without: one rank for all experts, bf16; experts/device_counts.py); returns how many
+    modules were set."""
+    switched = 0
+    for module in _grouped_experts_modules(model_chunks):
+        module.set_token_counts(mode)
+        switched += 1
+    return switched
+
+
 def offload_frozen_expert_weights(model_chunks) -> tuple[int, int]:
     """Move the frozen experts' weights of every frozen-aware experts module to host memory, keeping their FP8
     quantizations on the device (`FrozenAwareGroupedExperts.offload_frozen_weights`; needs the fp8 backend with a

@@ -1,0 +1,173 @@
+"""Token counts on the device (experts/device_counts.py): the grouped experts without a host sync give the host-count
+path's outputs and gradients bit for bit on the CPU, read no count on the host, keep the frozen experts' weights
+without a copy, and need no T*k-row tensor for backward; in a model, Megatron's dispatcher then skips its
+device-to-host copy."""
+
+import contextlib
+
+import pytest
+import torch
+
+from megatron_esft.experts.permutation import set_moe_permutation
+from test_experts_permute import E, H, K, T, _experts, _routing
+from tiny import batch, build_model, freeze_grouped, loss_of, tiny_config
+
+
+class NoHostCounts:
+    """Fails any host read of a tensor's values (`.tolist()`, `.item()`, `int()`) while active: what needs a device
+    sync on a GPU."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "__int__", "__index__")}
+
+        def refuse(self_, *args, **kwargs):
+            raise AssertionError("a tensor's values were read on the host")
+
+        for name in self.saved:
+            setattr(torch.Tensor, name, refuse)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _step(experts, routing_map, probs, dtype, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(routing_map.shape[0], H, generator=g).to(dtype).requires_grad_()
+    probs = probs.clone().requires_grad_()
+    d_out = torch.randn(routing_map.shape[0], H, generator=g).to(dtype)
+    for p in experts.parameters():
+        p.grad = None
+    out, _ = experts(tokens, routing_map.sum(dim=0), probs, routing_map=routing_map)
+    out.backward(d_out)
+    grads = {name: p.grad.clone() for name, p in experts.named_parameters() if p.grad is not None}
+    return {"out": out.detach(), "d_tokens": tokens.grad, "d_probs": probs.grad, **grads}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trainable, starve", [([1, 6], ()), ([6, 1, 3], (3, 5)), ([], ()), (list(range(E)), (2,)),
+                                               ([0, 1], ())])
+def test_device_counts_equal_host_counts_bitwise(mcore, dtype, trainable, starve):
+    experts = _experts(dtype, trainable)
+    routing_map, probs = _routing(7, starve=starve)
+    want = _step(experts, routing_map, probs, dtype)
+    experts.set_token_counts("device")
+    assert experts.counts_on_device()
+    with NoHostCounts():
+        got = _step(experts, routing_map, probs, dtype)
+    assert got.keys() == want.keys() and len(got) == 3 + (2 if trainable else 0)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for j in starve:  # a trainable expert without tokens: an exact zero gradient (DDP's hooks still fire)
+        if j in trainable:
+            group, row = experts.placement(j)
+            assert torch.all(got[f"fc1_{group}"][row] == 0) and torch.all(got[f"fc2_{group}"][row] == 0)
+
+
+def test_frozen_weights_are_a_view_of_the_stack_and_trained_values_are_current(mcore):
+    experts = _experts(torch.float32, [2, 5])
+    experts.set_token_counts("device")
+    routing_map, probs = _routing(8)
+    frozen_before = experts.fc1_frozen.detach().clone()
+    _step(experts, routing_map, probs, torch.float32)
+    stack = experts._stacks._stacks["fc1"]
+    # no copy of the frozen experts: their Parameter is the stack's tail, same values
+    assert experts.fc1_frozen.data_ptr() == stack[2:].data_ptr() and torch.equal(experts.fc1_frozen, frozen_before)
+    # an update of the trainable Parameters (as an optimizer's in-place step) reaches the next forward
+    with torch.no_grad():
+        experts.fc1_trainable.mul_(1.5)
+        experts.fc2_trainable.add_(0.01)
+    _assert_modes_agree(experts, routing_map, probs)
+    # a re-partition replaces the Parameters: the stack follows
+    experts.set_trainable_experts([0])
+    _assert_modes_agree(experts, routing_map, probs)
+    assert experts.fc1_frozen.data_ptr() == experts._stacks._stacks["fc1"][1:].data_ptr()
+
+
+def _assert_modes_agree(experts, routing_map, probs):
+    experts.set_token_counts("host")
+    want = _step(experts, routing_map, probs, torch.float32)
+    experts.set_token_counts("device")
+    got = _step(experts, routing_map, probs, torch.float32)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_no_rows_kept_for_backward(mcore):
+    """Nothing T*k rows long is saved: the tokens are, and the trained rows are gathered again in backward."""
+    experts = _experts(torch.bfloat16, [1, 6])
+    experts.set_token_counts("device")
+    routing_map, probs = _routing(4, num_tokens=64)
+    saved = []
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[1] == H:
+            saved.append(t.shape[0])
+        return t
+
+    tokens = torch.randn(64, H).bfloat16().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        experts(tokens, routing_map.sum(dim=0), probs, routing_map=routing_map)
+    assert saved == [64]
+
+
+def test_falls_back_to_host_counts_where_it_must(mcore):
+    experts = _experts(torch.bfloat16, [1, 6], backend="fp8")
+    experts.set_token_counts("device")
+    assert not experts.counts_on_device()  # FP8 experts: host counts
+    experts.set_gemm_backend("bf16")
+    assert experts.counts_on_device()
+    experts.config.moe_apply_probs_on_input = True
+    assert not experts.counts_on_device()
+    experts.config.moe_apply_probs_on_input = False
+    with pytest.raises(ValueError, match="token counts mode"):
+        experts.set_token_counts("gpu")
+
+
+@pytest.mark.parametrize("shared_overlap", [False, True])
+def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap):
+    """A tiny MoE GPT (dense layer, two MoE layers with shared experts): the same loss and gradients bit for bit; the
+    dispatcher skips its copy of the counts to the host and the experts get the device tensor."""
+    from megatron_esft.experts import set_expert_token_counts
+
+    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], moe_shared_expert_overlap=shared_overlap)
+    torch.manual_seed(0)
+    model = build_model(config, grouped=True, gather_permutation=True)
+    freeze_grouped(model, {2: [1, 6], 3: [0, 5, 7]})
+    assert set_moe_permutation(model, "experts") == 2
+    data = batch(seed=1)
+    results = {}
+    for mode in ("host", "device"):
+        assert set_expert_token_counts([model], mode) == 2
+        model.zero_grad(set_to_none=True)
+        dtoh = []
+        for layer in model.decoder.layers[1:]:
+            dispatcher = layer.mlp.token_dispatcher
+            original = dispatcher._maybe_dtoh_and_synchronize
+            # the calls that act: the copy to the host at its point, the wait at the sync point (Megatron's
+            # token_dispatch also calls it "before_ep_alltoall", a point that does nothing at EP = 1)
+            dispatcher._maybe_dtoh_and_synchronize = (
+                lambda point, t=None, original=original, d=dispatcher: (
+                    point in (d.cuda_dtoh_point, d.cuda_sync_point) and dtoh.append(point)) or original(point, t))
+        # the MoE layers' forward and the whole backward read nothing on the host (the attention's forward does:
+        # Megatron's CPU RNG tracker)
+        guard = NoHostCounts()
+        hooks = [h for layer in model.decoder.layers[1:] for h in (
+            layer.mlp.register_forward_pre_hook(lambda *_: guard.__enter__() and None),
+            layer.mlp.register_forward_hook(lambda *_: guard.__exit__() and None))] if mode == "device" else []
+        try:
+            loss = loss_of(model, data)
+            with NoHostCounts() if mode == "device" else contextlib.nullcontext():
+                loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+            for layer in model.decoder.layers[1:]:
+                del layer.mlp.token_dispatcher._maybe_dtoh_and_synchronize
+        assert bool(dtoh) == (mode == "host")
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (loss_h, grads_h), (loss_d, grads_d) = results["host"], results["device"]
+    assert torch.equal(loss_h, loss_d) and grads_h.keys() == grads_d.keys()
+    for name in grads_h:
+        assert torch.equal(grads_h[name], grads_d[name]), name
