@@ -95,4 +95,7 @@ def describe(model) -> str:
         dispatcher = moe[0].token_dispatcher
         permutation = dispatcher.effective_permutation() if hasattr(dispatcher, "effective_permutation") else "megatron"
         line += f"; MoE token permutation: {permutation}"
+        counts = getattr(moe[0].experts, "counts_on_device", None)
+        if permutation == "experts" and counts is not None and counts():
+            line += " (token counts on the device: no host sync)"
     return line

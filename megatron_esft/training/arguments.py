@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "into their trainable/frozen row order when one rank holds all experts (EP = 1; FP8 experts "
                         "quantize the tokens before the gather), else gather; megatron = Megatron-Core's unfused "
                         "permute/unpermute, what Megatron-LM runs without TE's --moe-permute-fusion")
+    g.add_argument("--moe-token-counts", choices=["host", "device"], default="host",
+                   help="device = the grouped experts' token counts stay on the GPU: no host sync per MoE layer "
+                        "(one grouped GEMM per projection over all experts; +1 bf16 copy of the trained experts' "
+                        "weights; with --moe-permutation experts at EP = 1 and bf16 expert GEMMs; not measured on a "
+                        "GPU yet, see docs/gpu.md); host = Megatron's copy of the counts to the host")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -239,6 +244,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             raise UserError("--flex-attention needs a GPU (FlexAttention has no backward on CPU)")
+    if args.moe_token_counts == "device" and (args.experts_impl != "grouped" or args.expert_gemm != "bf16"
+                                              or args.moe_permutation != "experts"
+                                              or args.expert_model_parallel_size != 1):
+        raise UserError("--moe-token-counts device needs --experts-impl grouped, --expert-gemm bf16, "
+                        "--moe-permutation experts and --expert-model-parallel-size 1")
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):

@@ -229,6 +229,10 @@ def pretrain(argv=None) -> int:
         from megatron_esft.experts.spec import set_expert_gemm_backend
 
         set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
+    if args.moe_token_counts != "host":
+        from megatron_esft.experts.spec import set_expert_token_counts
+
+        set_expert_token_counts(model, args.moe_token_counts)
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
     install_hang_guard(model, first)
     from megatron_esft.models.fusions import describe

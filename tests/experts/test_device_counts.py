@@ -171,3 +171,52 @@ def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap):
     assert torch.equal(loss_h, loss_d) and grads_h.keys() == grads_d.keys()
     for name in grads_h:
         assert torch.equal(grads_h[name], grads_d[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real grouped GEMM kernels and host syncs: CUDA only")
+def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
+    """On the GPU: the CUTLASS grouped GEMMs with device offsets (the weight gradients' offsets end before the last
+    row) give the host-count path's results within bf16's 1e-2; the experts' forward and backward and a whole MoE
+    layer's forward (router, dispatcher, shared experts) run under torch's sync debug mode "error"."""
+    experts = _experts(torch.bfloat16, [1, 6]).cuda()
+    routing_map, probs = _routing(7, num_tokens=512)
+    routing_map, probs = routing_map.cuda(), probs.cuda()
+    results = {}
+    for mode in ("host", "device", "device"):  # the second device step under the sync check (the first probes)
+        experts.set_token_counts(mode)
+        g = torch.Generator().manual_seed(8)
+        tokens = torch.randn(512, H, generator=g).cuda().bfloat16().requires_grad_()
+        p = probs.clone().requires_grad_()
+        for param in experts.parameters():
+            param.grad = None
+        counts = routing_map.sum(dim=0)
+        checked = mode in results
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            out, _ = experts(tokens, counts if mode == "device" else counts.cpu(), p, routing_map=routing_map)
+            out.backward(torch.randn(512, H, generator=g).cuda().bfloat16())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results[mode] = [out.detach(), tokens.grad, p.grad] + [q.grad.clone() for q in experts.parameters()
+                                                                 if q.grad is not None]
+    assert len(results["device"]) == 5
+    for got, want in zip(results["device"], results["host"]):
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+    from megatron_esft.experts import set_expert_token_counts
+
+    config = tiny_config(num_layers=2, moe_layer_freq=[0, 1], params_dtype=torch.bfloat16, bf16=True)
+    torch.manual_seed(0)
+    model = build_model(config, grouped=True, gather_permutation=True).cuda()
+    freeze_grouped(model, {2: [1, 6]})
+    set_expert_token_counts([model], "device")
+    moe = model.decoder.layers[1].mlp
+    hidden = torch.randn(16, 2, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for checked in (False, True):
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            out, _ = moe(hidden)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out.float().square().sum().backward()
+    assert moe.experts.fc1_trainable.grad is not None

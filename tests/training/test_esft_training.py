@@ -89,6 +89,15 @@ def test_grouped_and_sequential_experts_train_alike(training_env, reference):
         assert abs(a - b) <= 1e-6 * abs(b), (seq, reference["losses"][:3])
 
 
+def test_device_token_counts_train_alike(training_env, reference):
+    """--moe-token-counts device (experts/device_counts.py): the same training bit for bit on the CPU (the same
+    per-expert GEMMs), and the log line says so."""
+    proc = pretrain(training_env["base"], None, "--expert-config", training_env["ecfg"], "--train-iters", "3",
+                    "--moe-token-counts", "device", data=training_env["data"])
+    assert losses(proc) == reference["losses"][:3]
+    assert "MoE token permutation: experts (token counts on the device: no host sync)" in proc.stdout
+
+
 def test_selective_recompute_trains_alike(training_env, reference):
     """Megatron-LM's selective recompute flags, every module that applies to this model at once: the same training
     (fp32; a recompute sums some gradients in another order). "moe" recomputes the MoE layers in a reentrant

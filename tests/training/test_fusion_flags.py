@@ -44,6 +44,21 @@ def test_fp8_weight_cache_flag_needs_fp8_experts():
     validate(build_parser().parse_args(REQUIRED), world_size=1)  # the default is accepted everywhere
 
 
+def test_device_token_counts_need_grouped_bf16_experts_that_permute_at_ep1(monkeypatch):
+    from megatron_esft.errors import UserError
+    from megatron_esft.training.arguments import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the FP8 checks that follow need a Hopper GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    validate(build_parser().parse_args(REQUIRED + ["--moe-token-counts", "device"]), world_size=1)
+    for flags in (["--experts-impl", "sequential"], ["--expert-gemm", "fp8"], ["--moe-permutation", "gather"],
+                  ["--expert-model-parallel-size", "2"]):
+        args = build_parser().parse_args(REQUIRED + flags + ["--moe-token-counts", "device"])
+        with pytest.raises(UserError, match="--moe-token-counts device needs --experts-impl grouped, --expert-gemm "
+                                            "bf16, --moe-permutation experts and --expert-model-parallel-size 1"):
+            validate(args, world_size=2)
+
+
 def test_offload_frozen_experts_needs_fp8_experts_with_a_weight_cache(monkeypatch):
     from megatron_esft.errors import UserError
     from megatron_esft.training.arguments import validate
