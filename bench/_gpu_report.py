@@ -35,6 +35,8 @@ def print_tables(results, device):
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
+            if r.get("token_counts") == "device":
+                exp += ", token counts on the device"
             if r.get("offloaded_gib"):
                 exp += f", frozen bf16 weights in host memory ({r['offloaded_gib']:.1f} GiB)"
             print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "

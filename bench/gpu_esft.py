@@ -22,7 +22,8 @@ head-dim), per document for packed jobs (`"doc_len": N`: documents of random len
 causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offload": true` keeps the frozen
 experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts).
 `"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
-dispatcher's gather permutation; "megatron": Megatron-Core's own).
+dispatcher's gather permutation; "megatron": Megatron-Core's own). `"token_counts": "device"` keeps the experts'
+token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -64,7 +65,7 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 # --------------------------------------------------------------------------------------------- model timing
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts", offload=False):
+              permutation="experts", offload=False, token_counts="host"):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -106,7 +107,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         from megatron_esft.esft.hang_guard import install_hang_guard
 
         install_hang_guard([model], min(cfg.moe_layers) + 1)
-    trained_rows, hooks, counting = {}, [], [False]  # layer number -> rows routed to its trainable experts
+    # layer number -> rows routed to its trainable experts, added up on the counts' device (no host sync per layer
+    # with "token_counts": "device"; read after the timed steps)
+    trained_rows, hooks, counting, index_of = {}, [], [False], {}
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
             continue
@@ -116,12 +119,21 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             if not counting[0]:
                 return  # activation recomputation inside backward is not useful work
             ids = module.trainable_local_experts
-            trained_rows[number] = trained_rows.get(number, 0) + (int(inputs[1][ids].sum()) if ids else 0)
+            if ids:
+                counts = inputs[1]
+                key = (number, counts.device)
+                if key not in index_of:  # made once: a host-to-device copy in every step would synchronize
+                    index_of[key] = torch.tensor(ids).to(counts.device)
+                trained_rows[number] = trained_rows.get(number, 0) + counts.index_select(0, index_of[key]).sum()
 
         hooks.append(experts.register_forward_pre_hook(hook))
     from megatron_esft.experts import note_expert_weights_updated, set_expert_gemm_backend
 
     set_expert_gemm_backend([model], backend, cache)
+    if token_counts != "host":  # the trainer's --moe-token-counts
+        from megatron_esft.experts import set_expert_token_counts
+
+        set_expert_token_counts([model], token_counts)
     offloaded_gib = 0.0
     if offload:  # the trainer's --offload-frozen-experts: only the FP8 copies of frozen experts stay on the GPU
         from megatron_esft.experts import offload_frozen_expert_weights
@@ -212,10 +224,11 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     what_trains = TrainedWeights() if mode == "fft" else TrainedWeights({int(k): v for k, v in selection.items()})
     per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
     flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
-                            trained_rows={number - 1: t / args.iters for number, t in trained_rows.items()})
+                            trained_rows={number - 1: float(t) / args.iters for number, t in trained_rows.items()})
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
+             "token_counts": token_counts,
              "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
              "offloaded_gib": offloaded_gib, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
@@ -262,7 +275,7 @@ def run_job(args, job):
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
-                     job.get("offload", False))
+                     job.get("offload", False), job.get("token_counts", "host"))
 
 
 def main(argv=None):

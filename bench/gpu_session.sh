@@ -38,15 +38,18 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 
 # 2. the benchmark, in the order of what it decides (the 2026-11-30 H200 session measured the check, the experts table
 #    and the default 27- and 4-layer jobs, see docs/benchmarks.md; each session re-measures its own baselines, since
-#    machines differ by up to ~20 %): the check (correctness of this session's kernels); 27 layers with FP8 experts,
-#    the frozen experts' cache and their bf16 weights in host memory (what fits on 80 GB with FP8), and bf16 profiled
-#    (model TFLOP/s, how busy the GPU is); 4 layers: bf16, then neither the fused kernels nor the permutation (their
-#    effect), FP8 against bf16, ESFT against FFT; whether micro-batch 2 fits at 27 layers with selective recompute;
-#    last the experts table (FP8 against bf16 experts per layer)
-PLAN=${PLAN:-'[{"job":"check"},
+#    machines differ by up to ~20 %): 27 layers bf16 profiled, with the token counts on the host (the default) and on
+#    the device (where the host's time goes, per phase and module; whether dropping the host sync per MoE layer helps
+#    the >= 250 TFLOP/s target); the check (correctness of this session's kernels); 27 layers with FP8 experts, the
+#    frozen experts' cache and their bf16 weights in host memory (what fits on 80 GB with FP8); 4 layers: bf16, then
+#    neither the fused kernels nor the permutation (their effect), FP8 against bf16, ESFT against FFT; whether
+#    micro-batch 2 fits at 27 layers with selective recompute; last the experts table (FP8 against bf16 per layer)
+PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"profile":true},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","profile":true},
+ {"job":"check"},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true},
- {"job":"model","mode":"esft","backend":"bf16","layers":27,"profile":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":4},
+ {"job":"model","mode":"esft","backend":"bf16","layers":4,"token_counts":"device"},
  {"job":"model","mode":"esft","backend":"bf16","layers":4,"fusions":"none","permutation":"megatron"},
  {"job":"model","mode":"esft","backend":"fp8","layers":4,"cache":"frozen"},
  {"job":"model","mode":"fft","backend":"bf16","layers":4},
