@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_esft.experts.permutation import set_moe_permutation
-from test_experts_permute import E, H, K, T, _experts, _routing
+from test_experts_permute import E, H, K, _experts, _routing, _run
 from tiny import batch, build_model, freeze_grouped, loss_of, tiny_config
 
 
@@ -32,17 +32,9 @@ class NoHostCounts:
             setattr(torch.Tensor, name, fn)
 
 
-def _step(experts, routing_map, probs, dtype, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(routing_map.shape[0], H, generator=g).to(dtype).requires_grad_()
-    probs = probs.clone().requires_grad_()
-    d_out = torch.randn(routing_map.shape[0], H, generator=g).to(dtype)
-    for p in experts.parameters():
-        p.grad = None
-    out, _ = experts(tokens, routing_map.sum(dim=0), probs, routing_map=routing_map)
-    out.backward(d_out)
-    grads = {name: p.grad.clone() for name, p in experts.named_parameters() if p.grad is not None}
-    return {"out": out.detach(), "d_tokens": tokens.grad, "d_probs": probs.grad, **grads}
+def _step(experts, routing_map, probs, dtype):
+    """Outputs and gradients of one forward/backward from tokens (test_experts_permute's, experts permuting)."""
+    return _run(experts, routing_map, probs, dtype, ours=True)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
