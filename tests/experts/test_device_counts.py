@@ -117,13 +117,18 @@ def test_falls_back_to_host_counts_where_it_must(mcore):
         experts.set_token_counts("gpu")
 
 
-@pytest.mark.parametrize("shared_overlap", [False, True])
-def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap):
-    """A tiny MoE GPT (dense layer, two MoE layers with shared experts): the same loss and gradients bit for bit; the
-    dispatcher skips its copy of the counts to the host and the experts get the device tensor."""
+RECOMPUTE = {"none": {}, "moe": dict(recompute_granularity="selective", recompute_modules=["moe"])}
+
+
+@pytest.mark.parametrize("shared_overlap, recompute", [(False, "none"), (True, "none"), (False, "moe")])
+def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, recompute):
+    """A tiny MoE GPT (dense layer, two MoE layers with shared experts; also with the MoE blocks recomputed in
+    backward, which runs the experts' forward again): the same loss and gradients bit for bit; the dispatcher skips its copy of the counts to
+    the host and the experts get the device tensor."""
     from megatron_esft.experts import set_expert_token_counts
 
-    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], moe_shared_expert_overlap=shared_overlap)
+    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], moe_shared_expert_overlap=shared_overlap,
+                         **RECOMPUTE[recompute])
     torch.manual_seed(0)
     model = build_model(config, grouped=True, gather_permutation=True)
     freeze_grouped(model, {2: [1, 6], 3: [0, 5, 7]})

@@ -31,16 +31,21 @@ def _cfg():
                                                    vocab=64)))
 
 
-def _run(modules, mode: str, experts: str = "grouped"):
-    """(loss, {trainable parameter: grad}, bytes of activations saved for backward) of one step."""
+def _run(modules, mode: str, experts: str = "grouped", token_counts: str = "host"):
+    """(loss, {trainable parameter: grad}, bytes of activations saved for backward) of one step; `modules` "full"
+    recomputes whole layers."""
+    from megatron_esft.experts import set_expert_token_counts
     from megatron_esft.models.provider import build_model
 
     overrides = {} if modules is None else dict(recompute_granularity="selective", recompute_modules=list(modules))
+    if modules == "full":
+        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     cfg = _cfg()
     torch.manual_seed(0)
     model = build_model(cfg, experts=experts, config_overrides=overrides)
     ecfg = ExpertConfig(dict(ECFG)) if mode == "esft" else None
     freeze.apply_finetune_mode(model, mode, ecfg)
+    set_expert_token_counts(model, token_counts)
     install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, mode, ["1", "2"]))
     saved = []
     tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -71,6 +76,17 @@ def test_each_recompute_module_gives_the_same_step_with_fewer_saved_activations(
         # and with "layernorm" the hang guard sits one attention block lower (more saved at this tiny size)
         if mode == "full" or modules[0] not in ("mlp", "shared_experts", "layernorm"):
             assert saved < want_bytes, (modules, saved, want_bytes)
+
+
+@pytest.mark.parametrize("modules", [None, "full", ["moe", "moe_act", "layernorm"]])
+def test_device_token_counts_give_the_same_step_under_recompute(mcore, modules):
+    """--moe-token-counts device (experts/device_counts.py) with ESFT: the same loss and gradients bit for bit as the
+    host counts, also where the experts' forward runs again in backward (whole layers, the MoE block)."""
+    want_loss, want_grads, _ = _run(modules, "esft")
+    loss, grads, _ = _run(modules, "esft", token_counts="device")
+    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_moe_recompute_needs_the_hang_guard_in_esft(mcore):
