@@ -13,11 +13,11 @@ def print_tables(results, device):
         print("|---|---|---|---|---|")
         for r in checks:
             print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
-    exps = [r for r in results if r.get("kind") == "experts"]
-    if exps:
+    for rows in sorted({r["rows"] for r in results if r.get("kind") == "experts"}):  # one table per routed-row count
+        exps = [r for r in results if r.get("kind") == "experts" and r["rows"] == rows]
         # speedups within one mode and one input kind (from permuted rows / from tokens, permutation included)
         base = {(r["mode"], r.get("source", "rows")): r["ms"] for r in exps if r["backend"] == "bf16" and r.get("fused", True)}
-        print(f"\n| routed experts layer, fwd+bwd ({exps[0]['rows']} routed rows) | input | ms | TFLOP/s | "
+        print(f"\n| routed experts layer, fwd+bwd ({rows} routed rows) | input | ms | TFLOP/s | "
               "speedup vs bf16 fused SwiGLU, same input |")
         print("|---|---|---|---|---|")
         for r in exps:

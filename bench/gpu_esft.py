@@ -270,8 +270,8 @@ def run_job(args, job):
     raw = TINY if args.tiny else V2_LITE
     if job["job"] == "check":
         return run_check(args, raw)
-    if job["job"] == "experts":
-        return run_experts(args, raw)
+    if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows)
+        return run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw)
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
