@@ -23,7 +23,10 @@ causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offl
 experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts).
 `"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
 dispatcher's gather permutation; "megatron": Megatron-Core's own). `"token_counts": "device"` keeps the experts'
-token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer).
+token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer). `"cuda_graphs": true`
+(an experiment, GPU only, with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs
+(`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager; module hooks do not run
+when a graph replays, so the trained rows are counted as the expected share.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -65,7 +68,7 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 # --------------------------------------------------------------------------------------------- model timing
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts", offload=False, token_counts="host"):
+              permutation="experts", offload=False, token_counts="host", cuda_graphs=False):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -88,6 +91,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         overrides = dict(recompute_granularity="selective")
         if ":" in recompute:
             overrides["recompute_modules"] = recompute.split(":", 1)[1].split(",")
+    if cuda_graphs:
+        # experiment: Megatron-Core's own per-layer CUDA graphs (Megatron-LM's --cuda-graph-impl local, whole layers),
+        # possible for MoE layers once nothing in them synchronizes with the host ("token_counts": "device"); its
+        # graph manager needs an RNG tracker that can be captured
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(5, use_cudagraphable_rng=True, force_reset_rng=True)
+        overrides["cuda_graph_impl"] = "local"
     t0 = time.perf_counter()
     model = build_model(cfg, params_dtype=torch.bfloat16, experts="grouped", config_overrides=overrides,
                         fusions=fusions, moe_permutation=permutation)
@@ -107,6 +118,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         from megatron_esft.esft.hang_guard import install_hang_guard
 
         install_hang_guard([model], min(cfg.moe_layers) + 1)
+    if cuda_graphs:
+        # layers below the first one with trainable weights run no backward (nothing in them or below needs a
+        # gradient); Megatron's manager would wait for it before their next forward: they stay eager
+        for number, layer in decoder_layers([model]):
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            if hasattr(layer, "cudagraph_manager"):
+                del layer.cudagraph_manager
     # layer number -> rows routed to its trainable experts, added up on the counts' device (no host sync per layer
     # with "token_counts": "device"; read after the timed steps)
     trained_rows, hooks, counting, index_of = {}, [], [False], {}
@@ -195,6 +214,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current
+            if cuda_graphs:  # after the first step (Megatron's schedules call it at the end of each)
+                from megatron.core.transformer.cuda_graphs import create_cudagraphs
+
+                create_cudagraphs()
             phases.mark("optimizer")
         phases.finish()
         losses.append(loss.item())
@@ -228,7 +251,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "token_counts": token_counts,
+             "token_counts": token_counts, "cuda_graphs": cuda_graphs,
              "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
              "offloaded_gib": offloaded_gib, "ms": ms,
              "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
@@ -275,7 +298,7 @@ def run_job(args, job):
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
-                     job.get("offload", False), job.get("token_counts", "host"))
+                     job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs", False))
 
 
 def main(argv=None):

@@ -44,7 +44,8 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    frozen experts' cache and their bf16 weights in host memory (what fits on 80 GB with FP8); 4 layers: bf16, then
 #    neither the fused kernels nor the permutation (their effect), FP8 against bf16, ESFT against FFT; whether
 #    micro-batch 2 fits at 27 layers with selective recompute; last the experts table (FP8 against bf16 per layer), at
-#    8,192 tokens and at 32,768 (4x the rows per expert: whether FP8's gain grows with the group size)
+#    8,192 tokens and at 32,768 (4x the rows per expert: whether FP8's gain grows with the group size); then, if time
+#    is left, the experiment of Megatron-Core's per-layer CUDA graphs over sync-free MoE layers
 PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"profile":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","profile":true},
  {"job":"check"},
@@ -56,7 +57,8 @@ PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"profil
  {"job":"model","mode":"fft","backend":"bf16","layers":4},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"mbs":2,"recompute":"selective:layernorm,mla_up_proj,moe_act"},
  {"job":"experts"},
- {"job":"experts","tokens":32768}]'}
+ {"job":"experts","tokens":32768},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":true}]'}
 timeout "$BENCH_S" python3 bench/gpu_esft.py --timeout 150 --warmup 2 --iters 5 --plan "$PLAN" --out "$OUT" \
     ${BENCH_ARGS:-} \
     2>&1 | grep -v "^\[{" | tail -40
