@@ -9,7 +9,8 @@ hidden 2048, 64 experts, top-6: 24,576 rows). Both variants run in one process, 
 `--layer-ffn F` (F > 0) adds a second table: the whole routed path of an ESFT layer (permute, frozen-aware grouped
 experts with `--trainable` of the experts trainable at spread-out ids, un-permute; fwd+bwd) with the dispatcher's
 permutation (Megatron's or the gather) followed by the experts' regroup, against the experts permuting the tokens
-themselves ("experts", the default at EP = 1); `--backend fp8` for FP8 experts (a GPU with cc 9.0/10.0; emulated, and
+themselves ("experts", the default at EP = 1), and the same with the token counts left on the device ("device",
+bf16: experts/device_counts.py); `--backend fp8` for FP8 experts (a GPU with cc 9.0/10.0; emulated, and
 slow, on CPU).
 """
 
@@ -89,8 +90,10 @@ def layer_step(variant, inputs, topk, experts):
     tokens, probs, routing_map, grad = inputs
     x, p = tokens.detach().requires_grad_(), probs.detach().requires_grad_()
     tokens_per_expert = routing_map.sum(dim=0)
-    if variant == "experts":
-        out, _ = experts(x, tokens_per_expert, p, routing_map=routing_map)
+    experts.set_token_counts("device" if variant == "device" else "host")
+    if variant in ("experts", "device"):  # "experts": the counts on the host, as the dispatcher hands them over
+        counts = tokens_per_expert if variant == "device" else tokens_per_expert.cpu()
+        out, _ = experts(x, counts, p, routing_map=routing_map)
     elif variant == "gather":
         rows, row_probs, mapping = permute_tokens(x, p, routing_map, topk)
         out = unpermute_tokens(experts(rows, tokens_per_expert, row_probs)[0], mapping)
@@ -113,8 +116,8 @@ def time_variants(variants, run, args):
     return {v: t.median_ms() for v, t in timers.items()}
 
 
-def count_syncs(variant, inputs, topk):
-    """Host syncs of one step (GPU only: torch warns on each synchronizing call in sync debug mode)."""
+def count_syncs(run):
+    """Host syncs of one call of run() (GPU only: torch warns on each synchronizing call in sync debug mode)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -123,7 +126,7 @@ def count_syncs(variant, inputs, topk):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step(variant, inputs, topk)
+            run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -156,21 +159,23 @@ def main(argv=None):
     labels = {"megatron": "Megatron permute/unpermute (masked_select, scatter_add, index_add)",
               "gather": "gather permutation (ours)"}
     print_table(["permutation, fwd+bwd", "ms", "speedup", "host syncs / step"],
-                [[labels[v], f"{ms[v]:.3f}", f"{ms['megatron'] / ms[v]:.2f}x", count_syncs(v, inputs, args.topk)]
-                 for v in variants])
+                [[labels[v], f"{ms[v]:.3f}", f"{ms['megatron'] / ms[v]:.2f}x",
+                  count_syncs(lambda v=v: step(v, inputs, args.topk))] for v in variants])
     if args.layer_ffn <= 0:
         return
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     experts = build_experts(args, device, dtype)
-    variants = ("megatron", "gather", "experts")
+    variants = ("megatron", "gather", "experts") + (("device",) if args.backend == "bf16" else ())
     ms = time_variants(variants, lambda v: layer_step(v, inputs, args.topk, experts), args)
     print(f"\nESFT routed layer: {len(experts.trainable_local_experts)} of {args.experts} experts trainable, ffn "
           f"{args.layer_ffn}, {'fp8' if args.backend == 'fp8' else args.dtype} expert GEMMs")
     labels = {"megatron": "Megatron permute + experts' regroup + Megatron unpermute",
               "gather": "gather permutation + experts' regroup + gather unpermute",
-              "experts": "experts permute the tokens (regroup folded in)"}
-    print_table(["routed layer, fwd+bwd", "ms", "speedup vs gather"],
-                [[labels[v], f"{ms[v]:.3f}", f"{ms['gather'] / ms[v]:.2f}x"] for v in variants])
+              "experts": "experts permute the tokens (regroup folded in)",
+              "device": "... with the token counts on the device (--moe-token-counts device)"}
+    print_table(["routed layer, fwd+bwd", "ms", "speedup vs gather", "host syncs / step"],
+                [[labels[v], f"{ms[v]:.3f}", f"{ms['gather'] / ms[v]:.2f}x",
+                  count_syncs(lambda v=v: layer_step(v, inputs, args.topk, experts))] for v in variants])
 
 
 if __name__ == "__main__":
