@@ -71,17 +71,21 @@ def test_frozen_weights_are_a_view_of_the_stack_and_trained_values_are_current(m
         experts.fc1_trainable.mul_(1.5)
         experts.fc2_trainable.add_(0.01)
     _assert_modes_agree(experts, routing_map, probs)
-    # a re-partition replaces the Parameters: the stack follows
+    # a re-partition replaces the Parameters, a `.to()` their data: the stack follows
     experts.set_trainable_experts([0])
     _assert_modes_agree(experts, routing_map, probs)
     assert experts.fc1_frozen.data_ptr() == experts._stacks._stacks["fc1"][1:].data_ptr()
+    experts.to(torch.bfloat16)
+    _assert_modes_agree(experts, routing_map, probs, torch.bfloat16)
+    assert experts._stacks._stacks["fc1"].dtype == torch.bfloat16
+    assert experts.fc1_frozen.data_ptr() == experts._stacks._stacks["fc1"][1:].data_ptr()
 
 
-def _assert_modes_agree(experts, routing_map, probs):
+def _assert_modes_agree(experts, routing_map, probs, dtype=torch.float32):
     experts.set_token_counts("host")
-    want = _step(experts, routing_map, probs, torch.float32)
+    want = _step(experts, routing_map, probs, dtype)
     experts.set_token_counts("device")
-    got = _step(experts, routing_map, probs, torch.float32)
+    got = _step(experts, routing_map, probs, dtype)
     for name in want:
         assert torch.equal(got[name], want[name]), name
 
