@@ -238,8 +238,12 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             finish_step()
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
         syncs = count_host_syncs(step)
-        host = host_profile(forward, lambda loss: loss.backward(), finish_step)
-        print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(host)}", file=sys.stderr, flush=True)
+        try:  # a diagnostic: the job's measurements above stay whatever happens here
+            host = host_profile(forward, lambda loss: loss.backward(), finish_step)
+            print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(host)}", file=sys.stderr,
+                  flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"HOST PROFILE failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
     from megatron_esft.training.flops import TrainedWeights, iteration_flops
