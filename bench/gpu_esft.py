@@ -221,7 +221,28 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             phases.mark("optimizer")
         phases.finish()
         losses.append(loss.item())
-    peak, reserved, kernel_ms, syncs, host = peak_gib(), peak_reserved_gib(), None, None, None
+    peak, reserved = peak_gib(), peak_reserved_gib()
+    # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
+    # by the hooks; causal attention over the whole sequence unless packed documents were given
+    from megatron_esft.training.flops import TrainedWeights, iteration_flops
+
+    what_trains = TrainedWeights() if mode == "fft" else TrainedWeights({int(k): v for k, v in selection.items()})
+    per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
+    flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
+                            trained_rows={number - 1: float(t) / args.iters for number, t in trained_rows.items()})
+    after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
+    ms = timer.median_ms()
+    row = {"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
+           "token_counts": token_counts, "cuda_graphs": cuda_graphs,
+           "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
+           "offloaded_gib": offloaded_gib, "ms": ms,
+           "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
+           "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
+           "trainable_params": n_trainable,
+           "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
+           "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
+           "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
+           "phases": phases.medians()}
     if args.profile:
         def forward():
             ddp.zero_grad_buffer()
@@ -236,36 +257,19 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         def step():
             forward().backward()
             finish_step()
+        # the measurements so far, in case a diagnostic below runs past the job's time limit (the orchestrator
+        # keeps the last RESULT line a job printed)
+        print("RESULT " + json.dumps([row]), flush=True)
         kernel_ms = profile_kernels(f"model {mode} {backend} {layers}L", step, steps=1)
-        syncs = count_host_syncs(step)
+        row["gpu_kernel_ms"] = kernel_ms if accum == 1 else None
+        row["host_syncs"] = count_host_syncs(step)
         try:  # a diagnostic: the job's measurements above stay whatever happens here
-            host = host_profile(forward, lambda loss: loss.backward(), finish_step)
-            print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(host)}", file=sys.stderr,
-                  flush=True)
+            row["host_profile"] = host_profile(forward, lambda loss: loss.backward(), finish_step)
+            print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(row['host_profile'])}",
+                  file=sys.stderr, flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"HOST PROFILE failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
-    # by the hooks; causal attention over the whole sequence unless packed documents were given
-    from megatron_esft.training.flops import TrainedWeights, iteration_flops
-
-    what_trains = TrainedWeights() if mode == "fft" else TrainedWeights({int(k): v for k, v in selection.items()})
-    per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
-    flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
-                            trained_rows={number - 1: float(t) / args.iters for number, t in trained_rows.items()})
-    after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
-    ms = timer.median_ms()
-    return [{"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-             "token_counts": token_counts, "cuda_graphs": cuda_graphs,
-             "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
-             "offloaded_gib": offloaded_gib, "ms": ms,
-             "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
-             "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
-             "trainable_params": n_trainable,
-             "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
-             "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
-             "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
-             "gpu_kernel_ms": kernel_ms if accum == 1 else None, "phases": phases.medians(),
-             "host_syncs": syncs, "host_profile": host}]
+    return [row]
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -378,8 +382,12 @@ def main(argv=None):
             else:
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
                 rows = [{"job": job, "error": ("OOM: " if "out of memory" in proc.stderr.lower() else "") + tail[-400:]}]
-        except subprocess.TimeoutExpired:
-            rows = [{"job": job, "error": f"timeout after {args.timeout}s"}]
+        except subprocess.TimeoutExpired as exc:
+            # a profiled job prints its measurements before its diagnostics: keep them if they came
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+            rows = json.loads(lines[-1][len("RESULT "):]) if lines else [{"job": job}]
+            rows[-1]["error"] = f"timeout after {args.timeout}s" + (" (after its measurements)" if lines else "")
         for r in rows:
             r["wall_s"] = round(time.perf_counter() - t0, 1)
         results.extend(rows)
