@@ -87,6 +87,15 @@ def _validation_losses(proc) -> dict[int, float]:
             re.findall(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)", proc.stdout)}
 
 
+def test_dp2_overlapped_param_gather_with_device_token_counts(training_env, reference):
+    """--moe-token-counts device copies the trained experts' weights into its stacked weight at every forward: with the
+    overlapped parameter gather the updated weights arrive during the next forward (DDP's pre-hooks), and the copy
+    must see them. The 1-rank run's losses and trained experts, everything else bit-identical to the base."""
+    _train_3_iterations_like_reference(training_env, reference, "dp2-device", "--overlap-grad-reduce",
+                                       "--overlap-param-gather", "--ddp-bucket-size", "5000",
+                                       "--moe-token-counts", "device")
+
+
 def test_dp2_with_overlapped_grad_reduce_and_param_gather(training_env, reference):
     """DP=2 with --overlap-grad-reduce --overlap-param-gather and small buckets, 6 iterations with checkpoints every 3
     and validation every 2: the 1-rank reference run's losses and checkpoints. With the overlapped gather the updated
