@@ -9,16 +9,17 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
 # Then one device call:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)
-# Stages take at most TESTS_S, BENCH_S and TRAIN_TESTS_S seconds (environment variables; 0 skips a test stage); PLAN,
-# if set, replaces the job plan below; BENCH_ARGS is added to the benchmark's arguments
-# (`BENCH_ARGS="--tiny --seq 64" bash bench/gpu_session.sh` smoke-tests the script on a CPU).
+# Stages take at most TESTS_S, PERM_S, BENCH_S and TRAIN_TESTS_S seconds (environment variables; 0 skips the test and
+# permutation stages); PLAN, if set, replaces the job plan below; BENCH_ARGS is added to the benchmark's arguments
+# (`BENCH_ARGS="--tiny --seq 64" PERM_S=0 bash bench/gpu_session.sh` smoke-tests the script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 TESTS_S=${TESTS_S:-100}  # 15 tests; they finished inside 100 s on an H200 (2026-11-30)
-BENCH_S=${BENCH_S:-330}
+PERM_S=${PERM_S:-45}
+BENCH_S=${BENCH_S:-290}
 
 if ! python3 -c "import megatron.core" 2>/dev/null; then
     ls .whl/megatron_core-*.whl >/dev/null 2>&1 || { echo "no .whl/megatron_core-*.whl: see the header"; exit 2; }
@@ -59,6 +60,11 @@ PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"profil
  {"job":"experts"},
  {"job":"experts","tokens":32768},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":true}]'}
+# 2a. one V2-Lite MoE layer (bench_permutation.py): the permutations with their host syncs, the un-permutation's
+#     kernel alone (embedding_bag against gather + sum: the embedding_bags of a 27-layer step took ~8x the time their
+#     bytes need), and the routed layer with the token counts on the host and on the device
+[ "$PERM_S" -gt 0 ] && timeout "$PERM_S" python3 bench/bench_permutation.py --layer-ffn 1408 2>&1 \
+    | grep -v -i warn | tee "$OUT/permutation.txt" | tail -25
 timeout "$BENCH_S" python3 bench/gpu_esft.py --timeout 150 --warmup 2 --iters 5 --plan "$PLAN" --out "$OUT" \
     ${BENCH_ARGS:-} \
     2>&1 | grep -v "^\[{" | tail -40
