@@ -82,6 +82,13 @@ def set_expert_token_counts(model_chunks, mode: str = "host") -> int:
     return switched
 
 
+def device_counts_copy_bytes(model_chunks) -> int:
+    """GPU memory the device token counts cost (experts/device_counts.py): a second copy of the trained experts'
+    weights in every module that keeps its counts on the device."""
+    return sum(p.numel() * p.element_size() for module in _grouped_experts_modules(model_chunks)
+               if module.counts_on_device() for p in (module.fc1_trainable, module.fc2_trainable))
+
+
 def offload_frozen_expert_weights(model_chunks) -> tuple[int, int]:
     """Move the frozen experts' weights of every frozen-aware experts module to host memory, keeping their FP8
     quantizations on the device (`FrozenAwareGroupedExperts.offload_frozen_weights`; needs the fp8 backend with a

@@ -230,9 +230,11 @@ def pretrain(argv=None) -> int:
 
         set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
     if args.moe_token_counts != "host":
-        from megatron_esft.experts.spec import set_expert_token_counts
+        from megatron_esft.experts.spec import device_counts_copy_bytes, set_expert_token_counts
 
         set_expert_token_counts(model, args.moe_token_counts)
+        par.print_rank0(f"token counts on the device: the trained experts' weights are held twice, "
+                        f"{device_counts_copy_bytes(model) / 2**20:.2f} MiB more on this rank")
     first = freeze.first_trainable_layer_number(ecfg, args.finetune_mode, shape.moe_layer_keys)
     install_hang_guard(model, first)
     from megatron_esft.models.fusions import describe

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_esft.experts.permutation import set_moe_permutation
-from test_experts_permute import E, H, K, _experts, _routing, _run
+from test_experts_permute import E, FFN, H, K, _experts, _routing, _run
 from tiny import batch, build_model, freeze_grouped, loss_of, tiny_config
 
 
@@ -88,6 +88,20 @@ def _assert_modes_agree(experts, routing_map, probs, dtype=torch.float32):
     got = _step(experts, routing_map, probs, dtype)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_memory_cost_is_one_copy_of_the_trained_experts(mcore):
+    from megatron_esft.experts.spec import device_counts_copy_bytes
+
+    experts = _experts(torch.float32, [1, 6])
+    assert device_counts_copy_bytes([experts]) == 0  # host counts: nothing
+    experts.set_token_counts("device")
+    per_expert = (2 * FFN * H + H * FFN) * 4  # fc1 [2F, H] + fc2 [H, F], fp32
+    assert device_counts_copy_bytes([experts]) == 2 * per_expert
+    routing_map, probs = _routing(3)
+    _step(experts, routing_map, probs, torch.float32)
+    stacks = experts._stacks._stacks
+    assert sum(t.numel() * t.element_size() for t in stacks.values()) == E * per_expert  # frozen part: no copy
 
 
 def test_no_rows_kept_for_backward(mcore):

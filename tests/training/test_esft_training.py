@@ -96,6 +96,8 @@ def test_device_token_counts_train_alike(training_env, reference):
                     "--moe-token-counts", "device", data=training_env["data"])
     assert losses(proc) == reference["losses"][:3]
     assert "MoE token permutation: experts (token counts on the device: no host sync)" in proc.stdout
+    extra = re.search(r"the trained experts' weights are held twice, ([0-9.]+) MiB more on this rank", proc.stdout)
+    assert extra and float(extra.group(1)) > 0
 
 
 def test_selective_recompute_trains_alike(training_env, reference):
