@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _gpu_timing import Timer, sync  # noqa: E402 (bench/ is on sys.path)
+from _gpu_timing import Timer, count_host_syncs, sync  # noqa: E402 (bench/ is on sys.path)
 from _table import print_table  # noqa: E402
 
 
@@ -63,15 +62,13 @@ def sum_pairs_variants(inputs, topk):
     k. On an H200 the embedding_bags of a 27-layer step took 9.7 ms, ~8x the time their bytes need at full
     bandwidth: this table decides whether the other form is faster on a GPU."""
     import torch
-    import torch.nn.functional as F
 
-    from megatron_esft.experts.permutation import topk_permutation
+    from megatron_esft.experts.permutation import sum_pairs, topk_permutation
 
     tokens, _, routing_map, _ = inputs
     _, _, row_of_pair = topk_permutation(routing_map, topk)
     rows = torch.randn(row_of_pair.numel(), tokens.shape[1], generator=torch.Generator().manual_seed(1)).to(tokens)
-    bags = row_of_pair.view(-1, topk)
-    return {"embedding_bag": lambda: F.embedding_bag(bags, rows, mode="sum"),
+    return {"embedding_bag": lambda: sum_pairs(rows, row_of_pair, topk),
             "gather + sum": lambda: rows.index_select(0, row_of_pair).view(-1, topk, rows.shape[1]).sum(dim=1)}
 
 
@@ -137,19 +134,9 @@ def time_variants(variants, run, args):
 
 
 def count_syncs(run):
-    """Host syncs of one call of run() (GPU only: torch warns on each synchronizing call in sync debug mode)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "-"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    """Host syncs of one call of run() (_gpu_timing.count_host_syncs), "-" on CPU."""
+    counted = count_host_syncs(run)
+    return "-" if counted is None else counted[0]
 
 
 def main(argv=None):
