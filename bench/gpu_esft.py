@@ -309,6 +309,12 @@ def run_job(args, job):
                      job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs", False))
 
 
+def _last_result(stdout: str):
+    """The rows of the last "RESULT [...]" line a job printed, or None."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="check,experts,model", help="comma list of job kinds: check, experts, model")
@@ -376,18 +382,17 @@ def main(argv=None):
             with open(os.path.join(args.out, "jobs.log"), "a") as log:
                 log.write(f"=== {json.dumps(job)} rc={proc.returncode}\n{proc.stdout[-4000:]}\n"
                           + "\n".join(l for l in proc.stderr.splitlines() if "Warning" not in l)[-40000:] + "\n")
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if lines:
-                rows = json.loads(lines[-1][len("RESULT "):])
-            else:
+            rows = _last_result(proc.stdout)
+            if rows is None:
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
                 rows = [{"job": job, "error": ("OOM: " if "out of memory" in proc.stderr.lower() else "") + tail[-400:]}]
         except subprocess.TimeoutExpired as exc:
             # a profiled job prints its measurements before its diagnostics: keep them if they came
             out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-            rows = json.loads(lines[-1][len("RESULT "):]) if lines else [{"job": job}]
-            rows[-1]["error"] = f"timeout after {args.timeout}s" + (" (after its measurements)" if lines else "")
+            rows = _last_result(out)
+            measured = rows is not None
+            rows = rows if measured else [{"job": job}]
+            rows[-1]["error"] = f"timeout after {args.timeout}s" + (" (after its measurements)" if measured else "")
         for r in rows:
             r["wall_s"] = round(time.perf_counter() - t0, 1)
         results.extend(rows)
