@@ -23,15 +23,19 @@ import time
 PHASES = ("forward", "backward", "optimizer")
 
 
-def _dispatch_counter(counts, label_of):
-    """A TorchDispatchMode counting non-view aten ops under `label_of()`."""
+def _dispatch_counter(counts, label_of, by_op=None):
+    """A TorchDispatchMode counting non-view aten ops under `label_of()` (and, in `by_op`, under
+    (label, op name))."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not func.is_view and func not in (torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default):
-                counts[label_of()] += 1
+                label = label_of()
+                counts[label] += 1
+                if by_op is not None:
+                    by_op[(label, func.overloadpacket.__name__)] += 1
             return func(*args, **(kwargs or {}))
 
     return _Count()
@@ -79,13 +83,14 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
     (`forward()` returns what `backward(out)` takes).
 
     Returns {"phases": {phase: (host ms, ops)}, "forward": [(module class, host ms, ops, calls)],
-    "backward": [(autograd node, host ms, ops)]}, per step, the `rows` largest of each."""
+    "backward": [(autograd node, host ms, ops)], "ops": [(aten op, phase: module class or autograd node, calls)]},
+    per step, the `rows` largest of each."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from _gpu_timing import sync
 
-    ops, phase_ms = collections.Counter(), collections.Counter()
+    ops, phase_ms, by_op = collections.Counter(), collections.Counter(), collections.Counter()
     phase = ["forward"]
     times = _ModuleTimes()
 
@@ -116,7 +121,7 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
             run_step()
     # pass 3, aten ops: the dispatch mode (with the hooks, to know the module)
     times = _ModuleTimes()
-    with _module_hooks(times), _dispatch_counter(ops, label):
+    with _module_hooks(times), _dispatch_counter(ops, label, by_op):
         for _ in range(steps):
             run_step()
     backward_ms = collections.Counter()
@@ -137,8 +142,10 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
     nodes = set(k[3:] for k in ops if k.startswith("bw:")) | set(backward_ms)
     backward_rows = sorted(((n, backward_ms.get(n, 0.0) / steps, ops.get("bw:" + n, 0) / steps) for n in nodes),
                            key=lambda r: (-r[1], -r[2]))
+    op_rows = sorted(((op, site.replace("fw:", "forward: ").replace("bw:", "backward: ").replace(
+        "opt:", "optimizer: "), n / steps) for (site, op), n in by_op.items()), key=lambda r: -r[2])
     return {"phases": {p: (phase_ms[p] / steps, per_phase_ops[p] / steps) for p in PHASES},
-            "forward": forward_rows[:rows], "backward": backward_rows[:rows]}
+            "forward": forward_rows[:rows], "backward": backward_rows[:rows], "ops": op_rows[:rows]}
 
 
 def format_host_profile(result, top=15) -> str:
@@ -148,4 +155,7 @@ def format_host_profile(result, top=15) -> str:
     lines += [f"| {cls} | {ms:.2f} | {n:.0f} | {calls:.0f} |" for cls, ms, n, calls in result["forward"][:top]]
     lines += ["", "| backward: autograd node | host ms (incl. its ops) | aten ops |", "|---|---|---|"]
     lines += [f"| {node} | {ms:.2f} | {n:.0f} |" for node, ms, n in result["backward"][:top]]
+    if result.get("ops"):  # absent in results written before this table existed
+        lines += ["", "| aten op | where | calls per step |", "|---|---|---|"]
+        lines += [f"| {op} | {site} | {n:.0f} |" for op, site, n in result["ops"][:top]]
     return "\n".join(lines)

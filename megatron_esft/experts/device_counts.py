@@ -13,7 +13,8 @@ Here, with one rank for all experts (the experts permute the tokens themselves, 
   values are copied into the stack's head at every forward (the trainable Parameters stay separate: Megatron's DDP
   and optimizer own their storage). Cost: the trainable experts' bf16 weights once more in memory (V2-Lite with ESFT's
   ~10 % of experts: ~2.5 GiB) and one copy of them per forward;
-* the group offsets are the cumulative sum of the device counts, in group order (int32, on the device);
+* the group offsets (int32, on the device) are found in the permutation's sorted row keys (expert rank * T + token:
+  one `searchsorted` for every group's end row), so neither the counts nor a cumulative sum of them is needed;
 * the backward computes the input gradient over all rows (one grouped GEMM, the stack again) and the weight
   gradients of the trainable groups only: a 2D x 2D grouped GEMM whose offsets end with the trainable rows, which
   come first (the frozen rows after them are never read);

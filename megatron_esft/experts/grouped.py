@@ -32,8 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_esft.experts import checkpoint as ckpt
 from megatron_esft.experts.grouped_mm import (contiguous_grad, group_offsets, grouped_mm_supported, looped_mm,
                                               to_device_async)
-from megatron_esft.experts.permutation import (inverse_permutation, permute_rows, permute_rows_of_tokens, token_mapping,
-                                               unpermute_tokens)
+from megatron_esft.experts.permutation import (index_range, inverse_permutation, permute_rows, permute_rows_of_tokens,
+                                               token_mapping, unpermute_tokens)
 
 
 GROUPS = ("trainable", "frozen")
@@ -318,13 +318,28 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
     def _regroup_permutation(self, tokens_per_expert: torch.Tensor, total: int, device) -> Optional[torch.Tensor]:
         """Row permutation that makes each group's rows contiguous (None when they already are)."""
+        order = self._group_order()
+        if order is None:
+            return None
+        rank_of = self._on_device(order[1], device)  # expert id -> its position in the group order
+        expert_of_row = torch.repeat_interleave(index_range(0, self.num_local_experts, 1, device),
+                                                to_device_async(tokens_per_expert, device), output_size=total)
+        return torch.argsort(rank_of[expert_of_row], stable=True)
+
+    def _group_order(self) -> Optional[tuple[list[int], list[int]]]:
+        """(order, rank): the local experts in group order (trainable first) and each expert's position in it; None
+        when that is the experts' own order."""
         order = self._group_ids["trainable"] + self._group_ids["frozen"]
         if order == sorted(order):
             return None
-        rank_of = inverse_permutation(self._on_device(order, device))  # expert id -> its position in `order`
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_local_experts, device=device),
-                                                to_device_async(tokens_per_expert, device), output_size=total)
-        return torch.argsort(rank_of[expert_of_row], stable=True)
+        rank = [0] * len(order)
+        for position, expert in enumerate(order):
+            rank[expert] = position
+        return order, rank
+
+    def _group_order_on_device(self, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        order = self._group_order()
+        return (None, None) if order is None else (self._on_device(order[0], device), self._on_device(order[1], device))
 
     def _on_device(self, values: Sequence[int], device) -> torch.Tensor:
         """`values` as a long tensor on `device`, made once per distinct value list (a host-to-device copy in every
@@ -361,10 +376,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
         return output, None
 
     def _forward_tokens(self, tokens, routing_map, probs, counts):
-        topk = self.config.moe_router_topk
-        order = self._group_ids["trainable"] + self._group_ids["frozen"]
-        expert_order = None if order == sorted(order) else self._on_device(order, tokens.device)
-        permuted_probs, mapping = token_mapping(probs, routing_map, topk, expert_order)
+        expert_order, expert_rank = self._group_order_on_device(tokens.device)
+        permuted_probs, mapping = token_mapping(probs, routing_map, self.config.moe_router_topk, expert_order,
+                                                expert_rank)
         if self._fp8_tokens_path(tokens):
             from megatron_esft.experts.fp8_swiglu import fp8_swiglu_moe
 
@@ -375,16 +389,12 @@ class FrozenAwareGroupedExperts(MegatronModule):
         return unpermute_tokens(self._groups_forward(rows, permuted_probs, counts), mapping)
 
     def _forward_tokens_device_counts(self, tokens, routing_map, probs, tokens_per_expert):
-        """One grouped GEMM per projection over all experts, offsets from the device counts (device_counts.py)."""
+        """One grouped GEMM per projection over all experts, group offsets on the device (device_counts.py)."""
         from megatron_esft.experts.device_counts import DeviceCountsExpertMLP
 
-        order = self._group_ids["trainable"] + self._group_ids["frozen"]
-        sorted_order = order == sorted(order)
-        order_on_device = self._on_device(order, tokens.device)
-        permuted_probs, mapping = token_mapping(probs, routing_map, self.config.moe_router_topk,
-                                                None if sorted_order else order_on_device)
-        counts = tokens_per_expert if sorted_order else tokens_per_expert.index_select(0, order_on_device)
-        offs = counts.cumsum(0).to(torch.int32)
+        # the group offsets come from the permutation's sorted keys (tokens_per_expert, by expert id, is not used)
+        permuted_probs, mapping, offs = token_mapping(probs, routing_map, self.config.moe_router_topk,
+                                                      *self._group_order_on_device(tokens.device), offsets=True)
         stacks = [self._stacks.get(getattr(self, f"{p}_trainable"), getattr(self, f"{p}_frozen"), p)
                   for p in ckpt.PROJECTIONS]
         return DeviceCountsExpertMLP.apply(tokens, permuted_probs, self.fc1_trainable, self.fc2_trainable, *stacks,

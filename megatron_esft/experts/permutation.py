@@ -42,23 +42,55 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 PERMUTATIONS = ("experts", "gather", "megatron")
 
 
-def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.Tensor | None = None):
-    """(token_of_row [T*k], expert_of_row [T*k], row_of_pair [T*k]) for a [T, E] bool routing map with exactly `topk`
-    experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
-    with `expert_order` (a [E] long permutation of the experts) the experts' rows come in that order instead (the
-    grouped experts' trainable-then-frozen order). Pair p = t * k + j is token t's j-th expert in ascending expert
-    id whatever the row order, so a token's k rows are summed in the same order either way."""
-    num_tokens = routing_map.shape[0]
+_INDEX_CONSTANTS: dict = {}
+
+
+def index_range(start: int, stop: int, step: int, device) -> torch.Tensor:
+    """`torch.arange(start, stop, step)` (long) on `device`, made once per arguments and device: the permutation's
+    index constants depend only on the token and expert counts, and on a GPU every op a forward pass runs costs a
+    kernel launch and host time. Read-only: nothing may write into it."""
+    key = (start, stop, step, str(device))
+    constant = _INDEX_CONSTANTS.get(key)
+    if constant is None:
+        if len(_INDEX_CONSTANTS) >= 64:  # token counts change rarely (sequence length, micro-batch size)
+            _INDEX_CONSTANTS.clear()
+        with torch.inference_mode(False):  # a normal tensor even if first asked for under inference_mode
+            constant = _INDEX_CONSTANTS[key] = torch.arange(start, stop, step, device=device)
+    return constant
+
+
+def _sorted_pairs(routing_map: torch.Tensor, topk: int, expert_rank: torch.Tensor | None):
+    """(experts [T, k]: each token's k experts in ascending id, sorted keys [T*k], order [T*k]) where key =
+    rank(expert) * T + token of pair p = t * k + j and `order` lists the pairs by key (row r holds pair order[r])."""
+    num_tokens, device = routing_map.shape[0], routing_map.device
     # a router that chose fewer than k experts for a token would silently misroute here: checked on the device
     # (asynchronously on a GPU: no host sync)
     torch._assert_async(routing_map.sum(dim=1).eq(topk).all(), "routing map rows must have exactly top-k experts")
     # argsort rather than nonzero/masked_select: a static output size, so no host sync (Megatron's drop-and-pad path
     # uses the same call); stable, so a token's k experts come in ascending order
     experts = routing_map.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :topk]
-    if expert_order is not None:
-        experts = inverse_permutation(expert_order)[experts]  # rank of each expert in the requested order
-    tokens = torch.arange(num_tokens, device=routing_map.device)
-    sorted_keys, order = (experts * num_tokens + tokens.unsqueeze(1)).view(-1).sort()
+    ranks = experts if expert_rank is None else expert_rank[experts]
+    keys = torch.add(index_range(0, num_tokens, 1, device).unsqueeze(1), ranks, alpha=num_tokens)
+    sorted_keys, order = keys.view(-1).sort()
+    return experts, sorted_keys, order
+
+
+def _ranks(expert_order: torch.Tensor | None, expert_rank: torch.Tensor | None):
+    if expert_order is not None and expert_rank is None:
+        expert_rank = inverse_permutation(expert_order)
+    return expert_rank
+
+
+def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.Tensor | None = None,
+                     expert_rank: torch.Tensor | None = None):
+    """(token_of_row [T*k], expert_of_row [T*k], row_of_pair [T*k]) for a [T, E] bool routing map with exactly `topk`
+    experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
+    with `expert_order` (a [E] long permutation of the experts) the experts' rows come in that order instead (the
+    grouped experts' trainable-then-frozen order; `expert_rank`, its inverse, if the caller has it already). Pair
+    p = t * k + j is token t's j-th expert in ascending expert id whatever the row order, so a token's k rows are
+    summed in the same order either way."""
+    num_tokens = routing_map.shape[0]
+    _, sorted_keys, order = _sorted_pairs(routing_map, topk, _ranks(expert_order, expert_rank))
     expert_of_row = sorted_keys // num_tokens
     if expert_order is not None:
         expert_of_row = expert_order[expert_of_row]
@@ -67,7 +99,7 @@ def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.T
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """inverse[perm[i]] = i, on perm's device (a scatter of unique indices: no atomics, no sync)."""
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+    return torch.empty_like(perm).scatter_(0, perm, index_range(0, perm.numel(), 1, perm.device))
 
 
 def gather_rows(tokens, token_of_row):
@@ -82,8 +114,10 @@ def sum_pairs(rows, row_of_pair, topk):
     if topk == 1:  # a plain permutation: each "sum" is one row (rows may be 1-D here, e.g. probabilities)
         return rows.index_select(0, row_of_pair)
     # embedding_bag gathers and sums each token's k rows in one kernel with a float accumulator (CPU and CUDA): no
-    # [T*k, H] temporary (7x faster than index_select + sum on a CPU), no atomics
-    return F.embedding_bag(row_of_pair.view(-1, topk), rows, mode="sum")
+    # [T*k, H] temporary (7x faster than index_select + sum on a CPU), no atomics; bags of k by cached offsets (with a
+    # [T, k] input F.embedding_bag would make them with an arange every call)
+    offsets = index_range(0, row_of_pair.numel(), topk, row_of_pair.device)
+    return F.embedding_bag(row_of_pair, rows, offsets, mode="sum")
 
 
 class _PermuteTokens(torch.autograd.Function):
@@ -122,13 +156,23 @@ def permute_rows(x, perm, inverse):
     return _PermuteTokens.apply(x, perm, inverse, 1)
 
 
-def token_mapping(probs, routing_map, topk, expert_order=None):
-    """(permuted probs [T*k], mapping) of `topk_permutation` (see there for `expert_order`); the mapping is what
-    `unpermute_tokens` takes: (token_of_row, row_of_pair, topk)."""
-    token_of_row, expert_of_row, row_of_pair = topk_permutation(routing_map, topk, expert_order)
-    # T*k scalars: index_select's atomic backward is negligible here
-    permuted_probs = probs.reshape(-1).index_select(0, token_of_row * probs.shape[1] + expert_of_row)
-    return permuted_probs, (token_of_row, row_of_pair, topk)
+def token_mapping(probs, routing_map, topk, expert_order=None, expert_rank=None, offsets=False):
+    """(permuted probs [T*k], mapping) of `topk_permutation` (see there for `expert_order` / `expert_rank`); the
+    mapping is what `unpermute_tokens` takes: (token_of_row, row_of_pair, topk). With `offsets`, also each expert
+    group's end row in the row order (int32 [E], the grouped GEMMs' `offs`), from the sorted keys: no host sync."""
+    num_tokens, num_experts = routing_map.shape
+    experts, sorted_keys, order = _sorted_pairs(routing_map, topk, _ranks(expert_order, expert_rank))
+    token_of_row = sorted_keys % num_tokens
+    # each pair's index into probs [T, E] (token * E + expert), in row order; T*k scalars: index_select's atomic
+    # backward is negligible here
+    pair_index = torch.add(index_range(0, num_tokens * num_experts, num_experts, probs.device).unsqueeze(1), experts)
+    permuted_probs = probs.reshape(-1).index_select(0, pair_index.view(-1)[order])
+    mapping = (token_of_row, inverse_permutation(order), topk)
+    if not offsets:
+        return permuted_probs, mapping
+    # rows of the experts of rank < r + 1 are those whose key is below (r + 1) * T
+    ends = index_range(num_tokens, num_tokens * (num_experts + 1), num_tokens, sorted_keys.device)
+    return permuted_probs, mapping, torch.searchsorted(sorted_keys, ends, out_int32=True)
 
 
 def permute_tokens(tokens, probs, routing_map, topk, expert_order=None):

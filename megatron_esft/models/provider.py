@@ -143,10 +143,10 @@ def transformer_config(
     fields.update(fusion_registry.config_fields(fusions))  # flex_attention is a core-attention class: block_spec
     if cfg.score_function == "softmax":
         # V2 / DeepSeekMoE: softmax over all experts, then top-k; DeepSeekV2TopK handles groups and renormalization.
-        fields.update(
-            moe_router_pre_softmax=True,
-            moe_router_topk_scaling_factor=None if cfg.norm_topk_prob else cfg.routed_scaling_factor,
-        )
+        # a factor of 1.0 (V2-Lite, DeepSeekMoE) is left out: Megatron would multiply by it, an exact no-op kernel
+        # per MoE layer
+        scaling = None if cfg.norm_topk_prob or cfg.routed_scaling_factor == 1.0 else cfg.routed_scaling_factor
+        fields.update(moe_router_pre_softmax=True, moe_router_topk_scaling_factor=scaling)
     else:
         fields.update(
             moe_router_enable_expert_bias=True,

@@ -47,9 +47,22 @@ def _frozen_router_logits(router, input: torch.Tensor) -> torch.Tensor:
     Transformer Engine) as plain torch ops: with a frozen weight autograd saves only the weight (input gradient)."""
     dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(router.config.moe_router_dtype, input.dtype)
     rows = input.reshape(-1, input.shape[-1]).to(dtype)
-    weight_t = router.weight.to(dtype).t()
+    weight_t = _weight_in(router, dtype).t()
     logits = torch.mm(rows, weight_t) if router.bias is None else torch.addmm(router.bias.to(dtype), rows, weight_t)
     return logits.view(*input.shape[:-1], -1)
+
+
+def _weight_in(router, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen gating weight in `dtype`, converted once (not in every forward: a kernel per MoE layer on a GPU) and
+    again only when the weight's storage or autograd version changes (a checkpoint load copies into it)."""
+    weight = router.weight
+    if weight.dtype == dtype:
+        return weight
+    key = (weight.data_ptr(), weight._version, weight.device, dtype)
+    cached = getattr(router, "_esft_gating_weight", None)
+    if cached is None or cached[0] != key:
+        cached = router._esft_gating_weight = (key, weight.detach().to(dtype))
+    return cached[1]
 
 
 def _frozen_aware_class(router_class: type) -> type:

@@ -63,3 +63,26 @@ def test_trainable_router_keeps_megatrons_gating(mcore):
         router.weight.grad = None
         _, _, saved = _gate(router, type(router).gating, x)
         assert (16, 2, 32) in saved and router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_frozen_bf16_router_converts_its_weight_once_and_again_after_a_load(mcore):
+    """A bf16 router gates in fp32 (moe_router_dtype): the fp32 copy of a frozen weight is made once, not in every
+    forward, and made again when a checkpoint load copies new values into the weight."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = _routers("deepseek-v2", trainable_router=False)[0]
+    router.config.moe_router_dtype = "fp32"
+    router.weight.data = router.weight.data.bfloat16()
+    x = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    first = _gate(router, type(router).gating, x)
+    copy = router._esft_gating_weight[1]
+    assert copy.dtype == torch.float32
+    second = _gate(router, type(router).gating, x)
+    assert router._esft_gating_weight[1] is copy and torch.equal(first[0], second[0])
+    want = _gate(router, TopKRouter.gating, x)
+    assert torch.equal(first[0], want[0]) and torch.equal(first[1], want[1])
+    with torch.no_grad():  # what load_state_dict does: an in-place copy (same storage, a new autograd version)
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3)))
+    loaded, want = _gate(router, type(router).gating, x), _gate(router, TopKRouter.gating, x)
+    assert router._esft_gating_weight[1] is not copy
+    assert torch.equal(loaded[0], want[0]) and not torch.equal(loaded[0], first[0])
