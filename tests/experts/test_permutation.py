@@ -189,3 +189,30 @@ def test_a_token_with_fewer_than_k_experts_is_refused():
     routing_map[3] = False  # e.g. a token-dropping router: dropless top-k is what the gather permutation assumes
     with pytest.raises(RuntimeError, match="exactly top-k"):
         permute_tokens(torch.randn(8, 4, dtype=torch.float64), probs, routing_map, 2)
+
+
+def test_index_constants_made_once_and_usable_after_inference_mode():
+    """The permutation's index constants (experts/permutation.index_range) are made once per size and device; made
+    first under inference_mode (an evaluation pass), they still serve a training step (an inference tensor could
+    not be saved for backward), with the same results as freshly made ones."""
+    from megatron_esft.experts import permutation
+
+    permutation._INDEX_CONSTANTS.clear()
+    routing_map, probs = _routing(29, 8, 3)
+    tokens = torch.randn(29, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        permute_tokens(tokens, probs, routing_map, 3)
+    made = dict(permutation._INDEX_CONSTANTS)
+    assert made and not any(t.is_inference() for t in made.values())
+    results = []
+    for fresh in (False, True):
+        if fresh:
+            permutation._INDEX_CONSTANTS.clear()
+        x = tokens.clone().requires_grad_()
+        rows, row_probs, mapping = permute_tokens(x, probs, routing_map, 3)
+        out = unpermute_tokens(rows * row_probs.unsqueeze(-1), mapping)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad))
+        if not fresh:  # the constants made under inference_mode were used, not made again
+            assert all(permutation._INDEX_CONSTANTS[k] is t for k, t in made.items())
+    assert all(torch.equal(a, b) for a, b in zip(*results))
