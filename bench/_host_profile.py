@@ -23,9 +23,9 @@ import time
 PHASES = ("forward", "backward", "optimizer")
 
 
-def _dispatch_counter(counts, label_of, by_op=None):
-    """A TorchDispatchMode counting non-view aten ops under `label_of()` (and, in `by_op`, under
-    (label, op name))."""
+def _dispatch_counter(counts, label_of, by_op=None, seconds=None):
+    """A TorchDispatchMode counting non-view aten ops under `label_of()` (and, in `by_op`, under (label, op name));
+    `seconds` adds up the host time spent inside them (on a GPU their launches; on a CPU their compute too)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,6 +36,11 @@ def _dispatch_counter(counts, label_of, by_op=None):
                 counts[label] += 1
                 if by_op is not None:
                     by_op[(label, func.overloadpacket.__name__)] += 1
+                if seconds is not None:
+                    t0 = time.perf_counter()
+                    out = func(*args, **(kwargs or {}))
+                    seconds[label] += time.perf_counter() - t0
+                    return out
             return func(*args, **(kwargs or {}))
 
     return _Count()
@@ -82,7 +87,7 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
     """Profile `steps` training steps, three times (host time; backward ranges; op counts), given as three callables
     (`forward()` returns what `backward(out)` takes).
 
-    Returns {"phases": {phase: (host ms, ops)}, "forward": [(module class, host ms, ops, calls)],
+    Returns {"phases": {phase: (host ms, ops)}, "forward": [(module class, host ms, ops, calls, ms inside its ops)],
     "backward": [(autograd node, host ms, ops)], "ops": [(aten op, phase: module class or autograd node, calls)]},
     per step, the `rows` largest of each."""
     import torch
@@ -90,7 +95,7 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
 
     from _gpu_timing import sync
 
-    ops, phase_ms, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+    ops, phase_ms, by_op, op_seconds = (collections.Counter() for _ in range(4))
     phase = ["forward"]
     times = _ModuleTimes()
 
@@ -121,7 +126,7 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
             run_step()
     # pass 3, aten ops: the dispatch mode (with the hooks, to know the module)
     times = _ModuleTimes()
-    with _module_hooks(times), _dispatch_counter(ops, label, by_op):
+    with _module_hooks(times), _dispatch_counter(ops, label, by_op, op_seconds):
         for _ in range(steps):
             run_step()
     backward_ms = collections.Counter()
@@ -134,11 +139,13 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
     for key, n in ops.items():
         per_phase_ops[{"fw": "forward", "bw": "backward", "opt": "optimizer"}[key.split(":", 1)[0]]] += n
     forward_rows = sorted(
-        ((cls, 1e3 * s / steps, ops.get("fw:" + cls, 0) / steps, forward_calls[cls] / steps)
-         for cls, s in forward_seconds.items()), key=lambda r: -r[1])
+        ((cls, 1e3 * s / steps, ops.get("fw:" + cls, 0) / steps, forward_calls[cls] / steps,
+          1e3 * op_seconds.get("fw:" + cls, 0.0) / steps) for cls, s in forward_seconds.items()),
+        key=lambda r: -r[1])
     outside = ops.get("fw:(outside modules, forward)", 0)
     if outside:
-        forward_rows.append(("(outside modules)", float("nan"), outside / steps, 0))
+        forward_rows.append(("(outside modules)", float("nan"), outside / steps, 0,
+                             1e3 * op_seconds["fw:(outside modules, forward)"] / steps))
     nodes = set(k[3:] for k in ops if k.startswith("bw:")) | set(backward_ms)
     backward_rows = sorted(((n, backward_ms.get(n, 0.0) / steps, ops.get("bw:" + n, 0) / steps) for n in nodes),
                            key=lambda r: (-r[1], -r[2]))
@@ -151,8 +158,11 @@ def host_profile(forward, backward, optimizer, steps=1, rows=25):
 def format_host_profile(result, top=15) -> str:
     lines = ["| phase | host ms per step | aten ops per step (not views) |", "|---|---|---|"]
     lines += [f"| {p} | {ms:.1f} | {n:.0f} |" for p, (ms, n) in result["phases"].items()]
-    lines += ["", "| forward: module class (own code) | host ms | aten ops | calls |", "|---|---|---|---|"]
-    lines += [f"| {cls} | {ms:.2f} | {n:.0f} | {calls:.0f} |" for cls, ms, n, calls in result["forward"][:top]]
+    # forward rows of results written before the ops' own time was measured have four fields
+    lines += ["", "| forward: module class (own code) | host ms | of which in aten ops | aten ops | calls |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {cls} | {ms:.2f} | {(row + [float('nan')])[0]:.2f} | {n:.0f} | {calls:.0f} |"
+              for cls, ms, n, calls, *row in result["forward"][:top]]
     lines += ["", "| backward: autograd node | host ms (incl. its ops) | aten ops |", "|---|---|---|"]
     lines += [f"| {node} | {ms:.2f} | {n:.0f} |" for node, ms, n in result["backward"][:top]]
     if result.get("ops"):  # absent in results written before this table existed
