@@ -5,6 +5,7 @@ import glob
 import math
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -91,10 +92,17 @@ def test_grouped_and_sequential_experts_train_alike(training_env, reference):
 
 def test_device_token_counts_train_alike(training_env, reference):
     """--moe-token-counts device (experts/device_counts.py): the same training bit for bit on the CPU (the same
-    per-expert GEMMs), and the log line says so."""
-    proc = pretrain(training_env["base"], None, "--expert-config", training_env["ecfg"], "--train-iters", "3",
-                    "--moe-token-counts", "device", data=training_env["data"])
+    per-expert GEMMs), the same checkpoint (its frozen experts' Parameters are views into a stacked weight that also
+    holds the trained experts: only their own values are written, not the whole stack), and the log line says so."""
+    save = str(training_env["root"] / "device_counts")
+    proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
+                    "--save-interval", "3", "--eval-interval", "3", "--moe-token-counts", "device",
+                    data=training_env["data"])
     assert losses(proc) == reference["losses"][:3]
+    ours, want = load_mcore(save, 3), load_mcore(reference["save"], 3)
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    sizes = [sum(f.stat().st_size for f in Path(d, "iter_0000003").iterdir()) for d in (save, reference["save"])]
+    assert sizes[0] <= 1.05 * sizes[1], sizes
     assert "MoE token permutation: experts (token counts on the device: no host sync)" in proc.stdout
     extra = re.search(r"the trained experts' weights are held twice, ([0-9.]+) MiB more on this rank", proc.stdout)
     assert extra and float(extra.group(1)) > 0
