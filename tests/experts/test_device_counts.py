@@ -3,10 +3,12 @@ path's outputs and gradients bit for bit on the CPU, read no count on the host, 
 without a copy, and need no T*k-row tensor for backward; in a model, Megatron's dispatcher then skips its
 device-to-host copy."""
 
+import collections
 import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_esft.experts.permutation import set_moe_permutation
 from test_experts_permute import E, FFN, H, K, _experts, _routing, _run
@@ -120,6 +122,36 @@ def test_no_rows_kept_for_backward(mcore):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         experts(tokens, routing_map.sum(dim=0), probs, routing_map=routing_map)
     assert saved == [64]
+
+
+class OpNames(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by name."""
+
+    def __enter__(self):
+        self.counts = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_steady_state_step_makes_no_index_constants(mcore):
+    """On a GPU every op of a MoE layer is host time (dispatch and a launch, whatever its size): after the first
+    step the device path makes no index constants (the permutation's aranges are cached, experts/permutation.
+    index_range) and finds the group offsets without a cumulative sum of the counts, and a step runs fewer ops than
+    with the host counts."""
+    experts = _experts(torch.bfloat16, [1, 6])
+    routing_map, probs = _routing(7)
+    ops = {}
+    for mode in ("host", "device"):
+        experts.set_token_counts(mode)
+        _step(experts, routing_map, probs, torch.bfloat16)  # the first step may make the constants
+        with OpNames() as seen:
+            _step(experts, routing_map, probs, torch.bfloat16)
+        ops[mode] = seen.counts
+    assert not {"arange", "cumsum", "floor_divide"} & set(ops["device"]), ops["device"]
+    assert sum(ops["device"].values()) < sum(ops["host"].values()), ops
 
 
 def test_falls_back_to_host_counts_where_it_must(mcore):
