@@ -360,8 +360,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         if not torch.is_tensor(tokens_per_expert):
             tokens_per_expert = torch.tensor(tokens_per_expert, dtype=torch.long)
         if routing_map is not None and tokens_per_expert.device == routing_map.device and self.counts_on_device():
-            return self._forward_tokens_device_counts(permuted_local_hidden_states, routing_map, permuted_probs,
-                                                      tokens_per_expert), None
+            return self._forward_tokens_device_counts(permuted_local_hidden_states, routing_map, permuted_probs), None
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync, as SequentialMLP / TEGroupedMLP
         if routing_map is not None:
             return self._forward_tokens(permuted_local_hidden_states, routing_map, permuted_probs, counts), None
@@ -388,11 +387,11 @@ class FrozenAwareGroupedExperts(MegatronModule):
         rows = permute_rows_of_tokens(tokens, mapping)
         return unpermute_tokens(self._groups_forward(rows, permuted_probs, counts), mapping)
 
-    def _forward_tokens_device_counts(self, tokens, routing_map, probs, tokens_per_expert):
+    def _forward_tokens_device_counts(self, tokens, routing_map, probs):
         """One grouped GEMM per projection over all experts, group offsets on the device (device_counts.py)."""
         from megatron_esft.experts.device_counts import DeviceCountsExpertMLP
 
-        # the group offsets come from the permutation's sorted keys (tokens_per_expert, by expert id, is not used)
+        # the group offsets come from the permutation's sorted keys: the dispatcher's counts (by expert id) are not read
         permuted_probs, mapping, offs = token_mapping(probs, routing_map, self.config.moe_router_topk,
                                                       *self._group_order_on_device(tokens.device), offsets=True)
         stacks = [self._stacks.get(getattr(self, f"{p}_trainable"), getattr(self, f"{p}_frozen"), p)

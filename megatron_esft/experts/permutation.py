@@ -81,16 +81,14 @@ def _ranks(expert_order: torch.Tensor | None, expert_rank: torch.Tensor | None):
     return expert_rank
 
 
-def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.Tensor | None = None,
-                     expert_rank: torch.Tensor | None = None):
+def topk_permutation(routing_map: torch.Tensor, topk: int, expert_order: torch.Tensor | None = None):
     """(token_of_row [T*k], expert_of_row [T*k], row_of_pair [T*k]) for a [T, E] bool routing map with exactly `topk`
     experts per token (dropless top-k routing). Rows are ordered by expert, then by token, as Megatron's `permute`;
     with `expert_order` (a [E] long permutation of the experts) the experts' rows come in that order instead (the
-    grouped experts' trainable-then-frozen order; `expert_rank`, its inverse, if the caller has it already). Pair
-    p = t * k + j is token t's j-th expert in ascending expert id whatever the row order, so a token's k rows are
-    summed in the same order either way."""
+    grouped experts' trainable-then-frozen order). Pair p = t * k + j is token t's j-th expert in ascending expert
+    id whatever the row order, so a token's k rows are summed in the same order either way."""
     num_tokens = routing_map.shape[0]
-    _, sorted_keys, order = _sorted_pairs(routing_map, topk, _ranks(expert_order, expert_rank))
+    _, sorted_keys, order = _sorted_pairs(routing_map, topk, _ranks(expert_order, None))
     expert_of_row = sorted_keys // num_tokens
     if expert_order is not None:
         expert_of_row = expert_order[expert_of_row]

@@ -3,15 +3,14 @@ path's outputs and gradients bit for bit on the CPU, read no count on the host, 
 without a copy, and need no T*k-row tensor for backward; in a model, Megatron's dispatcher then skips its
 device-to-host copy."""
 
-import collections
 import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_esft.experts.permutation import set_moe_permutation
 from test_experts_permute import E, FFN, H, K, _experts, _routing, _run
+from test_permutation import OpNames
 from tiny import batch, build_model, freeze_grouped, loss_of, tiny_config
 
 
@@ -124,18 +123,6 @@ def test_no_rows_kept_for_backward(mcore):
     assert saved == [64]
 
 
-class OpNames(TorchDispatchMode):
-    """Counts the aten ops dispatched while active, by name."""
-
-    def __enter__(self):
-        self.counts = collections.Counter()
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_steady_state_step_makes_no_index_constants(mcore):
     """On a GPU every op of a MoE layer is host time (dispatch and a launch, whatever its size): after the first
     step the device path makes no index constants (the permutation's aranges are cached, experts/permutation.
@@ -173,8 +160,8 @@ RECOMPUTE = {"none": {}, "moe": dict(recompute_granularity="selective", recomput
 @pytest.mark.parametrize("shared_overlap, recompute", [(False, "none"), (True, "none"), (False, "moe")])
 def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, recompute):
     """A tiny MoE GPT (dense layer, two MoE layers with shared experts; also with the MoE blocks recomputed in
-    backward, which runs the experts' forward again): the same loss and gradients bit for bit; the dispatcher skips its copy of the counts to
-    the host and the experts get the device tensor."""
+    backward, which runs the experts' forward again): the same loss and gradients bit for bit; the dispatcher skips
+    its copy of the counts to the host and the experts get the device tensor."""
     from megatron_esft.experts import set_expert_token_counts
 
     config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], moe_shared_expert_overlap=shared_overlap,

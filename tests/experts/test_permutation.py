@@ -2,6 +2,8 @@
 the ops it runs (no atomics, no data-dependent sizes), and whole MoE models dispatching with it against Megatron's
 own MoELayer (same weights): loss and every gradient."""
 
+import collections
+
 import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import permute, unpermute
@@ -16,12 +18,19 @@ ATOMIC_OR_SYNCING = {"index_add", "scatter_add", "masked_select", "nonzero", "_l
 
 
 class OpNames(TorchDispatchMode):
+    """The aten ops dispatched while active: how often each ran (`counts`), by name without overload or in-place
+    suffix, and which ran (`names`)."""
+
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.counts = collections.Counter()
+
+    @property
+    def names(self) -> set:
+        return set(self.counts)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__.split(".")[0].rstrip("_"))
+        self.counts[func.__name__.split(".")[0].rstrip("_")] += 1
         return func(*args, **(kwargs or {}))
 
 
