@@ -37,7 +37,9 @@ def print_tables(results, device):
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
             if r.get("token_counts") == "device":
                 exp += ", token counts on the device"
-            if r.get("cuda_graphs"):
+            if r.get("cuda_graphs") == "full_iteration":
+                exp += ", the whole iteration in a CUDA graph" + ("" if r.get("graph_captured") else " (not captured)")
+            elif r.get("cuda_graphs"):
                 exp += ", CUDA graphs (Megatron-Core local, per layer)"
             if r.get("offloaded_gib"):
                 exp += f", frozen bf16 weights in host memory ({r['offloaded_gib']:.1f} GiB)"

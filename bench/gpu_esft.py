@@ -23,10 +23,13 @@ causal masks, as the trainer feeds packed SFT data); embedding lookups 0. `"offl
 experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --offload-frozen-experts).
 `"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
 dispatcher's gather permutation; "megatron": Megatron-Core's own). `"token_counts": "device"` keeps the experts'
-token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer). `"cuda_graphs": true`
-(an experiment, GPU only, with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs
-(`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager; module hooks do not run
-when a graph replays, so the trained rows are counted as the expected share.
+token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer).
+`"cuda_graphs": "full_iteration"` (with "token_counts": "device"; the trainer's --cuda-graph-impl local
+--cuda-graph-scope full_iteration, training/cuda_graph.py): every micro-batch's forward and backward captured in one
+CUDA graph after the eager warm-up steps but the last, then replayed (the timed steps are replays; the optimizer step
+stays eager). `"cuda_graphs": "layers"` (an experiment, GPU only, with "token_counts": "device"): Megatron-Core's own
+per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager;
+module hooks do not run when a graph replays, so the trained rows are counted as the expected share.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -68,7 +71,7 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 # --------------------------------------------------------------------------------------------- model timing
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts", offload=False, token_counts="host", cuda_graphs=False):
+              permutation="experts", offload=False, token_counts="host", cuda_graphs=None):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -91,7 +94,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         overrides = dict(recompute_granularity="selective")
         if ":" in recompute:
             overrides["recompute_modules"] = recompute.split(":", 1)[1].split(",")
-    if cuda_graphs:
+    cuda_graphs = "layers" if cuda_graphs is True else (cuda_graphs or None)  # `true`: the experiment's old key
+    if cuda_graphs == "layers":
         # experiment: Megatron-Core's own per-layer CUDA graphs (Megatron-LM's --cuda-graph-impl local, whole layers),
         # possible for MoE layers once nothing in them synchronizes with the host ("token_counts": "device"); its
         # graph manager needs an RNG tracker that can be captured
@@ -118,7 +122,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         from megatron_esft.esft.hang_guard import install_hang_guard
 
         install_hang_guard([model], min(cfg.moe_layers) + 1)
-    if cuda_graphs:
+    if cuda_graphs == "layers":
         # layers below the first one with trainable weights run no backward (nothing in them or below needs a
         # gradient); Megatron's manager would wait for it before their next forward: they stay eager
         for number, layer in decoder_layers([model]):
@@ -126,8 +130,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                 break
             if hasattr(layer, "cudagraph_manager"):
                 del layer.cudagraph_manager
-    # layer number -> rows routed to its trainable experts, added up on the counts' device (no host sync per layer
-    # with "token_counts": "device"; read after the timed steps)
+    # layer number -> rows routed to its trainable experts, added up in place on the counts' device (no host sync per
+    # layer with "token_counts": "device"; a whole-iteration graph replays the additions; read after the timed steps)
     trained_rows, hooks, counting, index_of = {}, [], [False], {}
     for number, layer in decoder_layers([model]):
         if not is_moe_layer(layer):
@@ -143,7 +147,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                 key = (number, counts.device)
                 if key not in index_of:  # made once: a host-to-device copy in every step would synchronize
                     index_of[key] = torch.tensor(ids).to(counts.device)
-                trained_rows[number] = trained_rows.get(number, 0) + counts.index_select(0, index_of[key]).sum()
+                if number not in trained_rows:
+                    trained_rows[number] = torch.zeros((), dtype=counts.dtype, device=counts.device)
+                trained_rows[number] += counts.index_select(0, index_of[key]).sum()
 
         hooks.append(experts.register_forward_pre_hook(hook))
     from megatron_esft.experts import note_expert_weights_updated, set_expert_gemm_backend
@@ -196,16 +202,36 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         pairs = sum(n * (n + 1) / 2 for n in lengths)
     timer, phases = Timer(), PhaseTimer()
     losses = []
+    graph = None
+    if cuda_graphs == "full_iteration":  # the trainer's FullIterationGraph: captured at the last warm-up step
+        from megatron_esft.training.cuda_graph import FullIterationGraph
+
+        def iteration(batches, scale):
+            out = []
+            for b in batches:
+                counting[0] = True
+                loss = ddp(b["tokens"], b["position_ids"], attention_mask, labels=b["labels"]).float().mean()
+                counting[0] = False
+                loss.backward()
+                out.append(loss.detach())
+            return out
+
+        graph = FullIterationGraph(iteration, max(1, args.warmup - 1), dev)
+        batches = [{"tokens": tokens, "position_ids": position_ids, "labels": labels}] * accum
     for it in range(args.warmup + args.iters):
         if it == args.warmup:
-            trained_rows.clear()
+            for rows in trained_rows.values():
+                rows.zero_()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
         with (timer if it >= args.warmup else NullCtx()):
             phases.start(record=it >= args.warmup)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
-                counting[0] = True
+            if graph is not None:
+                loss = graph(batches, 1.0)[-1]
+                phases.mark("forward + backward (one graph)")
+            for _ in range(accum if graph is None else 0):  # gradient accumulation: grads add up in DDP's fp32
+                counting[0] = True  # buffers, one optimizer step
                 loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
                 counting[0] = False
                 phases.mark("forward")
@@ -214,7 +240,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current
-            if cuda_graphs:  # after the first step (Megatron's schedules call it at the end of each)
+            if cuda_graphs == "layers":  # after the first step (Megatron's schedules call it at the end of each)
                 from megatron.core.transformer.cuda_graphs import create_cudagraphs
 
                 create_cudagraphs()
@@ -234,6 +260,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     ms = timer.median_ms()
     row = {"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
            "token_counts": token_counts, "cuda_graphs": cuda_graphs,
+           "graph_captured": graph is not None and graph.captured,
            "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
            "offloaded_gib": offloaded_gib, "ms": ms,
            "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
@@ -306,7 +333,7 @@ def run_job(args, job):
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
-                     job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs", False))
+                     job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs"))
 
 
 def _last_result(stdout: str):

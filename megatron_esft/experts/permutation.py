@@ -59,6 +59,12 @@ def index_range(start: int, stop: int, step: int, device) -> torch.Tensor:
     return constant
 
 
+def index_constants() -> list[torch.Tensor]:
+    """The cached index constants: a captured CUDA graph reads them by address, so it holds these references (the
+    cache may drop its entries) while it lives (training/cuda_graph.py)."""
+    return list(_INDEX_CONSTANTS.values())
+
+
 def _sorted_pairs(routing_map: torch.Tensor, topk: int, expert_rank: torch.Tensor | None):
     """(experts [T, k]: each token's k experts in ascending id, sorted keys [T*k], order [T*k]) where key =
     rank(expert) * T + token of pair p = t * k + j and `order` lists the pairs by key (row r holds pair order[r])."""

@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one grouped GEMM per projection over all experts; +1 bf16 copy of the trained experts' "
                         "weights; with --moe-permutation experts at EP = 1 and bf16 expert GEMMs; not measured on a "
                         "GPU yet, see docs/gpu.md); host = Megatron's copy of the counts to the host")
+    g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none",
+                   help="local with --cuda-graph-scope full_iteration: capture each iteration's forward and backward "
+                        "(all micro-batches) in one CUDA graph and replay it (training/cuda_graph.py; needs "
+                        "--moe-token-counts device for MoE layers; not measured on a GPU yet, see docs/gpu.md); "
+                        "transformer_engine needs Transformer Engine")
+    g.add_argument("--cuda-graph-scope", nargs="+", default=None, metavar="SCOPE",
+                   help="with --cuda-graph-impl local: full_iteration (the only scope megatron_esft captures)")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="eager iterations before the capture (the first also checks that nothing in the iteration "
+                        "synchronizes with the host)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -249,6 +259,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                                               or args.expert_model_parallel_size != 1):
         raise UserError("--moe-token-counts device needs --experts-impl grouped, --expert-gemm bf16, "
                         "--moe-permutation experts and --expert-model-parallel-size 1")
+    _validate_cuda_graph(args)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):
@@ -267,3 +278,31 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         if not torch.cuda.is_available():
             raise UserError("--bf16 needs a GPU (on CPU, training runs in fp32)")
     return args
+
+
+def _validate_cuda_graph(args) -> None:
+    """Megatron-LM's CUDA-graph flags: only the whole iteration, on a layout whose iteration needs no host sync."""
+    if args.cuda_graph_scope is not None and args.cuda_graph_impl == "none":
+        raise UserError("--cuda-graph-scope needs --cuda-graph-impl local")
+    if args.cuda_graph_impl == "none":
+        return
+    if args.cuda_graph_impl == "transformer_engine":
+        raise UserError("--cuda-graph-impl transformer_engine needs Transformer Engine, which megatron_esft does not "
+                        "use; use --cuda-graph-impl local --cuda-graph-scope full_iteration")
+    if args.cuda_graph_scope != ["full_iteration"]:
+        raise UserError(f"--cuda-graph-scope {' '.join(args.cuda_graph_scope or ['(whole layers)'])}: megatron_esft "
+                        "captures only full_iteration (--cuda-graph-impl local --cuda-graph-scope full_iteration)")
+    if args.cuda_graph_warmup_steps < 1:
+        raise UserError(f"--cuda-graph-warmup-steps {args.cuda_graph_warmup_steps}: must be at least 1")
+    needs = [flag for flag, bad in (
+        ("--moe-token-counts device (host token counts synchronize in every MoE layer)",
+         args.moe_token_counts != "device"),
+        ("no --flex-attention (its block masks are built on the host per batch)", args.flex_attention),
+        ("no --overlap-grad-reduce (its bucket bookkeeping runs in Python per step)", args.overlap_grad_reduce),
+        ("--pipeline-model-parallel-size 1", args.pipeline_model_parallel_size != 1),
+        # Megatron's RNG tracker sets the CUDA generator's state around sequence-parallel regions and activation
+        # recomputes, which a capture refuses (its graph-safe tracker is not used here)
+        ("--tensor-model-parallel-size 1", args.tensor_model_parallel_size != 1),
+        ("no --recompute-granularity", args.recompute_granularity is not None)) if bad]
+    if needs:
+        raise UserError(f"--cuda-graph-scope full_iteration needs {'; '.join(needs)}")

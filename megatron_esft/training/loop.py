@@ -144,6 +144,27 @@ def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
     )
 
 
+def _iteration_graph(ddp_model, args, tracker):
+    """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches run through
+    training/cuda_graph.FullIterationGraph (captured on a GPU after the warm-up iterations)."""
+    if args.cuda_graph_impl != "local":
+        return None
+    from megatron_esft.training.cuda_graph import FullIterationGraph
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        par.print_rank0(f"CUDA graph: the whole iteration, captured after {args.cuda_graph_warmup_steps} eager "
+                        "iteration(s)")
+    else:
+        device = torch.device("cpu")
+        par.print_rank0("CUDA graph: no CUDA device, so nothing is captured; iterations run eagerly through the "
+                        "graph's static buffers")
+    def iteration(batches, scale):
+        return _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
+
+    return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device)
+
+
 class ExitSignalHandler:
     """Megatron-LM's --exit-signal-handler: on SIGTERM (what Slurm sends before the time limit, and what the sbatch
     scripts' USR1 trap forwards), finish the current iteration, save, and exit cleanly (see `exit_requested`)."""
@@ -282,6 +303,7 @@ def pretrain(argv=None) -> int:
                         f"(their FP8 copies on the device: {cached / 2**30:.3f} GiB)")
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
+    graph = _iteration_graph(ddp_model, args, tracker)
     logger = TrainingLogger(args.tensorboard_dir, selected)
     logger.scalar("trainable-params", report.total, iteration)
     logger.trainable_table(report, iteration)
@@ -366,7 +388,14 @@ def pretrain(argv=None) -> int:
         t0 = time.perf_counter()
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
+        if graph is None:
+            reports = _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
+        else:
+            announce = not graph.captured
+            reports = graph(batches, scale)
+            if announce and graph.captured:
+                par.print_rank0(f"captured the training iteration in a CUDA graph at iteration {iteration + 1}; "
+                                "later iterations replay it")
         loss, _ = _global_loss(reports)
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
             raise stop_non_finite(f"lm loss is {loss}")

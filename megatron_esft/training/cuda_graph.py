@@ -1,0 +1,145 @@
+"""A training iteration's forward and backward as one CUDA graph: Megatron-LM's `--cuda-graph-impl local
+--cuda-graph-scope full_iteration`.
+
+Why: ESFT of the 27-layer DeepSeek-V2-Lite shape on one H200 left the GPU idle ~39 % of a step, waiting for the host
+to dispatch and launch ~7,000 aten ops one by one (docs/gpu.md, "Where the time goes"). Replaying a captured graph
+launches every kernel of every micro-batch's forward and backward at once; the host then runs only the optimizer
+step, the logging and the copy of the next batches.
+
+What a capture needs, and how the trainer provides it:
+* nothing in the iteration reads a device value on the host: `--moe-token-counts device` (the host token counts
+  copy the counts to the host in every MoE layer), no FlexAttention block masks (built per batch on the host). Before
+  the capture the iteration runs once under `HostSyncs`, which names any op that would synchronize (a capture would
+  fail with "operation not permitted when stream is capturing", or worse, bake in the value it read);
+* fixed shapes and addresses: the batches are copied into static device buffers that the graph reads (every
+  micro-batch is [micro-batch size, seq length]); the loss scale, a Python float that changes per iteration, is a
+  device scalar; Megatron's DDP and optimizer write gradients and updated weights in place;
+* Python runs once, at capture: hooks (the hang guard, the expert-load tracker's in-place counts, DDP's gradient
+  hooks) are recorded as the kernels they launched, and caches (the permutation's index constants, the stacked expert
+  weights, a frozen router's fp32 weight) must keep the tensors the graph reads alive: `_keep_alive` holds the
+  permutation's (its cache may drop entries); the others change only if frozen weights are replaced, which the
+  trainer never does during a run.
+
+As Megatron-Core's `FullCudaGraphWrapper` (full_cuda_graph.py): `warmup_steps` eager iterations (lazy initialization,
+cuBLAS workspaces, the caches above), then one capture, then replays. Unlike it, no RNG tracker state is registered
+with the graph: the models have no dropout (models/provider.py), so nothing in the iteration draws random numbers.
+
+On a machine without CUDA nothing is captured: every iteration runs eagerly through the same static buffers and
+scale (tests compare that with the plain loop), and the host-sync check runs on the first iteration as on a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_esft.errors import UserError
+
+# aten ops whose result the host reads (a device value becomes a Python number or a data-dependent shape): on a GPU
+# each waits for the stream, and none can be captured
+_READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                           "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose"})
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above, a
+    `repeat_interleave` without its output size, and copies from a CUDA tensor to the host (on a CPU there are no
+    such copies, and `.tolist()` of a CPU tensor dispatches nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        out = func(*args, **kwargs)
+        if name in _READS_ON_HOST or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                      and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bool
+                                      and len(args) == 1):
+            self.found[name] += 1
+        elif name in ("_to_copy", "copy_") and _to_host_from_cuda(args, out):
+            self.found[f"{name} to the host"] += 1
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} x{n}" for name, n in sorted(self.found.items()))
+
+
+def _to_host_from_cuda(args, out) -> bool:
+    source = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]
+    target = out if isinstance(out, torch.Tensor) else args[0]
+    return isinstance(source, torch.Tensor) and source.is_cuda and isinstance(target, torch.Tensor) \
+        and target.device.type == "cpu"
+
+
+class FullIterationGraph:
+    """`graph(batches, scale)` runs `iteration(static_batches, static_scale)` (forward and backward of all the
+    iteration's micro-batches; its return value is kept and returned by every later call, updated in place by
+    the replays) on static copies of `batches` (a list of dicts of tensors) and of `scale` (a float)."""
+
+    def __init__(self, iteration, warmup_steps: int, device):
+        if warmup_steps < 1:
+            raise ValueError("at least one eager iteration comes before the capture")
+        self.iteration, self.warmup_steps, self.device = iteration, warmup_steps, torch.device(device)
+        self.calls = 0
+        self.graph = None
+        self.static: list[dict] | None = None
+        self.scale: torch.Tensor | None = None
+        self.result = None
+        self._keep_alive: list = []
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, batches: list[dict], scale: float):
+        self._stage(batches, scale)
+        if self.graph is None and self.calls >= self.warmup_steps and self.device.type == "cuda":
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.calls == 0:
+            self.result = self._watched_iteration()
+        else:
+            self.result = self.iteration(self.static, self.scale)
+        self.calls += 1
+        return self.result
+
+    def _stage(self, batches, scale) -> None:
+        """Copy the batches into the static buffers (allocated on the first call); the shapes may never change."""
+        if self.static is None:
+            self.static = [{k: torch.empty_like(v, device=self.device) for k, v in b.items()} for b in batches]
+            self.scale = torch.zeros((), dtype=torch.float32, device=self.device)
+        want = [{k: (tuple(v.shape), v.dtype) for k, v in b.items()} for b in self.static]
+        got = [{k: (tuple(v.shape), v.dtype) for k, v in b.items()} for b in batches]
+        if got != want:
+            raise UserError(f"--cuda-graph-scope full_iteration: the iteration's micro-batches changed from {want} "
+                            f"to {got}; a CUDA graph replays fixed shapes")
+        for static, batch in zip(self.static, batches):
+            for key, value in batch.items():
+                static[key].copy_(value, non_blocking=True)
+        self.scale.fill_(scale)
+
+    def _watched_iteration(self):
+        """The first (eager) iteration: anything in it that reads a device value on the host stops the run."""
+        with HostSyncs() as syncs:
+            result = self.iteration(self.static, self.scale)
+        if syncs.found:
+            raise UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the "
+                            f"host ({syncs.describe()}), which a CUDA graph cannot capture; with MoE layers use "
+                            f"--moe-token-counts device")
+        return result
+
+    def _capture(self) -> None:
+        from megatron_esft.experts import permutation
+
+        self.graph = torch.cuda.CUDAGraph()
+        # torch.cuda.graph synchronizes and empties the allocator's cache first (the eager iterations' cached
+        # activation blocks go back to the device, and the graph's own pool gets them); thread_local: the autograd
+        # engine's device thread runs the captured backward
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.result = self.iteration(self.static, self.scale)
+        self._keep_alive = permutation.index_constants()  # including any made during the capture

@@ -1,0 +1,151 @@
+"""--cuda-graph-impl local --cuda-graph-scope full_iteration (training/cuda_graph.py): on the CPU nothing is captured,
+but the iteration runs through the graph's static buffers and device-scalar loss scale, and must train exactly like
+the plain loop; the host-sync check finds what would break a capture; the flags' bad combinations are refused. The
+capture itself is checked on a GPU (test_cuda_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_mcore, losses, pretrain
+from megatron_esft.errors import UserError
+from megatron_esft.training.cuda_graph import FullIterationGraph, HostSyncs
+
+@pytest.fixture(scope="module")
+def mcore():
+    from megatron_esft.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig(), seed=1234)
+    yield
+
+
+GRAPH = ["--moe-token-counts", "device", "--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
+
+
+def test_full_iteration_graph_trains_like_the_plain_loop_on_cpu(training_env, reference):
+    """Static buffers + a device-scalar loss scale: the same losses and checkpoint bit for bit (warm-up 1: the
+    watched first iteration, then the path a GPU would capture)."""
+    save = str(training_env["root"] / "graph")
+    proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
+                    "--save-interval", "3", "--eval-interval", "3", *GRAPH, "--cuda-graph-warmup-steps", "1",
+                    data=training_env["data"])
+    assert losses(proc) == reference["losses"][:3]
+    ours, want = load_mcore(save, 3), load_mcore(reference["save"], 3)
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    assert "CUDA graph: no CUDA device, so nothing is captured" in proc.stdout
+    assert "captured the training iteration" not in proc.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"], "needs --moe-token-counts device"),
+    (["--cuda-graph-impl", "local", "--moe-token-counts", "device"], "captures only full_iteration"),
+    (GRAPH[:4] + ["--cuda-graph-scope", "attn"], "--cuda-graph-scope attn: megatron_esft captures only"),
+    (["--cuda-graph-scope", "full_iteration"], "--cuda-graph-scope needs --cuda-graph-impl local"),
+    (["--cuda-graph-impl", "transformer_engine"], "needs Transformer Engine"),
+    (GRAPH + ["--cuda-graph-warmup-steps", "0"], "--cuda-graph-warmup-steps 0: must be at least 1"),
+    (GRAPH + ["--recompute-granularity", "full"], "needs no --recompute-granularity"),
+    (GRAPH + ["--overlap-grad-reduce"], "needs no --overlap-grad-reduce"),
+])
+def test_bad_graph_flags_are_one_line_errors(training_env, tmp_path, extra, message):
+    save = tmp_path / "out"
+    proc = pretrain(training_env["base"], str(save), "--expert-config", training_env["ecfg"], "--train-iters", "1",
+                    *extra, check=False, data=training_env["data"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not save.exists()
+
+
+def _tiny_moe_iteration(permutation: str, token_counts: str):
+    """Forward + backward of a tiny ESFT DeepSeek-V2 as the trainer builds it (models/provider.py: our layer spec)."""
+    from megatron_esft.esft import freeze
+    from megatron_esft.esft.expert_config import ExpertConfig
+    from megatron_esft.esft.hang_guard import install_hang_guard
+    from megatron_esft.experts import set_expert_token_counts
+    from megatron_esft.models.hf_config import parse_hf_config
+    from megatron_esft.models.provider import build_model
+    from megatron_esft.models.tiny import TinySpec, hf_config_dict
+
+    cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", layers=3, hidden=32, experts=8, moe_ffn=16,
+                                                  vocab=64)))
+    torch.manual_seed(0)
+    model = build_model(cfg, experts="grouped", moe_permutation=permutation)
+    ecfg = ExpertConfig({"1": [0, 2], "2": [5]})
+    freeze.apply_finetune_mode(model, "esft", ecfg)
+    set_expert_token_counts(model, token_counts)
+    install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, "esft", ["1", "2"]))
+    tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def iteration():
+        loss = model(tokens, torch.arange(32).expand(2, 32), None, labels=tokens).float().mean()
+        loss.backward()
+        return loss.detach()
+
+    return iteration
+
+
+def test_host_sync_check_finds_what_a_capture_cannot_hold(mcore):
+    """Megatron's own permutation reads its row counts on the host (masked_select); the grouped experts with their
+    token counts on the device read nothing in forward or backward, nor does the rest of the model."""
+    with HostSyncs() as syncs:
+        _tiny_moe_iteration("megatron", "host")()
+    assert "masked_select" in syncs.found, syncs.found
+    with HostSyncs() as syncs:
+        _tiny_moe_iteration("experts", "device")()
+    assert not syncs.found, syncs.describe()
+
+
+def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
+    seen = []
+
+    def iteration(batches, scale):
+        seen.append((batches[0]["tokens"].clone(), scale.clone()))
+        return [{"lm loss": (batches[0]["tokens"].float().sum() * scale).reshape(1)}]
+
+    graph = FullIterationGraph(iteration, warmup_steps=1, device="cpu")
+    first = graph([{"tokens": torch.tensor([[1, 2]])}], 0.5)
+    statics = graph.static
+    second = graph([{"tokens": torch.tensor([[3, 4]])}], 0.25)
+    assert graph.static is statics and not graph.captured  # the same buffers, refilled; no CUDA: never captured
+    assert [(t.tolist(), s.item()) for t, s in seen] == [([[1, 2]], 0.5), ([[3, 4]], 0.25)]
+    assert first[0]["lm loss"].item() == 1.5 and second[0]["lm loss"].item() == 1.75
+    with pytest.raises(UserError, match="micro-batches changed"):
+        graph([{"tokens": torch.tensor([[1, 2, 3]])}], 1.0)
+
+    def reads_on_host(batches, scale):
+        return int(batches[0]["tokens"].sum())  # what a capture cannot do
+
+    with pytest.raises(UserError, match=r"reads device values on the host \(_local_scalar_dense x1\).*--moe-token"):
+        FullIterationGraph(reads_on_host, warmup_steps=1, device="cpu")([{"tokens": torch.ones(2)}], 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
+@pytest.mark.timeout(400)  # two trainer processes
+def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
+    """bf16 on a GPU, 6 iterations: eager 1-2 (the first watched for host syncs), capture + replay at 3, replays
+    4-6. The same losses and weights as the eager run within the GPU runs' tolerance (test_gpu_training.py: SDPA's
+    backward may use atomics), and the frozen experts bit-identical to the base."""
+    env, runs = training_env, {}
+    for name, extra in (("eager", []), ("graph", GRAPH[2:] + ["--cuda-graph-warmup-steps", "2"])):
+        save = str(tmp_path / name)
+        proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--bf16", "--train-iters", "6",
+                        "--moe-token-counts", "device", *extra, data=env["data"])
+        runs[name] = (proc, load_mcore(save, 6))
+    assert "captured the training iteration in a CUDA graph at iteration 3" in runs["graph"][0].stdout
+    got, want = losses(runs["graph"][0]), losses(runs["eager"][0])
+    assert len(got) == len(want) == 6 and all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(got, want)), (got, want)
+    weights, eager = runs["graph"][1], runs["eager"][1]
+    for key, value in eager.items():
+        rel = ((weights[key].double() - value.double()).norm() / value.double().norm().clamp_min(1e-30)).item()
+        assert rel < 1e-2, key
+    base = load_mcore(env["base"], 0)
+    key = "decoder.layers.{}.mlp.experts.experts.linear_fc{}.weight"
+    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (conftest.ECFG)
+        assert torch.equal(base[key.format(3, proj)].to(weights[key.format(3, proj)].dtype),
+                           weights[key.format(3, proj)])
+        frozen = [e for e in range(8) if e != 5]
+        assert torch.equal(base[key.format(2, proj)][frozen].to(torch.bfloat16), weights[key.format(2, proj)][frozen])
+        assert not torch.equal(base[key.format(2, proj)][5].to(torch.bfloat16), weights[key.format(2, proj)][5])
