@@ -44,21 +44,25 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 
 
 class HostSyncs(TorchDispatchMode):
-    """Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above, a
-    `repeat_interleave` without its output size, and copies from a CUDA tensor to the host (on a CPU there are no
+    """Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above and
+    a `repeat_interleave` without its output size, applied to a tensor on `device` (default: any; host-side work on
+    CPU tensors during a GPU run waits for nothing), and copies from a CUDA tensor to the host (on a CPU there are no
     such copies, and `.tolist()` of a CPU tensor dispatches nothing)."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         super().__init__()
+        self.device_type = None if device is None else torch.device(device).type
         self.found = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         out = func(*args, **kwargs)
-        if name in _READS_ON_HOST or (name == "repeat_interleave" and kwargs.get("output_size") is None
-                                      and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bool
-                                      and len(args) == 1):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        on_device = first is not None and self.device_type in (None, first.device.type)
+        repeats = args[1] if len(args) > 1 else first  # repeat_interleave's tensor of repeats: its sum is a size
+        if on_device and (name in _READS_ON_HOST or (name == "repeat_interleave" and isinstance(repeats, torch.Tensor)
+                                                     and kwargs.get("output_size") is None)):
             self.found[name] += 1
         elif name in ("_to_copy", "copy_") and _to_host_from_cuda(args, out):
             self.found[f"{name} to the host"] += 1
@@ -125,7 +129,7 @@ class FullIterationGraph:
 
     def _watched_iteration(self):
         """The first (eager) iteration: anything in it that reads a device value on the host stops the run."""
-        with HostSyncs() as syncs:
+        with HostSyncs(self.device) as syncs:
             result = self.iteration(self.static, self.scale)
         if syncs.found:
             raise UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the "

@@ -149,3 +149,14 @@ def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
         frozen = [e for e in range(8) if e != 5]
         assert torch.equal(base[key.format(2, proj)][frozen].to(torch.bfloat16), weights[key.format(2, proj)][frozen])
         assert not torch.equal(base[key.format(2, proj)][5].to(torch.bfloat16), weights[key.format(2, proj)][5])
+
+
+def test_host_sync_check_counts_reads_of_the_graphs_device_only():
+    """On a GPU run only reads of GPU tensors wait for the stream; host-side work on CPU tensors does not."""
+    x = torch.tensor([0, 3, 0, 5])
+    with HostSyncs("cuda") as gpu_run, HostSyncs() as any_device:
+        x.nonzero(), x.sum().item(), x.repeat_interleave(2), torch.repeat_interleave(x), x.repeat_interleave(x)
+        x.repeat_interleave(x, output_size=8)
+    assert not gpu_run.found
+    assert any_device.found["nonzero"] == 1 and any_device.found["repeat_interleave"] == 2, any_device.found
+    assert any_device.found["_local_scalar_dense"] >= 1
