@@ -57,19 +57,26 @@ def step(variant, inputs, topk):
 
 
 def sum_pairs_variants(inputs, topk):
-    """The un-permutation's kernel alone (each token's k rows summed; also the permutation's backward): torch's
-    embedding_bag (what experts/permutation.sum_pairs runs) against a gather into a [T*k, H] temporary and a sum over
-    k. On an H200 the embedding_bags of a 27-layer step took 9.7 ms, ~8x the time their bytes need at full
-    bandwidth: this table decides whether the other form is faster on a GPU."""
+    """The un-permutation's kernel alone (each token's k rows summed; also the permutation's backward): what
+    experts/permutation.sum_pairs runs (on a GPU the Triton kernel of experts/pair_sum.py, elsewhere embedding_bag),
+    torch's embedding_bag, and a gather into a [T*k, H] temporary and a sum over k. On an H200 the embedding_bags of a
+    27-layer step took 9.7 ms, ~8x the time their bytes need at full bandwidth."""
     import torch
+    import torch.nn.functional as F
 
-    from megatron_esft.experts.permutation import sum_pairs, topk_permutation
+    from megatron_esft.experts import pair_sum
+    from megatron_esft.experts.permutation import index_range, sum_pairs, topk_permutation
 
     tokens, _, routing_map, _ = inputs
     _, _, row_of_pair = topk_permutation(routing_map, topk)
     rows = torch.randn(row_of_pair.numel(), tokens.shape[1], generator=torch.Generator().manual_seed(1)).to(tokens)
-    return {"embedding_bag": lambda: sum_pairs(rows, row_of_pair, topk),
-            "gather + sum": lambda: rows.index_select(0, row_of_pair).view(-1, topk, rows.shape[1]).sum(dim=1)}
+    offsets = index_range(0, row_of_pair.numel(), topk, row_of_pair.device)
+    variants = {"sum_pairs (ours)": lambda: sum_pairs(rows, row_of_pair, topk),
+                "embedding_bag": lambda: F.embedding_bag(row_of_pair, rows, offsets, mode="sum"),
+                "gather + sum": lambda: rows.index_select(0, row_of_pair).view(-1, topk, rows.shape[1]).sum(dim=1)}
+    if pair_sum.usable(rows, row_of_pair, topk):
+        variants["Triton pair sum"] = lambda: pair_sum.pair_sum(rows, row_of_pair, topk)
+    return variants
 
 
 def build_experts(args, device, dtype):

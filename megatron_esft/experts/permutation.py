@@ -35,6 +35,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_esft.experts import pair_sum
+
 # "experts": at EP = expert-TP = 1 the grouped experts permute the tokens themselves, straight into their
 #   trainable-then-frozen row order (no separate regroup; FP8 quantizes the T tokens before the gather instead of
 #   the T*k rows after it); elsewhere, or with experts that cannot, as "gather".
@@ -117,6 +119,10 @@ def sum_pairs(rows, row_of_pair, topk):
     """out[t] = sum over j of rows[row_of_pair[t * k + j]]: each token's k rows summed."""
     if topk == 1:  # a plain permutation: each "sum" is one row (rows may be 1-D here, e.g. probabilities)
         return rows.index_select(0, row_of_pair)
+    if pair_sum.usable(rows, row_of_pair, topk):  # on a GPU: one Triton kernel, the same sums bit for bit
+        out = pair_sum.pair_sum(rows, row_of_pair, topk)
+        if out is not None:
+            return out
     # embedding_bag gathers and sums each token's k rows in one kernel with a float accumulator (CPU and CUDA): no
     # [T*k, H] temporary (7x faster than index_select + sum on a CPU), no atomics; bags of k by cached offsets (with a
     # [T, k] input F.embedding_bag would make them with an arange every call)
