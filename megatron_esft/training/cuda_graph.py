@@ -140,10 +140,16 @@ class FullIterationGraph:
     def _capture(self) -> None:
         from megatron_esft.experts import permutation
 
-        self.graph = torch.cuda.CUDAGraph()
         # torch.cuda.graph synchronizes and empties the allocator's cache first (the eager iterations' cached
         # activation blocks go back to the device, and the graph's own pool gets them); thread_local: the autograd
         # engine's device thread runs the captured backward
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.result = self.iteration(self.static, self.scale)
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.result = self.iteration(self.static, self.scale)
+        except RuntimeError as exc:  # something the host-sync check cannot see (e.g. a stream synchronize)
+            self.graph = None
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"--cuda-graph-scope full_iteration: capturing the training iteration failed "
+                            f"({first_line}); train without --cuda-graph-impl local") from exc
         self._keep_alive = permutation.index_constants()  # including any made during the capture

@@ -121,6 +121,11 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
     with pytest.raises(UserError, match=r"reads device values on the host \(_local_scalar_dense x1\).*--moe-token"):
         FullIterationGraph(reads_on_host, warmup_steps=1, device="cpu")([{"tokens": torch.ones(2)}], 1.0)
 
+    # a capture that fails (here: no CUDA at all) is one line too, and the graph stays eager
+    with pytest.raises(UserError, match=r"capturing the training iteration failed \(.+\); train without"):
+        graph._capture()
+    assert not graph.captured
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
 @pytest.mark.timeout(400)  # two trainer processes
