@@ -282,7 +282,12 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             note_expert_weights_updated([model])
 
         def step():
-            forward().backward()
+            if graph is not None:  # the replayed graph's kernels and host syncs (the optimizer's, outside it)
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                graph(batches, 1.0)
+            else:
+                forward().backward()
             finish_step()
         # the measurements so far, in case a diagnostic below runs past the job's time limit (the orchestrator
         # keeps the last RESULT line a job printed)
@@ -291,6 +296,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         row["gpu_kernel_ms"] = kernel_ms if accum == 1 else None
         row["host_syncs"] = count_host_syncs(step)
         try:  # a diagnostic: the job's measurements above stay whatever happens here
+            if graph is not None:
+                raise RuntimeError("not for a replayed graph (no per-module host work left)")
             row["host_profile"] = host_profile(forward, lambda loss: loss.backward(), finish_step)
             print(f"HOST PROFILE model {mode} {backend} {layers}L\n{format_host_profile(row['host_profile'])}",
                   file=sys.stderr, flush=True)
