@@ -72,6 +72,20 @@ class HostSyncs(TorchDispatchMode):
         return ", ".join(f"{name} x{n}" for name, n in sorted(self.found.items()))
 
 
+def _first_change(static: list[dict], batches: list[dict]) -> str | None:
+    """Where `batches` stop matching the static buffers' count, keys, shapes or dtypes, or None."""
+    if len(batches) != len(static):
+        return f"{len(static)} micro-batches -> {len(batches)}"
+    for i, (have, new) in enumerate(zip(static, batches)):
+        if have.keys() != new.keys():
+            return f"micro-batch {i}: fields {sorted(have)} -> {sorted(new)}"
+        for key, value in new.items():
+            if value.shape != have[key].shape or value.dtype != have[key].dtype:
+                return (f"micro-batch {i}, {key}: {list(have[key].shape)} {have[key].dtype} -> "
+                        f"{list(value.shape)} {value.dtype}")
+    return None
+
+
 def _to_host_from_cuda(args, out) -> bool:
     source = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]
     target = out if isinstance(out, torch.Tensor) else args[0]
@@ -117,11 +131,9 @@ class FullIterationGraph:
         if self.static is None:
             self.static = [{k: torch.empty_like(v, device=self.device) for k, v in b.items()} for b in batches]
             self.scale = torch.zeros((), dtype=torch.float32, device=self.device)
-        want = [{k: (tuple(v.shape), v.dtype) for k, v in b.items()} for b in self.static]
-        got = [{k: (tuple(v.shape), v.dtype) for k, v in b.items()} for b in batches]
-        if got != want:
-            raise UserError(f"--cuda-graph-scope full_iteration: the iteration's micro-batches changed from {want} "
-                            f"to {got}; a CUDA graph replays fixed shapes")
+        if (change := _first_change(self.static, batches)) is not None:
+            raise UserError(f"--cuda-graph-scope full_iteration: the iteration's micro-batches changed ({change}); "
+                            "a CUDA graph replays fixed shapes")
         for static, batch in zip(self.static, batches):
             for key, value in batch.items():
                 static[key].copy_(value, non_blocking=True)

@@ -112,8 +112,12 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
     assert graph.static is statics and not graph.captured  # the same buffers, refilled; no CUDA: never captured
     assert [(t.tolist(), s.item()) for t, s in seen] == [([[1, 2]], 0.5), ([[3, 4]], 0.25)]
     assert first[0]["lm loss"].item() == 1.5 and second[0]["lm loss"].item() == 1.75
-    with pytest.raises(UserError, match="micro-batches changed"):
+    with pytest.raises(UserError, match=r"changed \(micro-batch 0, tokens: \[1, 2\] torch.int64 -> \[1, 3\] "):
         graph([{"tokens": torch.tensor([[1, 2, 3]])}], 1.0)
+    with pytest.raises(UserError, match=r"changed \(1 micro-batches -> 2\)"):
+        graph([{"tokens": torch.tensor([[1, 2]])}] * 2, 1.0)
+    with pytest.raises(UserError, match=r"changed \(micro-batch 0: fields \['tokens'\] -> \['labels', 'tokens'\]"):
+        graph([{"tokens": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])}], 1.0)
 
     def reads_on_host(batches, scale):
         return int(batches[0]["tokens"].sum())  # what a capture cannot do
