@@ -216,7 +216,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                 out.append(loss.detach())
             return out
 
-        graph = FullIterationGraph(iteration, max(1, args.warmup - 1), dev)
+        graph = FullIterationGraph(iteration, max(2, args.warmup - 1), dev)
         batches = [{"tokens": tokens, "position_ids": position_ids, "labels": labels}] * accum
     for it in range(args.warmup + args.iters):
         if it == args.warmup:

@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph-scope", nargs="+", default=None, metavar="SCOPE",
                    help="with --cuda-graph-impl local: full_iteration (the only scope megatron_esft captures)")
     g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
-                   help="eager iterations before the capture (the first also checks that nothing in the iteration "
-                        "synchronizes with the host)")
+                   help="eager iterations before the capture, at least 2 (the second also checks that nothing in "
+                        "the iteration synchronizes with the host)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -292,8 +292,9 @@ def _validate_cuda_graph(args) -> None:
     if args.cuda_graph_scope != ["full_iteration"]:
         raise UserError(f"--cuda-graph-scope {' '.join(args.cuda_graph_scope or ['(whole layers)'])}: megatron_esft "
                         "captures only full_iteration (--cuda-graph-impl local --cuda-graph-scope full_iteration)")
-    if args.cuda_graph_warmup_steps < 1:
-        raise UserError(f"--cuda-graph-warmup-steps {args.cuda_graph_warmup_steps}: must be at least 1")
+    if args.cuda_graph_warmup_steps < 2:
+        raise UserError(f"--cuda-graph-warmup-steps {args.cuda_graph_warmup_steps}: must be at least 2 (the first "
+                        "eager iteration builds the compiled kernels, the second is checked for host syncs)")
     needs = [flag for flag, bad in (
         ("--moe-token-counts device (host token counts synchronize in every MoE layer)",
          args.moe_token_counts != "device"),

@@ -8,9 +8,14 @@ step, the logging and the copy of the next batches.
 
 What a capture needs, and how the trainer provides it:
 * nothing in the iteration reads a device value on the host: `--moe-token-counts device` (the host token counts
-  copy the counts to the host in every MoE layer), no FlexAttention block masks (built per batch on the host). Before
-  the capture the iteration runs once under `HostSyncs`, which names any op that would synchronize (a capture would
-  fail with "operation not permitted when stream is capturing", or worse, bake in the value it read);
+  copy the counts to the host in every MoE layer), no FlexAttention block masks (built per batch on the host). The
+  second eager iteration (the first builds torch.compile's kernels, which may synchronize) runs under torch's sync
+  debug mode ("error": any synchronizing CUDA call, in forward or in
+  autograd's backward thread, raises), which a one-line error then names (a capture would fail with "operation not
+  permitted when stream is capturing", or worse, bake in the value it read). Not under a dispatch mode such as
+  `HostSyncs`: one call of a torch.compile'd function under any TorchDispatchMode makes Dynamo skip its frame for
+  good (torch 2.13, checked on CPU), so the fused SwiGLU and the chunked loss would stay uncompiled for the rest of
+  the run. On a CPU, where the trainer compiles nothing, `HostSyncs` does the check instead;
 * fixed shapes and addresses: the batches are copied into static device buffers that the graph reads (every
   micro-batch is [micro-batch size, seq length]); the loss scale, a Python float that changes per iteration, is a
   device scalar; Megatron's DDP and optimizer write gradients and updated weights in place;
@@ -21,16 +26,19 @@ What a capture needs, and how the trainer provides it:
   trainer never does during a run.
 
 As Megatron-Core's `FullCudaGraphWrapper` (full_cuda_graph.py): `warmup_steps` eager iterations (lazy initialization,
-cuBLAS workspaces, the caches above), then one capture, then replays. Unlike it, no RNG tracker state is registered
+cuBLAS workspaces, torch.compile's kernels, the caches above), then one capture, then replays. At least two: the
+first builds everything, the second is the watched one. Unlike it, no RNG tracker state is registered
 with the graph: the models have no dropout (models/provider.py), so nothing in the iteration draws random numbers.
 
 On a machine without CUDA nothing is captured: every iteration runs eagerly through the same static buffers and
-scale (tests compare that with the plain loop), and the host-sync check runs on the first iteration as on a GPU.
+scale (tests compare that with the plain loop), and the host-sync check runs on the second iteration as on a GPU.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,7 +52,7 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 
 
 class HostSyncs(TorchDispatchMode):
-    """Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above and
+    """(The CPU's check, see the module docstring.) Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above and
     a `repeat_interleave` without its output size, applied to a tensor on `device` (default: any; host-side work on
     CPU tensors during a GPU run waits for nothing), and copies from a CUDA tensor to the host (on a CPU there are no
     such copies, and `.tolist()` of a CPU tensor dispatches nothing)."""
@@ -70,6 +78,11 @@ class HostSyncs(TorchDispatchMode):
 
     def describe(self) -> str:
         return ", ".join(f"{name} x{n}" for name, n in sorted(self.found.items()))
+
+
+def _reads_on_host(what: str) -> UserError:
+    return UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the host "
+                     f"({what}), which a CUDA graph cannot capture; with MoE layers use --moe-token-counts device")
 
 
 def _first_change(static: list[dict], batches: list[dict]) -> str | None:
@@ -99,8 +112,8 @@ class FullIterationGraph:
     the replays) on static copies of `batches` (a list of dicts of tensors) and of `scale` (a float)."""
 
     def __init__(self, iteration, warmup_steps: int, device):
-        if warmup_steps < 1:
-            raise ValueError("at least one eager iteration comes before the capture")
+        if warmup_steps < 2:  # one to build and initialize everything, one watched for host syncs
+            raise ValueError("at least two eager iterations come before the capture")
         self.iteration, self.warmup_steps, self.device = iteration, warmup_steps, torch.device(device)
         self.calls = 0
         self.graph = None
@@ -119,7 +132,7 @@ class FullIterationGraph:
             self._capture()
         if self.graph is not None:
             self.graph.replay()
-        elif self.calls == 0:
+        elif self.calls == 1:
             self.result = self._watched_iteration()
         else:
             self.result = self.iteration(self.static, self.scale)
@@ -140,14 +153,28 @@ class FullIterationGraph:
         self.scale.fill_(scale)
 
     def _watched_iteration(self):
-        """The first (eager) iteration: anything in it that reads a device value on the host stops the run."""
+        """The second (eager) iteration: anything in it that reads a device value on the host stops the run."""
+        if self.device.type == "cuda":
+            return self._iteration_in_sync_debug_mode()
         with HostSyncs(self.device) as syncs:
             result = self.iteration(self.static, self.scale)
         if syncs.found:
-            raise UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the "
-                            f"host ({syncs.describe()}), which a CUDA graph cannot capture; with MoE layers use "
-                            f"--moe-token-counts device")
+            raise _reads_on_host(syncs.describe())
         return result
+
+    def _iteration_in_sync_debug_mode(self):
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self.iteration(self.static, self.scale)
+        except RuntimeError as exc:
+            if "synchroniz" not in str(exc):
+                raise
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise _reads_on_host(f"a synchronizing CUDA operation at {os.path.relpath(frame.filename)}:"
+                                 f"{frame.lineno}") from exc
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
     def _capture(self) -> None:
         from megatron_esft.experts import permutation

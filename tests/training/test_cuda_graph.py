@@ -26,11 +26,11 @@ GRAPH = ["--moe-token-counts", "device", "--cuda-graph-impl", "local", "--cuda-g
 
 
 def test_full_iteration_graph_trains_like_the_plain_loop_on_cpu(training_env, reference):
-    """Static buffers + a device-scalar loss scale: the same losses and checkpoint bit for bit (warm-up 1: the
-    watched first iteration, then the path a GPU would capture)."""
+    """Static buffers + a device-scalar loss scale: the same losses and checkpoint bit for bit (warm-up 2: the
+    first iteration, the watched one, then the path a GPU would capture)."""
     save = str(training_env["root"] / "graph")
     proc = pretrain(training_env["base"], save, "--expert-config", training_env["ecfg"], "--train-iters", "3",
-                    "--save-interval", "3", "--eval-interval", "3", *GRAPH, "--cuda-graph-warmup-steps", "1",
+                    "--save-interval", "3", "--eval-interval", "3", *GRAPH, "--cuda-graph-warmup-steps", "2",
                     data=training_env["data"])
     assert losses(proc) == reference["losses"][:3]
     ours, want = load_mcore(save, 3), load_mcore(reference["save"], 3)
@@ -45,7 +45,7 @@ def test_full_iteration_graph_trains_like_the_plain_loop_on_cpu(training_env, re
     (GRAPH[:4] + ["--cuda-graph-scope", "attn"], "--cuda-graph-scope attn: megatron_esft captures only"),
     (["--cuda-graph-scope", "full_iteration"], "--cuda-graph-scope needs --cuda-graph-impl local"),
     (["--cuda-graph-impl", "transformer_engine"], "needs Transformer Engine"),
-    (GRAPH + ["--cuda-graph-warmup-steps", "0"], "--cuda-graph-warmup-steps 0: must be at least 1"),
+    (GRAPH + ["--cuda-graph-warmup-steps", "1"], "--cuda-graph-warmup-steps 1: must be at least 2"),
     (GRAPH + ["--recompute-granularity", "full"], "needs no --recompute-granularity"),
     (GRAPH + ["--overlap-grad-reduce"], "needs no --overlap-grad-reduce"),
 ])
@@ -105,7 +105,7 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
         seen.append((batches[0]["tokens"].clone(), scale.clone()))
         return [{"lm loss": (batches[0]["tokens"].float().sum() * scale).reshape(1)}]
 
-    graph = FullIterationGraph(iteration, warmup_steps=1, device="cpu")
+    graph = FullIterationGraph(iteration, warmup_steps=2, device="cpu")
     first = graph([{"tokens": torch.tensor([[1, 2]])}], 0.5)
     statics = graph.static
     second = graph([{"tokens": torch.tensor([[3, 4]])}], 0.25)
@@ -122,8 +122,10 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
     def reads_on_host(batches, scale):
         return int(batches[0]["tokens"].sum())  # what a capture cannot do
 
+    watched = FullIterationGraph(reads_on_host, warmup_steps=2, device="cpu")
+    assert watched([{"tokens": torch.ones(2)}], 1.0) == 2  # the first iteration builds; the second is watched
     with pytest.raises(UserError, match=r"reads device values on the host \(_local_scalar_dense x1\).*--moe-token"):
-        FullIterationGraph(reads_on_host, warmup_steps=1, device="cpu")([{"tokens": torch.ones(2)}], 1.0)
+        watched([{"tokens": torch.ones(2)}], 1.0)
 
     # a capture that fails (here: no CUDA at all) is one line too, and the graph stays eager
     with pytest.raises(UserError, match=r"capturing the training iteration failed \(.+\); train without"):
@@ -134,7 +136,7 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
 @pytest.mark.timeout(400)  # two trainer processes
 def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
-    """bf16 on a GPU, 6 iterations: eager 1-2 (the first watched for host syncs), capture + replay at 3, replays
+    """bf16 on a GPU, 6 iterations: eager 1-2 (the second watched for host syncs), capture + replay at 3, replays
     4-6. The same losses and weights as the eager run within the GPU runs' tolerance (test_gpu_training.py: SDPA's
     backward may use atomics), and the frozen experts bit-identical to the base."""
     env, runs = training_env, {}
@@ -169,3 +171,54 @@ def test_host_sync_check_counts_reads_of_the_graphs_device_only():
     assert not gpu_run.found
     assert any_device.found["nonzero"] == 1 and any_device.found["repeat_interleave"] == 2, any_device.found
     assert any_device.found["_local_scalar_dense"] >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
+def test_cuda_graph_replays_what_the_eager_iteration_computes():
+    """Eager (watched, then unwatched), captured, replayed: each call's loss and gradient are those of its own batch
+    and scale; a torch.compile'd function in the iteration still runs compiled after the watched iteration."""
+    lin = torch.nn.Linear(16, 8, device="cuda")
+    grad = torch.zeros_like(lin.weight)
+    compiled_runs = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            compiled_runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    act = torch.compile(lambda h: torch.nn.functional.silu(h) * 2, backend=backend)
+
+    def iteration(batches, scale):
+        loss = act(lin(batches[0]["x"])).square().sum() * scale
+        grad.copy_(torch.autograd.grad(loss, lin.weight)[0])
+        return loss.detach()
+
+    def eager(x, scale):
+        loss = (torch.nn.functional.silu(lin(x)) * 2).square().sum() * scale
+        return loss.detach(), torch.autograd.grad(loss, lin.weight)[0]
+
+    graph = FullIterationGraph(iteration, warmup_steps=2, device="cuda")
+    for call in range(5):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(call)).pin_memory()
+        loss = graph([{"x": x}], 0.5 + call).clone()
+        want_loss, want_grad = eager(x.cuda(), 0.5 + call)
+        torch.testing.assert_close(loss, want_loss)
+        torch.testing.assert_close(grad, want_grad)
+        assert graph.captured == (call >= 2)
+        if call == 1:  # the watched iteration ran the compiled function, compiled in the first one
+            assert len(compiled_runs) == 2, "the compiled function stopped running compiled"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode: GPU only")
+def test_cuda_watched_iteration_names_a_host_read():
+    def iteration(batches, scale):
+        if batches[0]["x"].sum().item() > 0:  # a read on the host
+            return scale * 2
+        return scale
+
+    graph = FullIterationGraph(iteration, warmup_steps=2, device="cuda")
+    graph([{"x": torch.ones(3)}], 1.0)  # the first iteration is not watched
+    with pytest.raises(UserError, match=r"a synchronizing CUDA operation at .*test_cuda_graph.py:\d+"):
+        graph([{"x": torch.ones(3)}], 1.0)
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
