@@ -12,6 +12,10 @@ own compute, so there only the op counts carry over to a GPU.
   engine carries the mode to its thread); time from torch.profiler's "autograd::engine::evaluate_function: <node>"
   ranges (inclusive of the ops inside).
 * optimizer and anything outside a module: "(outside modules)" of their phase.
+
+Caveat: the counting is a TorchDispatchMode, and a torch.compile'd function called under one runs uncompiled, and
+from then on stays so in this process (Dynamo skips its frame for good; training/cuda_graph.py). So the profile counts
+the fused SwiGLU's and the chunked loss's eager ops and time, and it runs last in a job, after the timed steps.
 """
 
 from __future__ import annotations
