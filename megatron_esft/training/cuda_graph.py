@@ -54,13 +54,42 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 class HostSyncs(TorchDispatchMode):
     """(The CPU's check, see the module docstring.) Counts the aten ops dispatched while active that would make a GPU stream wait for the host: the ops above and
     a `repeat_interleave` without its output size, applied to a tensor on `device` (default: any; host-side work on
-    CPU tensors during a GPU run waits for nothing), and copies from a CUDA tensor to the host (on a CPU there are no
-    such copies, and `.tolist()` of a CPU tensor dispatches nothing)."""
+    CPU tensors during a GPU run waits for nothing), copies from a CUDA tensor to the host (on a CPU there are no such
+    copies), and `.tolist()` / `.numpy()` (which dispatch nothing for a CPU tensor: counted by wrapping them while
+    active)."""
+
+    _HOST_READS = ("tolist", "numpy")
 
     def __init__(self, device=None):
         super().__init__()
         self.device_type = None if device is None else torch.device(device).type
         self.found = collections.Counter()
+        self._saved = {}
+        self._reading = False
+
+    def __enter__(self):
+        for name in self._HOST_READS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                if self._reading:  # the original may come back here through __torch_function__: one read
+                    return _original(tensor, *args, **kwargs)
+                if self.device_type in (None, tensor.device.type):
+                    self.found[_name] += 1
+                self._reading = True
+                try:
+                    return _original(tensor, *args, **kwargs)
+                finally:
+                    self._reading = False
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved = {}
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

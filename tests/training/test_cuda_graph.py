@@ -88,11 +88,15 @@ def _tiny_moe_iteration(permutation: str, token_counts: str):
 
 
 def test_host_sync_check_finds_what_a_capture_cannot_hold(mcore):
-    """Megatron's own permutation reads its row counts on the host (masked_select); the grouped experts with their
-    token counts on the device read nothing in forward or backward, nor does the rest of the model."""
+    """Megatron's own permutation reads its row counts on the host (masked_select), the grouped experts with host
+    token counts read them with .tolist(); with their token counts on the device they read nothing in forward or
+    backward, nor does the rest of the model."""
     with HostSyncs() as syncs:
         _tiny_moe_iteration("megatron", "host")()
     assert "masked_select" in syncs.found, syncs.found
+    with HostSyncs() as syncs:  # the grouped experts split their rows by the counts, read with .tolist()
+        _tiny_moe_iteration("experts", "host")()
+    assert syncs.found["tolist"] >= 2, syncs.found
     with HostSyncs() as syncs:
         _tiny_moe_iteration("experts", "device")()
     assert not syncs.found, syncs.describe()
@@ -168,7 +172,9 @@ def test_host_sync_check_counts_reads_of_the_graphs_device_only():
     with HostSyncs("cuda") as gpu_run, HostSyncs() as any_device:
         x.nonzero(), x.sum().item(), x.repeat_interleave(2), torch.repeat_interleave(x), x.repeat_interleave(x)
         x.repeat_interleave(x, output_size=8)
-    assert not gpu_run.found
+        x.tolist()
+    assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__name__  # unwrapped after
+    assert not gpu_run.found and any_device.found["tolist"] == 1
     assert any_device.found["nonzero"] == 1 and any_device.found["repeat_interleave"] == 2, any_device.found
     assert any_device.found["_local_scalar_dense"] >= 1
 
