@@ -26,9 +26,9 @@ dispatcher's gather permutation; "megatron": Megatron-Core's own). `"token_count
 token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer).
 `"cuda_graphs": "full_iteration"` (with "token_counts": "device"; the trainer's --cuda-graph-impl local
 --cuda-graph-scope full_iteration, training/cuda_graph.py): every micro-batch's forward and backward captured in one
-CUDA graph after the eager warm-up steps but the last, then replayed (the timed steps are replays; the optimizer step
-stays eager). `"cuda_graphs": "layers"` (an experiment, GPU only, with "token_counts": "device"): Megatron-Core's own
-per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager;
+CUDA graph in the last warm-up step (at least 3: eager, eager under the host-sync check, capture), then replayed
+(the timed steps are replays; the optimizer step stays eager). `"cuda_graphs": "layers"` (an experiment, GPU only,
+with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager;
 module hooks do not run when a graph replays, so the trained rows are counted as the expected share.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
@@ -202,7 +202,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         pairs = sum(n * (n + 1) / 2 for n in lengths)
     timer, phases = Timer(), PhaseTimer()
     losses = []
-    graph = None
+    graph, warmup = None, args.warmup
     if cuda_graphs == "full_iteration":  # the trainer's FullIterationGraph: captured at the last warm-up step
         from megatron_esft.training.cuda_graph import FullIterationGraph
 
@@ -216,15 +216,17 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
                 out.append(loss.detach())
             return out
 
-        graph = FullIterationGraph(iteration, max(2, args.warmup - 1), dev)
+        # eager, watched, ..., then the capture in the last warm-up step: the timed steps are replays only
+        warmup = max(args.warmup, 3)
+        graph = FullIterationGraph(iteration, warmup - 1, dev)
         batches = [{"tokens": tokens, "position_ids": position_ids, "labels": labels}] * accum
-    for it in range(args.warmup + args.iters):
-        if it == args.warmup:
+    for it in range(warmup + args.iters):
+        if it == warmup:
             for rows in trained_rows.values():
                 rows.zero_()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        with (timer if it >= args.warmup else NullCtx()):
-            phases.start(record=it >= args.warmup)
+        with (timer if it >= warmup else NullCtx()):
+            phases.start(record=it >= warmup)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             if graph is not None:
