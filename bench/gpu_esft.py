@@ -28,8 +28,9 @@ token counts on the GPU (the trainer's --moe-token-counts device: no host sync p
 --cuda-graph-scope full_iteration, training/cuda_graph.py): every micro-batch's forward and backward captured in one
 CUDA graph in the last warm-up step (at least 3: eager, eager under the host-sync check, capture), then replayed
 (the timed steps are replays; the optimizer step stays eager). `"cuda_graphs": "layers"` (an experiment, GPU only,
-with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers), the layers below the first trainable one eager;
-module hooks do not run when a graph replays, so the trained rows are counted as the expected share.
+with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers),
+the layers below the first trainable one eager; module hooks do not run when a graph replays, so the trained rows are
+counted as the expected share.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
