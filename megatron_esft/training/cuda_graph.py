@@ -53,10 +53,10 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 
 class HostSyncs(TorchDispatchMode):
     """(The CPU's check, see the module docstring.) Counts the aten ops dispatched while active that would make a
-    GPU stream wait for the host: the ops above and a `repeat_interleave` without its output size, applied to a tensor on `device` (default: any; host-side work on
-    CPU tensors during a GPU run waits for nothing), copies from a CUDA tensor to the host (on a CPU there are no such
-    copies), and `.tolist()` / `.numpy()` (which dispatch nothing for a CPU tensor: counted by wrapping them while
-    active)."""
+    GPU stream wait for the host: the ops above and a `repeat_interleave` without its output size, applied to a
+    tensor on `device` (default: any; host-side work on CPU tensors during a GPU run waits for nothing), copies from
+    a CUDA tensor to the host (on a CPU there are no such copies), and `.tolist()` / `.numpy()` (which dispatch
+    nothing for a CPU tensor: counted by wrapping them while active)."""
 
     _HOST_READS = ("tolist", "numpy")
 
