@@ -233,13 +233,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             if graph is not None:
                 loss = graph(batches, 1.0)[-1]
                 phases.mark("forward + backward (one graph)")
-            for _ in range(accum if graph is None else 0):  # gradient accumulation: grads add up in DDP's fp32
-                counting[0] = True  # buffers, one optimizer step
-                loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
-                counting[0] = False
-                phases.mark("forward")
-                loss.backward()
-                phases.mark("backward")
+            else:
+                for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
+                    counting[0] = True
+                    loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
+                    counting[0] = False
+                    phases.mark("forward")
+                    loss.backward()
+                    phases.mark("backward")
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current

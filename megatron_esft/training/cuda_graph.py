@@ -10,9 +10,9 @@ What a capture needs, and how the trainer provides it:
 * nothing in the iteration reads a device value on the host: `--moe-token-counts device` (the host token counts
   copy the counts to the host in every MoE layer), no FlexAttention block masks (built per batch on the host). The
   second eager iteration (the first builds torch.compile's kernels, which may synchronize) runs under torch's sync
-  debug mode ("error": any synchronizing CUDA call, in forward or in
-  autograd's backward thread, raises), which a one-line error then names (a capture would fail with "operation not
-  permitted when stream is capturing", or worse, bake in the value it read). Not under a dispatch mode such as
+  debug mode ("error": any synchronizing CUDA call, in forward or in autograd's backward thread, raises), which a
+  one-line error then names (a capture would fail with "operation not permitted when stream is capturing", or
+  worse, bake in the value it read). Not under a dispatch mode such as
   `HostSyncs`: one call of a torch.compile'd function under any TorchDispatchMode makes Dynamo skip its frame for
   good (torch 2.13, checked on CPU), so the fused SwiGLU and the chunked loss would stay uncompiled for the rest of
   the run. On a CPU, where the trainer compiles nothing, `HostSyncs` does the check instead;
@@ -52,17 +52,15 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 
 
 class HostSyncs(TorchDispatchMode):
-    """(The CPU's check, see the module docstring.) Counts the aten ops dispatched while active that would make a
-    GPU stream wait for the host: the ops above and a `repeat_interleave` without its output size, applied to a
-    tensor on `device` (default: any; host-side work on CPU tensors during a GPU run waits for nothing), copies from
-    a CUDA tensor to the host (on a CPU there are no such copies), and `.tolist()` / `.numpy()` (which dispatch
-    nothing for a CPU tensor: counted by wrapping them while active)."""
+    """The CPU's check (see the module docstring; a GPU uses torch's sync debug mode): counts what, run on a GPU,
+    would make the stream wait for the host while active: the aten ops above, a `repeat_interleave` without its
+    output size, and `.tolist()` / `.numpy()` (which dispatch nothing for a CPU tensor: counted by wrapping them
+    while active)."""
 
     _HOST_READS = ("tolist", "numpy")
 
-    def __init__(self, device=None):
+    def __init__(self):
         super().__init__()
-        self.device_type = None if device is None else torch.device(device).type
         self.found = collections.Counter()
         self._saved = {}
         self._reading = False
@@ -74,8 +72,7 @@ class HostSyncs(TorchDispatchMode):
             def counted(tensor, *args, _name=name, _original=original, **kwargs):
                 if self._reading:  # the original may come back here through __torch_function__: one read
                     return _original(tensor, *args, **kwargs)
-                if self.device_type in (None, tensor.device.type):
-                    self.found[_name] += 1
+                self.found[_name] += 1
                 self._reading = True
                 try:
                     return _original(tensor, *args, **kwargs)
@@ -94,16 +91,10 @@ class HostSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
-        out = func(*args, **kwargs)
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        on_device = first is not None and self.device_type in (None, first.device.type)
-        repeats = args[1] if len(args) > 1 else first  # repeat_interleave's tensor of repeats: its sum is a size
-        if on_device and (name in _READS_ON_HOST or (name == "repeat_interleave" and isinstance(repeats, torch.Tensor)
-                                                     and kwargs.get("output_size") is None)):
-            self.found[name] += 1
-        elif name in ("_to_copy", "copy_") and _to_host_from_cuda(args, out):
-            self.found[f"{name} to the host"] += 1
-        return out
+        if name in _READS_ON_HOST or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                      and isinstance(args[min(1, len(args) - 1)], torch.Tensor)):
+            self.found[name] += 1  # (repeat_interleave: its output size is the sum of a tensor of repeats)
+        return func(*args, **kwargs)
 
     def describe(self) -> str:
         return ", ".join(f"{name} x{n}" for name, n in sorted(self.found.items()))
@@ -126,13 +117,6 @@ def _first_change(static: list[dict], batches: list[dict]) -> str | None:
                 return (f"micro-batch {i}, {key}: {list(have[key].shape)} {have[key].dtype} -> "
                         f"{list(value.shape)} {value.dtype}")
     return None
-
-
-def _to_host_from_cuda(args, out) -> bool:
-    source = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]
-    target = out if isinstance(out, torch.Tensor) else args[0]
-    return isinstance(source, torch.Tensor) and source.is_cuda and isinstance(target, torch.Tensor) \
-        and target.device.type == "cpu"
 
 
 class FullIterationGraph:
@@ -185,7 +169,7 @@ class FullIterationGraph:
         """The second (eager) iteration: anything in it that reads a device value on the host stops the run."""
         if self.device.type == "cuda":
             return self._iteration_in_sync_debug_mode()
-        with HostSyncs(self.device) as syncs:
+        with HostSyncs() as syncs:
             result = self.iteration(self.static, self.scale)
         if syncs.found:
             raise _reads_on_host(syncs.describe())

@@ -159,6 +159,7 @@ def _iteration_graph(ddp_model, args, tracker):
         device = torch.device("cpu")
         par.print_rank0("CUDA graph: no CUDA device, so nothing is captured; iterations run eagerly through the "
                         "graph's static buffers")
+
     def iteration(batches, scale):
         return _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
 

@@ -166,15 +166,15 @@ def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
         assert not torch.equal(base[key.format(2, proj)][5].to(torch.bfloat16), weights[key.format(2, proj)][5])
 
 
-def test_host_sync_check_counts_reads_of_the_graphs_device_only():
-    """On a GPU run only reads of GPU tensors wait for the stream; host-side work on CPU tensors does not."""
+def test_host_sync_check_counts_each_read_once():
+    """Host reads by aten op, repeat_interleave only without an output size, .tolist() once per call."""
     x = torch.tensor([0, 3, 0, 5])
-    with HostSyncs("cuda") as gpu_run, HostSyncs() as any_device:
+    with HostSyncs() as any_device:
         x.nonzero(), x.sum().item(), x.repeat_interleave(2), torch.repeat_interleave(x), x.repeat_interleave(x)
         x.repeat_interleave(x, output_size=8)
         x.tolist()
     assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__name__  # unwrapped after
-    assert not gpu_run.found and any_device.found["tolist"] == 1
+    assert any_device.found["tolist"] == 1
     assert any_device.found["nonzero"] == 1 and any_device.found["repeat_interleave"] == 2, any_device.found
     assert any_device.found["_local_scalar_dense"] >= 1
 
