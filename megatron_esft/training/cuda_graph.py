@@ -13,12 +13,14 @@ What a capture needs, and how the trainer provides it:
   debug mode ("error": any synchronizing CUDA call, in forward or in autograd's backward thread, raises), which a
   one-line error then names (a capture would fail with "operation not permitted when stream is capturing", or
   worse, bake in the value it read). Not under a dispatch mode such as
-  `HostSyncs`: one call of a torch.compile'd function under any TorchDispatchMode makes Dynamo skip its frame for
-  good (torch 2.13, checked on CPU), so the fused SwiGLU and the chunked loss would stay uncompiled for the rest of
-  the run. On a CPU, where the trainer compiles nothing, `HostSyncs` does the check instead;
+  `graph_checks.HostSyncs`: one call of a torch.compile'd function under any TorchDispatchMode makes Dynamo skip its
+  frame for good (torch 2.13, checked on CPU), so the fused SwiGLU and the chunked loss would stay uncompiled for the
+  rest of the run. On a CPU, where the trainer compiles nothing, `HostSyncs` does the check instead;
 * fixed shapes and addresses: the batches are copied into static device buffers that the graph reads (every
   micro-batch is [micro-batch size, seq length]); the loss scale, a Python float that changes per iteration, is a
-  device scalar; Megatron's DDP and optimizer write gradients and updated weights in place;
+  device scalar; Megatron's DDP and optimizer write gradients and updated weights in place. On a CPU the second and
+  third iterations are recorded op by op (`graph_checks.OpTrace`: arguments, Python numbers, the addresses of
+  tensors from before the iteration) and must match: what differs is what a replay would get wrong;
 * Python runs once, at capture: hooks (the hang guard, the expert-load tracker's in-place counts, DDP's gradient
   hooks) are recorded as the kernels they launched, and caches (the permutation's index constants, the stacked expert
   weights, a frozen router's fp32 weight) must keep the tensors the graph reads alive: `_keep_alive` holds the
@@ -31,74 +33,19 @@ first builds everything, the second is the watched one. Unlike it, no RNG tracke
 with the graph: the models have no dropout (models/provider.py), so nothing in the iteration draws random numbers.
 
 On a machine without CUDA nothing is captured: every iteration runs eagerly through the same static buffers and
-scale (tests compare that with the plain loop), and the host-sync check runs on the second iteration as on a GPU.
+scale (tests compare that with the plain loop), the host-sync check runs on the second iteration as on a GPU, and
+the third must repeat the second.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import traceback
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_esft.errors import UserError
-
-# aten ops whose result the host reads (a device value becomes a Python number or a data-dependent shape): on a GPU
-# each waits for the stream, and none can be captured
-_READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-                           "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose"})
-
-
-class HostSyncs(TorchDispatchMode):
-    """The CPU's check (see the module docstring; a GPU uses torch's sync debug mode): counts what, run on a GPU,
-    would make the stream wait for the host while active: the aten ops above, a `repeat_interleave` without its
-    output size, and `.tolist()` / `.numpy()` (which dispatch nothing for a CPU tensor: counted by wrapping them
-    while active)."""
-
-    _HOST_READS = ("tolist", "numpy")
-
-    def __init__(self):
-        super().__init__()
-        self.found = collections.Counter()
-        self._saved = {}
-        self._reading = False
-
-    def __enter__(self):
-        for name in self._HOST_READS:
-            original = self._saved[name] = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                if self._reading:  # the original may come back here through __torch_function__: one read
-                    return _original(tensor, *args, **kwargs)
-                self.found[_name] += 1
-                self._reading = True
-                try:
-                    return _original(tensor, *args, **kwargs)
-                finally:
-                    self._reading = False
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        self._saved = {}
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.__name__.split(".")[0]
-        if name in _READS_ON_HOST or (name == "repeat_interleave" and kwargs.get("output_size") is None
-                                      and isinstance(args[min(1, len(args) - 1)], torch.Tensor)):
-            self.found[name] += 1  # (repeat_interleave: its output size is the sum of a tensor of repeats)
-        return func(*args, **kwargs)
-
-    def describe(self) -> str:
-        return ", ".join(f"{name} x{n}" for name, n in sorted(self.found.items()))
-
+from megatron_esft.training.graph_checks import HostSyncs, OpTrace, first_difference
 
 def _reads_on_host(what: str) -> UserError:
     return UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the host "
@@ -134,6 +81,7 @@ class FullIterationGraph:
         self.scale: torch.Tensor | None = None
         self.result = None
         self._keep_alive: list = []
+        self._trace = None  # the CPU's record of the watched iteration, compared with the next one
 
     @property
     def captured(self) -> bool:
@@ -147,6 +95,8 @@ class FullIterationGraph:
             self.graph.replay()
         elif self.calls == 1:
             self.result = self._watched_iteration()
+        elif self.calls == 2 and self._trace is not None:
+            self.result = self._traced_again()
         else:
             self.result = self.iteration(self.static, self.scale)
         self.calls += 1
@@ -169,10 +119,21 @@ class FullIterationGraph:
         """The second (eager) iteration: anything in it that reads a device value on the host stops the run."""
         if self.device.type == "cuda":
             return self._iteration_in_sync_debug_mode()
-        with HostSyncs() as syncs:
+        with HostSyncs() as syncs, OpTrace() as self._trace:
             result = self.iteration(self.static, self.scale)
         if syncs.found:
             raise _reads_on_host(syncs.describe())
+        return result
+
+    def _traced_again(self):
+        """The third (eager, CPU) iteration: the same aten ops with the same arguments as the second, as a replay of
+        a graph captured from the second would run them (graph_checks.OpTrace)."""
+        with OpTrace() as trace:
+            result = self.iteration(self.static, self.scale)
+        previous, self._trace = self._trace, None
+        if (difference := first_difference(previous, trace)) is not None:
+            raise UserError(f"--cuda-graph-scope full_iteration: the training iteration does not repeat itself "
+                            f"({difference}); a CUDA graph would replay the captured iteration's values")
         return result
 
     def _iteration_in_sync_debug_mode(self):

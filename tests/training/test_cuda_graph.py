@@ -1,7 +1,8 @@
 """--cuda-graph-impl local --cuda-graph-scope full_iteration (training/cuda_graph.py): on the CPU nothing is captured,
 but the iteration runs through the graph's static buffers and device-scalar loss scale, and must train exactly like
-the plain loop; the host-sync check finds what would break a capture; the flags' bad combinations are refused. The
-capture itself is checked on a GPU (test_cuda_*)."""
+the plain loop, its second iteration is checked for host syncs and its third must repeat the second
+(test_graph_checks.py tests the checks); the flags' bad combinations are refused. The capture itself is checked on a
+GPU (test_cuda_*)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,7 @@ import torch
 
 from conftest import load_mcore, losses, pretrain
 from megatron_esft.errors import UserError
-from megatron_esft.training.cuda_graph import FullIterationGraph, HostSyncs
-
-@pytest.fixture(scope="module")
-def mcore():
-    from megatron_esft.parallel import ParallelConfig, initialize
-
-    initialize(ParallelConfig(), seed=1234)
-    yield
-
+from megatron_esft.training.cuda_graph import FullIterationGraph
 
 GRAPH = ["--moe-token-counts", "device", "--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
 
@@ -59,49 +52,6 @@ def test_bad_graph_flags_are_one_line_errors(training_env, tmp_path, extra, mess
     assert not save.exists()
 
 
-def _tiny_moe_iteration(permutation: str, token_counts: str):
-    """Forward + backward of a tiny ESFT DeepSeek-V2 as the trainer builds it (models/provider.py: our layer spec)."""
-    from megatron_esft.esft import freeze
-    from megatron_esft.esft.expert_config import ExpertConfig
-    from megatron_esft.esft.hang_guard import install_hang_guard
-    from megatron_esft.experts import set_expert_token_counts
-    from megatron_esft.models.hf_config import parse_hf_config
-    from megatron_esft.models.provider import build_model
-    from megatron_esft.models.tiny import TinySpec, hf_config_dict
-
-    cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", layers=3, hidden=32, experts=8, moe_ffn=16,
-                                                  vocab=64)))
-    torch.manual_seed(0)
-    model = build_model(cfg, experts="grouped", moe_permutation=permutation)
-    ecfg = ExpertConfig({"1": [0, 2], "2": [5]})
-    freeze.apply_finetune_mode(model, "esft", ecfg)
-    set_expert_token_counts(model, token_counts)
-    install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, "esft", ["1", "2"]))
-    tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
-
-    def iteration():
-        loss = model(tokens, torch.arange(32).expand(2, 32), None, labels=tokens).float().mean()
-        loss.backward()
-        return loss.detach()
-
-    return iteration
-
-
-def test_host_sync_check_finds_what_a_capture_cannot_hold(mcore):
-    """Megatron's own permutation reads its row counts on the host (masked_select), the grouped experts with host
-    token counts read them with .tolist(); with their token counts on the device they read nothing in forward or
-    backward, nor does the rest of the model."""
-    with HostSyncs() as syncs:
-        _tiny_moe_iteration("megatron", "host")()
-    assert "masked_select" in syncs.found, syncs.found
-    with HostSyncs() as syncs:  # the grouped experts split their rows by the counts, read with .tolist()
-        _tiny_moe_iteration("experts", "host")()
-    assert syncs.found["tolist"] >= 2, syncs.found
-    with HostSyncs() as syncs:
-        _tiny_moe_iteration("experts", "device")()
-    assert not syncs.found, syncs.describe()
-
-
 def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
     seen = []
 
@@ -137,6 +87,29 @@ def test_graph_stages_batches_and_refuses_what_it_cannot_replay():
     assert not graph.captured
 
 
+def test_third_iteration_must_repeat_the_second():
+    """A Python number that changes per iteration (here a learning-rate-like float the iteration reads from the host
+    side) would be baked into a capture: the third eager iteration differs from the second in that argument, and the
+    run stops; with the static device scale the iterations repeat each other and the graph runs on."""
+    floats = iter([1.0, 0.5, 0.25])
+
+    def with_a_float(batches, scale):
+        return batches[0]["x"] * next(floats)
+
+    def with_the_device_scale(batches, scale):
+        return batches[0]["x"] * scale
+
+    graph = FullIterationGraph(with_the_device_scale, warmup_steps=2, device="cpu")
+    assert [graph([{"x": torch.ones(2)}], s).tolist() for s in (1.0, 0.5, 0.25, 2.0)] == [
+        [1.0, 1.0], [0.5, 0.5], [0.25, 0.25], [2.0, 2.0]]
+    graph = FullIterationGraph(with_a_float, warmup_steps=2, device="cpu")
+    graph([{"x": torch.ones(2)}], 1.0)
+    graph([{"x": torch.ones(2)}], 1.0)
+    with pytest.raises(UserError, match=r"does not repeat itself \(op 1 of 1, at .*test_cuda_graph.py:\d+: "
+                                        r"aten.mul.Tensor, argument 1: 0.5 -> 0.25\); a CUDA graph would"):
+        graph([{"x": torch.ones(2)}], 1.0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
 @pytest.mark.timeout(400)  # two trainer processes
 def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
@@ -164,19 +137,6 @@ def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
         frozen = [e for e in range(8) if e != 5]
         assert torch.equal(base[key.format(2, proj)][frozen].to(torch.bfloat16), weights[key.format(2, proj)][frozen])
         assert not torch.equal(base[key.format(2, proj)][5].to(torch.bfloat16), weights[key.format(2, proj)][5])
-
-
-def test_host_sync_check_counts_each_read_once():
-    """Host reads by aten op, repeat_interleave only without an output size, .tolist() once per call."""
-    x = torch.tensor([0, 3, 0, 5])
-    with HostSyncs() as any_device:
-        x.nonzero(), x.sum().item(), x.repeat_interleave(2), torch.repeat_interleave(x), x.repeat_interleave(x)
-        x.repeat_interleave(x, output_size=8)
-        x.tolist()
-    assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__name__  # unwrapped after
-    assert any_device.found["tolist"] == 1
-    assert any_device.found["nonzero"] == 1 and any_device.found["repeat_interleave"] == 2, any_device.found
-    assert any_device.found["_local_scalar_dense"] >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
