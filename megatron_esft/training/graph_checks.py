@@ -34,6 +34,7 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 _LITERALS = frozenset({"lift_fresh", "lift_fresh_copy"})
 _LITERAL_MAX_NUMEL = 64
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_DISTRIBUTED_DIR = os.path.join(_TORCH_DIR, "distributed")
 _MODE_HANDLERS = ("__torch_function__", "__torch_dispatch__")  # modes' frames (compat/cpu.py's on a CPU, ours)
 
 
@@ -92,30 +93,40 @@ def _storage(t: torch.Tensor) -> int | None:
         return None
 
 
-def _caller() -> tuple[str, int]:
-    """The innermost frame outside torch and the dispatch modes: the line of code that ran the op."""
-    frame = sys._getframe(2)
+def _caller() -> tuple[tuple[str, int], bool]:
+    """The line of code that ran the op (the innermost frame outside torch, the dispatch modes and contextlib), and
+    whether torch.distributed's code is between it and the op."""
+    frame, communication = sys._getframe(2), False
     while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR)
-                                 or frame.f_code.co_name in _MODE_HANDLERS):
+                                 or frame.f_code.co_name in _MODE_HANDLERS
+                                 or os.path.basename(frame.f_code.co_filename) == "contextlib.py"):
+        communication = communication or frame.f_code.co_filename.startswith(_DISTRIBUTED_DIR)
         frame = frame.f_back
-    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
+    return ((frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)), communication
 
 
 class OpTrace(TorchDispatchMode):
     """The aten ops run while active, each as `(op, its arguments)` plus the line of code that ran it. A tensor
     argument is described by its layout and by where it comes from: made by an earlier op of the same trace (its
     address is the capture's business), or from before the trace (then its address is part of the record: a graph
-    reads it there), or a small host literal (its values)."""
+    reads it there), or a small host literal (its values). Buffers a communication backend allocates without an op
+    count as made (torch.distributed's code is between the op and its caller)."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[tuple] = []
         self.where: list[tuple[str, int]] = []
         self._made: set[int] = set()  # storages an op of the trace allocated (any other one is from before it)
+        self._before: set[int] = set()  # storages read as from before the trace
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         literal = func.__name__.split(".")[0] in _LITERALS
+        where, communication = _caller()
+        if communication:  # a communication backend's own buffers (gloo's coalesced all-reduce flattens the
+            # buckets into one it allocated without an op, and splits it back after): made in this iteration
+            self._made.update(ptr for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                              and (ptr := _storage(t)) is not None and ptr not in self._before)
         record = (str(func), tuple(self._describe(a, literal) for a in args),
                   tuple((k, self._describe(v, literal)) for k, v in sorted(kwargs.items())))
         # outputs that alias no input are new allocations (maybe where a tensor from before the trace was freed); a
@@ -126,7 +137,7 @@ class OpTrace(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None and ptr not in inputs:
                 self._made.add(ptr)
         self.ops.append(record)
-        self.where.append(_caller())
+        self.where.append(where)
         return out
 
     def _describe(self, value, literal: bool = False):
@@ -137,6 +148,7 @@ class OpTrace(TorchDispatchMode):
                 return ("literal", layout, tuple(torch._C.TensorBase.tolist(value.detach().reshape(-1))))
             if ptr is None or ptr in self._made:
                 return ("tensor", layout)
+            self._before.add(ptr)
             return ("from before", layout, ptr, value.storage_offset())
         if isinstance(value, (list, tuple)):
             return tuple(self._describe(v, literal) for v in value)

@@ -32,6 +32,15 @@ def test_full_iteration_graph_trains_like_the_plain_loop_on_cpu(training_env, re
     assert "captured the training iteration" not in proc.stdout
 
 
+def test_full_finetuning_with_the_graph_flags_trains_like_without(training_env):
+    """FFT: every weight trains, in several gradient buckets, whose all-reduce gloo coalesces into a buffer of its
+    own (made without an op: the repeat check must not take it for a tensor that moved). The same losses."""
+    got, want = (losses(pretrain(training_env["base"], None, "--finetune-mode", "full", "--train-iters", "3", *extra,
+                                 data=training_env["data"]))
+                 for extra in (GRAPH + ["--cuda-graph-warmup-steps", "2"], []))
+    assert len(got) == 3 and got == want
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"], "needs --moe-token-counts device"),
     (["--cuda-graph-impl", "local", "--moe-token-counts", "device"], "captures only full_iteration"),
