@@ -18,6 +18,7 @@ Both are TorchDispatchModes, so they see autograd's backward too where it runs i
 from __future__ import annotations
 
 import collections
+import math
 import os
 import sys
 
@@ -32,7 +33,7 @@ _READS_ON_HOST = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "
 # tensors made from host data without a dispatched op (torch.tensor(...)): their values, not their addresses, are what
 # a capture records (copied in once)
 _LITERALS = frozenset({"lift_fresh", "lift_fresh_copy"})
-_LITERAL_MAX_NUMEL = 64
+_LITERAL_MAX_NUMEL = 64  # kept as values (larger literals: a hash of them)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _DISTRIBUTED_DIR = os.path.join(_TORCH_DIR, "distributed")
 _MODE_HANDLERS = ("__torch_function__", "__torch_dispatch__")  # modes' frames (compat/cpu.py's on a CPU, ours)
@@ -144,8 +145,9 @@ class OpTrace(TorchDispatchMode):
         if isinstance(value, torch.Tensor):
             layout = (tuple(value.shape), value.stride(), str(value.dtype), value.device.type)
             ptr = _storage(value)
-            if literal and value.numel() <= _LITERAL_MAX_NUMEL:  # (TensorBase's tolist: HostSyncs counts Tensor's)
-                return ("literal", layout, tuple(torch._C.TensorBase.tolist(value.detach().reshape(-1))))
+            if literal:  # (TensorBase's tolist: HostSyncs counts Tensor's)
+                values = tuple(torch._C.TensorBase.tolist(value.detach().reshape(-1)))
+                return ("literal", layout, values if len(values) <= _LITERAL_MAX_NUMEL else hash(values))
             if ptr is None or ptr in self._made:
                 return ("tensor", layout)
             self._before.add(ptr)
@@ -163,7 +165,8 @@ def _show(value) -> str:
     if isinstance(value, tuple) and value and value[0] == "from before":
         return f"a tensor from before the iteration at {value[2]:#x}+{value[3]}"
     if isinstance(value, tuple) and value and value[0] == "literal":
-        return f"the host literal {list(value[2])} ({value[1][2]})"
+        values = list(value[2]) if isinstance(value[2], tuple) else f"of {math.prod(value[1][0])} values"
+        return f"the host literal {values} ({value[1][2]})"
     if isinstance(value, tuple) and value and value[0] == "tensor":
         return f"a tensor {list(value[1][0])} {value[1][2]}"
     return repr(value)

@@ -152,3 +152,18 @@ def test_op_trace_names_what_a_replay_would_get_wrong():
                                       "literal [1] (torch.int64)" in difference, difference
     step["n"] = 0
     assert first_difference(first, *_traces(lambda x: iteration(x) + 0, x)) == "6 ops -> 7 ops"
+
+
+def test_large_host_literals_are_compared_by_value():
+    offset = {"n": 0.0}
+
+    def iteration(x):
+        return x + torch.tensor([offset["n"]] * 100)
+
+    x = torch.ones(100)
+    first, same = _traces(iteration, x, x)
+    assert first_difference(first, same) is None  # a new host tensor each time, with the same values
+    offset["n"] = 1.0
+    difference = first_difference(first, *_traces(iteration, x))
+    assert difference is not None and "argument 0: the host literal of 100 values (torch.float32) -> the host " \
+                                      "literal of 100 values (torch.float32)" in difference, difference
