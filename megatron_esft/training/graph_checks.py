@@ -106,6 +106,10 @@ def _caller() -> tuple[tuple[str, int], bool]:
     return ((frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)), communication
 
 
+class _Tensor(tuple):
+    """How OpTrace describes a tensor argument: ("made" | "from before" | "literal", layout, ...)."""
+
+
 class OpTrace(TorchDispatchMode):
     """The aten ops run while active, each as `(op, its arguments)` plus the line of code that ran it. A tensor
     argument is described by its layout and by where it comes from: made by an earlier op of the same trace (its
@@ -147,11 +151,11 @@ class OpTrace(TorchDispatchMode):
             ptr = _storage(value)
             if literal:  # (TensorBase's tolist: HostSyncs counts Tensor's)
                 values = tuple(torch._C.TensorBase.tolist(value.detach().reshape(-1)))
-                return ("literal", layout, values if len(values) <= _LITERAL_MAX_NUMEL else hash(values))
+                return _Tensor(("literal", layout, values if len(values) <= _LITERAL_MAX_NUMEL else hash(values)))
             if ptr is None or ptr in self._made:
-                return ("tensor", layout)
+                return _Tensor(("made", layout))
             self._before.add(ptr)
-            return ("from before", layout, ptr, value.storage_offset())
+            return _Tensor(("from before", layout, ptr, value.storage_offset()))
         if isinstance(value, (list, tuple)):
             return tuple(self._describe(v, literal) for v in value)
         if value is None or isinstance(value, (bool, int, float, complex, str)):
@@ -162,23 +166,35 @@ class OpTrace(TorchDispatchMode):
 
 
 def _show(value) -> str:
-    if isinstance(value, tuple) and value and value[0] == "from before":
-        return f"a tensor from before the iteration at {value[2]:#x}+{value[3]}"
-    if isinstance(value, tuple) and value and value[0] == "literal":
-        values = list(value[2]) if isinstance(value[2], tuple) else f"of {math.prod(value[1][0])} values"
-        return f"the host literal {values} ({value[1][2]})"
-    if isinstance(value, tuple) and value and value[0] == "tensor":
-        return f"a tensor {list(value[1][0])} {value[1][2]}"
-    return repr(value)
+    if not isinstance(value, _Tensor):
+        return repr(value)
+    kind, (shape, _, dtype, _), *rest = value
+    if kind == "from before":
+        return f"a tensor from before the iteration at {rest[0]:#x}+{rest[1]}"
+    if kind == "literal":
+        values = list(rest[0]) if isinstance(rest[0], tuple) else f"of {math.prod(shape)} values"
+        return f"the host literal {values} ({dtype})"
+    return f"a tensor {list(shape)} {dtype}"
+
+
+def _difference(name: str, x, y) -> str | None:
+    """The first place where two descriptions of an argument differ (into lists of arguments), or None."""
+    if x == y:
+        return None
+    if type(x) is tuple and type(y) is tuple and len(x) == len(y) and any(isinstance(u, _Tensor) for u in x):
+        # a list of tensors: which one (a list of numbers is shown whole)
+        return next(d for i, (u, v) in enumerate(zip(x, y)) if (d := _difference(f"{name}[{i}]", u, v)))
+    return f"{name}: {_show(x)} -> {_show(y)}"
 
 
 def _argument_difference(a: tuple, b: tuple) -> str:
     (_, args_a, kwargs_a), (_, args_b, kwargs_b) = a, b
     named_a = [(f"argument {i}", v) for i, v in enumerate(args_a)] + [(f"argument {k}", v) for k, v in kwargs_a]
     named_b = [(f"argument {i}", v) for i, v in enumerate(args_b)] + [(f"argument {k}", v) for k, v in kwargs_b]
-    for (name, x), (_, y) in zip(named_a, named_b):
-        if x != y:
-            return f"{name}: {_show(x)} -> {_show(y)}"
+    if len(named_a) == len(named_b):
+        for (name, x), (_, y) in zip(named_a, named_b):
+            if (difference := _difference(name, x, y)) is not None:
+                return difference
     return f"arguments {len(named_a)} -> {len(named_b)}"
 
 

@@ -167,3 +167,19 @@ def test_large_host_literals_are_compared_by_value():
     difference = first_difference(first, *_traces(iteration, x))
     assert difference is not None and "argument 0: the host literal of 100 values (torch.float32) -> the host " \
                                       "literal of 100 values (torch.float32)" in difference, difference
+
+
+def test_a_moved_tensor_in_a_list_argument_is_named_by_its_position():
+    kept = {"w": torch.ones(2)}
+
+    def iteration(x):
+        return torch.cat([x + 1, kept["w"]])
+
+    x = torch.ones(2)
+    first, = _traces(iteration, x)
+    old, kept["w"] = kept["w"], torch.ones(2)
+    difference = first_difference(first, *_traces(iteration, x))
+    assert old is not None and difference is not None
+    assert difference.endswith(f"aten.cat.default, argument 0[1]: a tensor from before the iteration at "
+                               f"{old.data_ptr():#x}+0 -> a tensor from before the iteration at "
+                               f"{kept['w'].data_ptr():#x}+0"), difference
