@@ -47,6 +47,7 @@ import torch
 from megatron_esft.errors import UserError
 from megatron_esft.training.graph_checks import HostSyncs, OpTrace, first_difference
 
+
 def _reads_on_host(what: str) -> UserError:
     return UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the host "
                      f"({what}), which a CUDA graph cannot capture; with MoE layers use --moe-token-counts device")

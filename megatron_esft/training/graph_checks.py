@@ -128,15 +128,16 @@ class OpTrace(TorchDispatchMode):
         kwargs = kwargs or {}
         literal = func.__name__.split(".")[0] in _LITERALS
         where, communication = _caller()
+        inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)} - {None}
         if communication:  # a communication backend's own buffers (gloo's coalesced all-reduce flattens the
             # buckets into one it allocated without an op, and splits it back after): made in this iteration
-            self._made.update(ptr for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                              and (ptr := _storage(t)) is not None and ptr not in self._before)
+            self._made.update(inputs - self._before)
         record = (str(func), tuple(self._describe(a, literal) for a in args),
                   tuple((k, self._describe(v, literal)) for k, v in sorted(kwargs.items())))
         # outputs that alias no input are new allocations (maybe where a tensor from before the trace was freed); a
         # literal's output is its input, made on the host in this iteration
-        inputs = set() if literal else {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        if literal:
+            inputs = set()
         out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None and ptr not in inputs:
@@ -187,10 +188,13 @@ def _difference(name: str, x, y) -> str | None:
     return f"{name}: {_show(x)} -> {_show(y)}"
 
 
+def _named_arguments(record: tuple) -> list[tuple[str, object]]:
+    _, args, kwargs = record
+    return [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"argument {k}", v) for k, v in kwargs]
+
+
 def _argument_difference(a: tuple, b: tuple) -> str:
-    (_, args_a, kwargs_a), (_, args_b, kwargs_b) = a, b
-    named_a = [(f"argument {i}", v) for i, v in enumerate(args_a)] + [(f"argument {k}", v) for k, v in kwargs_a]
-    named_b = [(f"argument {i}", v) for i, v in enumerate(args_b)] + [(f"argument {k}", v) for k, v in kwargs_b]
+    named_a, named_b = _named_arguments(a), _named_arguments(b)
     if len(named_a) == len(named_b):
         for (name, x), (_, y) in zip(named_a, named_b):
             if (difference := _difference(name, x, y)) is not None:
