@@ -119,3 +119,34 @@ def extra_state_entries(module, proj: str, local_idx: int, weight_row, prefix: s
     entries = expert_sharded_entries(module, proj, local_idx, weight_row, prefix, sharded_offsets, metadata)
     key = f"{prefix}local_experts.{local_idx}.linear_{proj}._extra_state"
     return {key: entries[key]}
+
+
+def load_state_dict(module, state_dict, prefix: str, strict: bool, missing_keys, unexpected_keys, error_msgs) -> None:
+    """`module._load_from_state_dict`: its group keys (`{prefix}fc1_trainable`, ...: what a dist_checkpointing load
+    returns) and SequentialMLP's per-expert keys, into the group Parameters."""
+    consumed = set()
+
+    def copy_into(target, key) -> bool:
+        consumed.add(key)
+        if tuple(state_dict[key].shape) != tuple(target.shape):
+            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(target.shape)}")
+            return False
+        target.copy_(state_dict[key])
+        return True
+
+    with torch.no_grad():
+        for proj in PROJECTIONS:
+            loaded_rows = set()
+            for group in ("trainable", "frozen"):
+                key = f"{prefix}{proj}_{group}"
+                if key in state_dict and copy_into(getattr(module, f"{proj}_{group}"), key):
+                    loaded_rows.update(module._group_ids[group])
+            for j in range(module.num_local_experts):
+                key = f"{prefix}local_experts.{j}.linear_{proj}.weight"
+                consumed.add(f"{prefix}local_experts.{j}.linear_{proj}._extra_state")
+                if key in state_dict:
+                    copy_into(module.expert_weight(proj, j), key)
+                elif j not in loaded_rows:
+                    missing_keys.append(key)
+    if strict:
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in consumed)

@@ -1,4 +1,5 @@
-"""Routed experts whose token counts stay on the device: no host synchronization, static shapes (EP = 1, bf16).
+"""Routed experts whose token counts stay on the device: no host synchronization, static shapes (EP = 1; bf16 here,
+FP8 in experts/fp8_device_counts.py).
 
 The default grouped experts need each expert's token count on the host: the trainable and the frozen group are two
 Parameters, hence two grouped GEMMs, and the frozen group's rows start where the trainable group's end, a
@@ -23,8 +24,8 @@ Here, with one rank for all experts (the experts permute the tokens themselves, 
   backward; the activation is recomputed from fc1's output (kept anyway for the activation's backward).
 
 Results equal the host-count path's (same per-group GEMMs, same gather/sum order): bit for bit on the CPU
-(tests/experts/test_device_counts.py). FP8 experts, `moe_apply_probs_on_input`, dtypes or shapes without
-`torch._grouped_mm`, and EP > 1 keep the host counts.
+(tests/experts/test_device_counts.py). `moe_apply_probs_on_input`, dtypes or shapes without `torch._grouped_mm`,
+FP8 experts without a weight cache, and EP > 1 keep the host counts.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ class FP8WeightCache:
         self._entries: dict[tuple, tuple] = {}
         self.quantizations = 0  # how many weight quantizations ran (tests / benchmarks read it)
 
-    def _quantize(self, weight: torch.Tensor, layout: str, device: torch.device):
+    def quantize(self, weight: torch.Tensor, layout: str, device: torch.device):
+        """A fresh quantization of `weight` in `layout` (see `get`) on `device`, whatever the policy."""
         self.quantizations += 1
         g, n, k = weight.shape
         w = weight.detach()
@@ -142,17 +143,25 @@ class FP8WeightCache:
         device = weight.device if device is None else torch.device(device)
         use = self.policy == "all" or (self.policy == "frozen" and not weight.requires_grad)
         if not use:
-            return self._quantize(weight, layout, device)
+            return self.quantize(weight, layout, device)
         # keyed by the weight object itself (a weak reference: a freed weight's memory, reused by a new tensor of
         # the same shape, must not find the old quantization) and its autograd version (bumped by in-place updates)
         key = (id(weight), layout)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is weight and hit[1] == weight._version:
             return hit[2], hit[3]
-        q, s = self._quantize(weight, layout, device)
+        q, s = self.quantize(weight, layout, device)
         self._entries[key] = (weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None)), weight._version,
                               q, s)
         return q, s
+
+    def rehome(self, weight: torch.Tensor, layout: str, q: torch.Tensor, s: torch.Tensor) -> None:
+        """Let the cached quantization of `weight` in `layout` be (q, s), equal copies of it elsewhere (the tail of
+        experts/fp8_device_counts.py's stacks): the cache's own copy is freed, and the next `get` returns (q, s)."""
+        key = (id(weight), layout)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is weight:
+            self._entries[key] = (hit[0], hit[1], q, s)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -80,32 +80,51 @@ swiglu_backward_quantize = CompiledOnCuda(swiglu_backward_quantize_reference)
 swiglu_backward_quantize_keep = CompiledOnCuda(swiglu_backward_quantize_keep_reference)
 
 
-def _mlp_forward(x_q, x_s, probs, fc1, fc2, offs, cache):
-    """(y, h) of one group from its quantized input rows."""
-    w1_q, w1_s = cache.get(fc1, "nk", x_q.device)
+def _mlp_forward(x_q, x_s, probs, weight, offs):
+    """(y, h) of rows grouped by `offs` from their quantized input; `weight(proj, layout)` gives the groups' e4m3
+    weights and decode scales (FP8WeightCache.get's layouts)."""
+    w1_q, w1_s = weight("fc1", "nk")
     h = _scaled_mm(x_q, w1_q.transpose(-2, -1), x_s, w1_s, offs)
     a_q, a_s = swiglu_quantize(h, probs)
-    w2_q, w2_s = cache.get(fc2, "nk", x_q.device)
+    w2_q, w2_s = weight("fc2", "nk")
     return _scaled_mm(a_q, w2_q.transpose(-2, -1), a_s, w2_s, offs), h
 
 
-def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, fc1, fc2, offs, cache, need_dx):
-    """(dx rows or None, d_probs [M, 1] fp32, grad fc1, grad fc2) of one group from its quantized output gradient.
-    `dy_rows()` / `x_rows()` give the bf16 rows the wgrads need; called only for trainable weights."""
-    w2t_q, w2t_s = cache.get(fc2, "kn", dy_q.device)
+def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, weight, offs, *, train_fc1, train_fc2, wgrad_offs, need_dx):
+    """(dx rows or None, d_probs [M, 1] fp32, grad fc1, grad fc2) from the rows' quantized output gradient.
+    `dy_rows()` / `x_rows()` give the bf16 rows the weight gradients need (called only for trained weights), whose
+    groups end at `wgrad_offs` (the rows after its last end are not read)."""
+    w2t_q, w2t_s = weight("fc2", "kn")
     da = _scaled_mm(dy_q, w2t_q.transpose(-2, -1), dy_s, w2t_s, offs)
     grad_fc2 = grad_fc1 = grad_x = None
-    if fc2.requires_grad:
-        grad_fc2 = torch._grouped_mm(dy_rows().t(), weighted_swiglu(h, probs), offs=offs)
-    if fc1.requires_grad:
+    if train_fc2:
+        grad_fc2 = torch._grouped_mm(dy_rows().t(), weighted_swiglu(h, probs), offs=wgrad_offs)
+    if train_fc1:
         dh_q, dh_s, d_probs, dh = swiglu_backward_quantize_keep(da, h, probs)
-        grad_fc1 = torch._grouped_mm(dh.t(), x_rows(), offs=offs)
+        grad_fc1 = torch._grouped_mm(dh.t(), x_rows(), offs=wgrad_offs)
     else:
         dh_q, dh_s, d_probs = swiglu_backward_quantize(da, h, probs)
     if need_dx:
-        w1t_q, w1t_s = cache.get(fc1, "kn", dy_q.device)
+        w1t_q, w1t_s = weight("fc1", "kn")
         grad_x = _scaled_mm(dh_q, w1t_q.transpose(-2, -1), dh_s, w1t_s, offs)
     return grad_x, d_probs, grad_fc1, grad_fc2
+
+
+def quantized_rows(tokens: torch.Tensor, token_of_row: torch.Tensor):
+    """(e4m3 rows, decode scales) of `tokens[token_of_row]`: row-wise scales depend on the row alone, so each token is
+    quantized once and its e4m3 bytes and scale are gathered (T rows quantized instead of T*k, 1-byte rows moved)."""
+    t_q, t_s = quantize_lastdim(tokens)
+    return gather_rows(t_q, token_of_row), t_s.index_select(0, token_of_row)
+
+
+def _cached(fc1, fc2, cache, device):
+    """`weight(proj, layout)` of one group's Parameters through the FP8 weight cache."""
+    return lambda proj, layout: cache.get(fc1 if proj == "fc1" else fc2, layout, device)
+
+
+def _group_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, fc1, fc2, offs, cache, need_dx):
+    return _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, _cached(fc1, fc2, cache, dy_q.device), offs,
+                         train_fc1=fc1.requires_grad, train_fc2=fc2.requires_grad, wgrad_offs=offs, need_dx=need_dx)
 
 
 class _FP8SwiGLUMLP(torch.autograd.Function):
@@ -113,7 +132,7 @@ class _FP8SwiGLUMLP(torch.autograd.Function):
     def forward(ctx, x, probs, fc1, fc2, offs, cache):
         ctx.cache = cache
         x_q, x_s = quantize_lastdim(x)
-        y, h = _mlp_forward(x_q, x_s, probs, fc1, fc2, offs, cache)
+        y, h = _mlp_forward(x_q, x_s, probs, _cached(fc1, fc2, cache, x.device), offs)
         ctx.save_for_backward(x if fc1.requires_grad else None, probs, h, fc1, fc2, offs)
         return y
 
@@ -122,7 +141,7 @@ class _FP8SwiGLUMLP(torch.autograd.Function):
         x, probs, h, fc1, fc2, offs = ctx.saved_tensors
         dy = dy.contiguous()
         dy_q, dy_s = quantize_lastdim(dy)
-        grad_x, d_probs, grad_fc1, grad_fc2 = _mlp_backward(
+        grad_x, d_probs, grad_fc1, grad_fc2 = _group_backward(
             dy_q, dy_s, lambda: dy, lambda: x, probs, h, fc1, fc2, offs, ctx.cache, ctx.needs_input_grad[0])
         return grad_x, d_probs.to(probs.dtype), grad_fc1, grad_fc2, None, None
 
@@ -149,10 +168,7 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, probs, token_of_row, row_of_pair, topk, rows, offs, cache, *weights):
         ctx.cache, ctx.topk, ctx.rows, ctx.offs = cache, topk, rows, offs
-        # row-wise scales depend on the row alone, so quantizing each token once and gathering its e4m3 bytes and
-        # scale equals quantizing the gathered rows: T rows quantized instead of T*k, and 1-byte rows moved
-        t_q, t_s = quantize_lastdim(tokens)
-        x_q, x_s = gather_rows(t_q, token_of_row), t_s.index_select(0, token_of_row)
+        x_q, x_s = quantized_rows(tokens, token_of_row)
         ys, hs, start = [], [], 0
         for g, n in enumerate(rows):
             if n == 0:
@@ -161,8 +177,8 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
             part = slice(start, start + n)
             # a group's scales start at any row: copied to a fresh (aligned) buffer, as the kernel gets them in the
             # rows path (a few bytes per row); the e4m3 rows start at a multiple of H (16) bytes
-            y, h = _mlp_forward(x_q[part], x_s[part].clone(), probs[part], weights[2 * g], weights[2 * g + 1],
-                                offs[g], cache)
+            y, h = _mlp_forward(x_q[part], x_s[part].clone(), probs[part],
+                                _cached(weights[2 * g], weights[2 * g + 1], cache, tokens.device), offs[g])
             ys.append(y)
             hs.append(h)
             start += n
@@ -181,8 +197,7 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
         hs, weights = rest[:groups], rest[groups:]
         d_out = d_out.contiguous()
         # the output gradient of each row is its token's (the un-permutation is a plain sum): quantized per token too
-        d_q, d_s = quantize_lastdim(d_out)
-        dy_q, dy_s = gather_rows(d_q, token_of_row), d_s.index_select(0, token_of_row)
+        dy_q, dy_s = quantized_rows(d_out, token_of_row)
         need_dx = ctx.needs_input_grad[0]
         dxs, d_probs, grads, start = [], [], [], 0
         for g, n in enumerate(ctx.rows):
@@ -192,7 +207,7 @@ class _FP8SwiGLUMoE(torch.autograd.Function):
                 continue
             part = slice(start, start + n)
             index = token_of_row[part]
-            dx, dp, grad_fc1, grad_fc2 = _mlp_backward(
+            dx, dp, grad_fc1, grad_fc2 = _group_backward(
                 dy_q[part], dy_s[part].clone(), lambda: d_out.index_select(0, index),
                 lambda: tokens.index_select(0, index), probs[part], hs[g], fc1, fc2, ctx.offs[g], ctx.cache, need_dx)
             dxs.append(dx)

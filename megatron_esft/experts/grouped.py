@@ -91,7 +91,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
                     config.output_layer_init_method(fc2[e])
         self._group_ids: dict[str, list[int]] = {"trainable": list(range(num_local_experts)), "frozen": []}
         self._install({"fc1": fc1, "fc2": fc2})
-        self.gemm_backend, self._fp8_cache = "bf16", None
+        self.gemm_backend, self._fp8_cache, self._fp8_stacks = "bf16", None, None
         self.token_counts, self._stacks = "host", None  # set_token_counts
         self._frozen_offloaded_from: Optional[torch.device] = None  # set while the frozen weights are in host memory
         self._device_constants: dict[tuple, torch.Tensor] = {}  # _on_device
@@ -115,9 +115,12 @@ class FrozenAwareGroupedExperts(MegatronModule):
             if self.config.params_dtype != torch.bfloat16 or hidden % 16 or ffn % 16:
                 raise ValueError(f"fp8 experts need bf16 parameters and hidden/ffn sizes that are multiples of 16 "
                                  f"(got {self.config.params_dtype}, {hidden}, {ffn})")
+            from megatron_esft.experts.fp8_device_counts import FP8StackedWeights
+
             self._fp8_cache = FP8WeightCache(fp8_weight_cache)
+            self._fp8_stacks = FP8StackedWeights(self._fp8_cache)  # the FP8 device counts' (fp8_device_counts.py)
         else:
-            self._fp8_cache = None
+            self._fp8_cache = self._fp8_stacks = None
         self.gemm_backend = backend
 
     def set_token_counts(self, mode: str) -> None:
@@ -133,17 +136,21 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
     def counts_on_device(self) -> bool:
         """Whether the next forward from tokens runs with device token counts (the dispatcher then skips its copy of
-        them to the host): the "device" mode, the bf16 backend on grouped GEMMs, probabilities after the
-        activation, all experts on this rank and not in host memory."""
-        if self.token_counts != "device" or self.gemm_backend != "bf16" or self.config.moe_apply_probs_on_input:
+        them to the host): the "device" mode, grouped GEMMs (bf16; or FP8 with a weight cache, plain SwiGLU),
+        probabilities after the activation, all experts on this rank (bf16: and not in host memory)."""
+        if self.token_counts != "device" or self.config.moe_apply_probs_on_input or self.ep_group.size() != 1:
             return False
-        if self.ep_group.size() != 1 or self.frozen_weights_offloaded:
+        if self.gemm_backend == "fp8" and (self._fp8_cache.policy == "none" or not self._plain_swiglu()):
             return False
+        if self.gemm_backend == "bf16" and self.frozen_weights_offloaded:
+            return False
+        return self._grouped_gemms_supported(self.fc1_frozen.dtype,
+                                             self._frozen_offloaded_from or self.fc1_frozen.device)
+
+    def _grouped_gemms_supported(self, dtype, device) -> bool:
         (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
-        dtype, device = self.fc1_frozen.dtype, self.fc1_frozen.device
         return grouped_mm_supported(dtype, device, h, n2f) and grouped_mm_supported(dtype, device, f, h)
 
-    # ----------------------------------------------------------------------------------------------- partitioning
     @property
     def trainable_local_experts(self) -> list[int]:
         return list(self._group_ids["trainable"])
@@ -185,7 +192,8 @@ class FrozenAwareGroupedExperts(MegatronModule):
         if getattr(self, "_stacks", None) is not None:
             self._stacks.clear()
         if getattr(self, "_fp8_cache", None) is not None:
-            self._fp8_cache.clear()  # keyed by storage pointers of the replaced Parameters
+            self._fp8_cache.clear()  # keyed by the replaced Parameters
+            self._fp8_stacks.clear()
 
     def _install(self, full: dict[str, torch.Tensor]) -> None:
         """(Re)create the group Parameters from full [E_local, out, in] stacks, with Megatron's parameter attributes."""
@@ -388,12 +396,18 @@ class FrozenAwareGroupedExperts(MegatronModule):
         return unpermute_tokens(self._groups_forward(rows, permuted_probs, counts), mapping)
 
     def _forward_tokens_device_counts(self, tokens, routing_map, probs):
-        """One grouped GEMM per projection over all experts, group offsets on the device (device_counts.py)."""
-        from megatron_esft.experts.device_counts import DeviceCountsExpertMLP
-
+        """One grouped GEMM per projection over all experts, group offsets on the device (device_counts.py; FP8:
+        fp8_device_counts.py)."""
         # the group offsets come from the permutation's sorted keys: the dispatcher's counts (by expert id) are not read
         permuted_probs, mapping, offs = token_mapping(probs, routing_map, self.config.moe_router_topk,
                                                       *self._group_order_on_device(tokens.device), offsets=True)
+        if self.gemm_backend == "fp8":
+            from megatron_esft.experts.fp8_device_counts import fp8_device_counts_moe
+
+            return fp8_device_counts_moe(tokens, permuted_probs, self.fc1_trainable, self.fc2_trainable,
+                                         self.fc1_frozen, self.fc2_frozen, self._fp8_stacks, offs, mapping)
+        from megatron_esft.experts.device_counts import DeviceCountsExpertMLP
+
         stacks = [self._stacks.get(getattr(self, f"{p}_trainable"), getattr(self, f"{p}_frozen"), p)
                   for p in ckpt.PROJECTIONS]
         return DeviceCountsExpertMLP.apply(tokens, permuted_probs, self.fc1_trainable, self.fc2_trainable, *stacks,
@@ -403,9 +417,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         """FP8 with the tokens quantized before the gather: plain SwiGLU experts on grouped GEMMs."""
         if self.gemm_backend != "fp8" or not self._plain_swiglu() or self.config.moe_apply_probs_on_input:
             return False
-        (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
-        return grouped_mm_supported(tokens.dtype, tokens.device, h, n2f) and grouped_mm_supported(
-            tokens.dtype, tokens.device, f, h)
+        return self._grouped_gemms_supported(tokens.dtype, tokens.device)
 
     def _groups_forward(self, x, probs, counts):
         """Expert outputs for rows grouped trainable-first, each group's rows by expert."""
@@ -443,34 +455,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Accepts SequentialMLP's per-expert keys and the group keys a dist_checkpointing load returns."""
-        consumed = set()
-        with torch.no_grad():
-            for proj in ckpt.PROJECTIONS:
-                loaded_rows = set()
-                for group in GROUPS:
-                    key, param = f"{prefix}{proj}_{group}", getattr(self, f"{proj}_{group}")
-                    if key in state_dict:
-                        consumed.add(key)
-                        if tuple(state_dict[key].shape) != tuple(param.shape):
-                            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(param.shape)}")
-                            continue
-                        param.copy_(state_dict[key])
-                        loaded_rows.update(self._group_ids[group])
-                for j in range(self.num_local_experts):
-                    key = f"{prefix}local_experts.{j}.linear_{proj}.weight"
-                    extra = f"{prefix}local_experts.{j}.linear_{proj}._extra_state"
-                    consumed.add(extra)
-                    if key in state_dict:
-                        consumed.add(key)
-                        target = self.expert_weight(proj, j)
-                        if tuple(state_dict[key].shape) != tuple(target.shape):
-                            error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} vs {tuple(target.shape)}")
-                            continue
-                        target.copy_(state_dict[key])
-                    elif j not in loaded_rows:
-                        missing_keys.append(key)
-        if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in consumed)
+        ckpt.load_state_dict(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """SequentialMLP's on-disk layout; one factory per group Parameter (see checkpoint.py)."""

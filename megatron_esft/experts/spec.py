@@ -83,9 +83,11 @@ def set_expert_token_counts(model_chunks, mode: str = "host") -> int:
 
 
 def device_counts_copy_bytes(model_chunks) -> int:
-    """GPU memory the device token counts cost (experts/device_counts.py): a second copy of the trained experts'
-    weights in every module that keeps its counts on the device."""
-    return sum(p.numel() * p.element_size() for module in _grouped_experts_modules(model_chunks)
+    """GPU memory the device token counts cost: a second copy of the trained experts' weights in every module that
+    keeps its counts on the device (bf16: experts/device_counts.py; FP8: their e4m3 quantizations in both layouts,
+    experts/fp8_device_counts.py, 2 bytes per parameter; the decode scales not counted)."""
+    return sum(p.numel() * (2 if module.gemm_backend == "fp8" else p.element_size())
+               for module in _grouped_experts_modules(model_chunks)
                if module.counts_on_device() for p in (module.fc1_trainable, module.fc2_trainable))
 
 

@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "permute/unpermute, what Megatron-LM runs without TE's --moe-permute-fusion")
     g.add_argument("--moe-token-counts", choices=["host", "device"], default="host",
                    help="device = the grouped experts' token counts stay on the GPU: no host sync per MoE layer "
-                        "(one grouped GEMM per projection over all experts; +1 bf16 copy of the trained experts' "
-                        "weights; with --moe-permutation experts at EP = 1 and bf16 expert GEMMs; not measured on a "
-                        "GPU yet, see docs/gpu.md); host = Megatron's copy of the counts to the host")
+                        "(one grouped GEMM per projection over all experts; +1 copy of the trained experts' "
+                        "weights, bf16 or, with --expert-gemm fp8 and a weight cache, e4m3 in two layouts; with "
+                        "--moe-permutation experts at EP = 1; not measured on a GPU yet, see docs/gpu.md); host = "
+                        "Megatron's copy of the counts to the host")
     g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none",
                    help="local with --cuda-graph-scope full_iteration: capture each iteration's forward and backward "
                         "(all micro-batches) in one CUDA graph and replay it (training/cuda_graph.py; needs "
@@ -254,11 +255,12 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             raise UserError("--flex-attention needs a GPU (FlexAttention has no backward on CPU)")
-    if args.moe_token_counts == "device" and (args.experts_impl != "grouped" or args.expert_gemm != "bf16"
-                                              or args.moe_permutation != "experts"
-                                              or args.expert_model_parallel_size != 1):
-        raise UserError("--moe-token-counts device needs --experts-impl grouped, --expert-gemm bf16, "
-                        "--moe-permutation experts and --expert-model-parallel-size 1")
+    uncached_fp8 = args.expert_gemm == "fp8" and args.expert_fp8_weight_cache == "none"
+    if args.moe_token_counts == "device" and (args.experts_impl != "grouped" or args.moe_permutation != "experts"
+                                              or args.expert_model_parallel_size != 1 or uncached_fp8):
+        raise UserError("--moe-token-counts device needs --experts-impl grouped, --moe-permutation experts, "
+                        "--expert-model-parallel-size 1 and, with --expert-gemm fp8, --expert-fp8-weight-cache "
+                        "frozen or all")
     _validate_cuda_graph(args)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")

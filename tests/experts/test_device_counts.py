@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_esft.experts.permutation import set_moe_permutation
-from test_experts_permute import E, FFN, H, K, _experts, _routing, _run
+from test_experts_permute import assert_equal_results, E, FFN, H, K, _experts, _routing, _run
 from test_permutation import OpNames
 from tiny import batch, build_model, freeze_grouped, loss_of, tiny_config
 
@@ -49,13 +49,7 @@ def test_device_counts_equal_host_counts_bitwise(mcore, dtype, trainable, starve
     assert experts.counts_on_device()
     with NoHostCounts():
         got = _step(experts, routing_map, probs, dtype)
-    assert got.keys() == want.keys() and len(got) == 3 + (2 if trainable else 0)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    for j in starve:  # a trainable expert without tokens: an exact zero gradient (DDP's hooks still fire)
-        if j in trainable:
-            group, row = experts.placement(j)
-            assert torch.all(got[f"fc1_{group}"][row] == 0) and torch.all(got[f"fc2_{group}"][row] == 0)
+    assert_equal_results(got, want, experts, trainable, starve)
 
 
 def test_frozen_weights_are_a_view_of_the_stack_and_trained_values_are_current(mcore):
@@ -144,7 +138,9 @@ def test_steady_state_step_makes_no_index_constants(mcore):
 def test_falls_back_to_host_counts_where_it_must(mcore):
     experts = _experts(torch.bfloat16, [1, 6], backend="fp8")
     experts.set_token_counts("device")
-    assert not experts.counts_on_device()  # FP8 experts: host counts
+    assert experts.counts_on_device()  # FP8 experts with a weight cache (test_fp8_device_counts.py)
+    experts.set_gemm_backend("fp8", "none")
+    assert not experts.counts_on_device()
     experts.set_gemm_backend("bf16")
     assert experts.counts_on_device()
     experts.config.moe_apply_probs_on_input = True
@@ -157,18 +153,22 @@ def test_falls_back_to_host_counts_where_it_must(mcore):
 RECOMPUTE = {"none": {}, "moe": dict(recompute_granularity="selective", recompute_modules=["moe"])}
 
 
-@pytest.mark.parametrize("shared_overlap, recompute", [(False, "none"), (True, "none"), (False, "moe")])
-def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, recompute):
+@pytest.mark.parametrize("shared_overlap, recompute, backend", [(False, "none", "bf16"), (True, "none", "bf16"),
+                                                                  (False, "moe", "bf16"), (False, "none", "fp8")])
+def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, recompute, backend):
     """A tiny MoE GPT (dense layer, two MoE layers with shared experts; also with the MoE blocks recomputed in
-    backward, which runs the experts' forward again): the same loss and gradients bit for bit; the dispatcher skips
-    its copy of the counts to the host and the experts get the device tensor."""
-    from megatron_esft.experts import set_expert_token_counts
+    backward, which runs the experts' forward again; also bf16 with FP8 experts): the same loss and gradients bit
+    for bit; the dispatcher skips its copy of the counts to the host and the experts get the device tensor."""
+    from megatron_esft.experts import set_expert_gemm_backend, set_expert_token_counts
 
+    dtype = torch.bfloat16 if backend == "fp8" else torch.float32
     config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], moe_shared_expert_overlap=shared_overlap,
-                         **RECOMPUTE[recompute])
+                         params_dtype=dtype, bf16=dtype == torch.bfloat16, **RECOMPUTE[recompute])
     torch.manual_seed(0)
     model = build_model(config, grouped=True, gather_permutation=True)
     freeze_grouped(model, {2: [1, 6], 3: [0, 5, 7]})
+    if backend == "fp8":
+        set_expert_gemm_backend([model], "fp8")
     assert set_moe_permutation(model, "experts") == 2
     data = batch(seed=1)
     results = {}
@@ -207,16 +207,14 @@ def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, reco
         assert torch.equal(grads_h[name], grads_d[name]), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real grouped GEMM kernels and host syncs: CUDA only")
-def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
-    """On the GPU: the CUTLASS grouped GEMMs with device offsets (the weight gradients' offsets end before the last
-    row) give the host-count path's results within bf16's 1e-2; the experts' forward and backward and a whole MoE
-    layer's forward (router, dispatcher, shared experts) run under torch's sync debug mode "error"."""
-    experts = _experts(torch.bfloat16, [1, 6]).cuda()
+def assert_cuda_device_counts_match_host_counts(experts):
+    """Host counts, then device counts twice (the second under torch's sync debug mode "error": the first may compile
+    kernels and build caches): the device results within bf16's 1e-2 of the host ones (the GPU kernels may tile one
+    GEMM over all experts differently from one per group)."""
     routing_map, probs = _routing(7, num_tokens=512)
     routing_map, probs = routing_map.cuda(), probs.cuda()
     results = {}
-    for mode in ("host", "device", "device"):  # the second device step under the sync check (the first probes)
+    for mode in ("host", "device", "device"):
         experts.set_token_counts(mode)
         g = torch.Generator().manual_seed(8)
         tokens = torch.randn(512, H, generator=g).cuda().bfloat16().requires_grad_()
@@ -224,8 +222,7 @@ def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
         for param in experts.parameters():
             param.grad = None
         counts = routing_map.sum(dim=0)
-        checked = mode in results
-        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        torch.cuda.set_sync_debug_mode("error" if mode in results else "default")
         try:
             out, _ = experts(tokens, counts if mode == "device" else counts.cpu(), p, routing_map=routing_map)
             out.backward(torch.randn(512, H, generator=g).cuda().bfloat16())
@@ -236,6 +233,15 @@ def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
     assert len(results["device"]) == 5
     for got, want in zip(results["device"], results["host"]):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real grouped GEMM kernels and host syncs: CUDA only")
+def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
+    """On the GPU: the CUTLASS grouped GEMMs with device offsets (the weight gradients' offsets end before the last
+    row) give the host-count path's results within bf16's 1e-2; the experts' forward and backward and a whole MoE
+    layer's forward (router, dispatcher, shared experts) run under torch's sync debug mode "error"."""
+    experts = _experts(torch.bfloat16, [1, 6]).cuda()
+    assert_cuda_device_counts_match_host_counts(experts)
 
     from megatron_esft.experts import set_expert_token_counts
 

@@ -100,6 +100,18 @@ def _run(experts, routing_map, probs, dtype, ours: bool, seed=2):
     return {"out": out.detach(), "d_tokens": tokens.grad, "d_probs": probs.grad, **grads}, seen
 
 
+def assert_equal_results(got: dict, want: dict, experts, trainable, starve=()):
+    """The same outputs and gradients bit for bit (a gradient for each trainable group); a trainable expert without
+    tokens gets an exact zero gradient (DDP's hooks still fire)."""
+    assert got.keys() == want.keys() and len(got) == 3 + (2 if trainable else 0)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for j in starve:
+        if j in trainable:
+            group, row = experts.placement(j)
+            assert torch.all(got[f"fc1_{group}"][row] == 0) and torch.all(got[f"fc2_{group}"][row] == 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("trainable", [[1, 6], [0, 1, 2, 3, 4, 5, 6, 7], []])
 def test_experts_permuting_tokens_equal_dispatcher_permutation_bitwise(mcore, dtype, trainable):
@@ -125,14 +137,8 @@ def test_fp8_experts_quantize_tokens_before_the_gather(mcore, trainable, starve)
     routing_map, probs = _routing(5, starve=starve)
     want, seen_ref = _run(experts, routing_map, probs, torch.bfloat16, ours=False)
     got, seen = _run(experts, routing_map, probs, torch.bfloat16, ours=True)
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    assert_equal_results(got, want, experts, trainable, starve)
     assert seen.amax_rows == [T, T] and sum(seen_ref.amax_rows) == 2 * T * K  # (the reference: per group)
-    for j in starve:  # a trainable expert that got no token: an exact zero gradient (DDP's hooks still fire)
-        if j in trainable:
-            group, row = experts.placement(j)
-            assert torch.all(got[f"fc1_{group}"][row] == 0) and torch.all(got[f"fc2_{group}"][row] == 0)
     # the FP8 result is the FP8 result: against bf16 experts, the documented whole-MLP tolerance
     bf16, _ = _run(_experts(torch.bfloat16, trainable), routing_map, probs, torch.bfloat16, ours=True)
     err = (got["out"].double() - bf16["out"].double()).norm() / bf16["out"].double().norm()

@@ -44,18 +44,20 @@ def test_fp8_weight_cache_flag_needs_fp8_experts():
     validate(build_parser().parse_args(REQUIRED), world_size=1)  # the default is accepted everywhere
 
 
-def test_device_token_counts_need_grouped_bf16_experts_that_permute_at_ep1(monkeypatch):
+def test_device_token_counts_need_grouped_experts_that_permute_at_ep1(monkeypatch):
     from megatron_esft.errors import UserError
     from megatron_esft.training.arguments import validate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the FP8 checks that follow need a Hopper GPU
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    validate(build_parser().parse_args(REQUIRED + ["--moe-token-counts", "device"]), world_size=1)
-    for flags in (["--experts-impl", "sequential"], ["--expert-gemm", "fp8"], ["--moe-permutation", "gather"],
-                  ["--expert-model-parallel-size", "2"]):
+    for flags in ([], ["--expert-gemm", "fp8"], ["--expert-gemm", "fp8", "--expert-fp8-weight-cache", "all"]):
+        validate(build_parser().parse_args(REQUIRED + flags + ["--moe-token-counts", "device"]), world_size=1)
+    for flags in (["--experts-impl", "sequential"], ["--expert-gemm", "fp8", "--expert-fp8-weight-cache", "none"],
+                  ["--moe-permutation", "gather"], ["--expert-model-parallel-size", "2"]):
         args = build_parser().parse_args(REQUIRED + flags + ["--moe-token-counts", "device"])
-        with pytest.raises(UserError, match="--moe-token-counts device needs --experts-impl grouped, --expert-gemm "
-                                            "bf16, --moe-permutation experts and --expert-model-parallel-size 1"):
+        with pytest.raises(UserError, match="--moe-token-counts device needs --experts-impl grouped, --moe-permutation "
+                                            "experts, --expert-model-parallel-size 1 and, with --expert-gemm fp8, "
+                                            "--expert-fp8-weight-cache frozen or all"):
             validate(args, world_size=2)
 
 

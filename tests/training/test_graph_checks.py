@@ -19,9 +19,10 @@ def mcore():
     yield
 
 
-def _tiny_moe(permutation: str, token_counts: str):
+def _tiny_moe(permutation: str, token_counts: str, expert_gemm: str = "bf16"):
     """(model, iteration(seed)): forward + backward of a tiny ESFT DeepSeek-V2 as the trainer builds it
-    (models/provider.py: our layer spec) on a static token buffer refilled with the seed's tokens."""
+    (models/provider.py: our layer spec; bf16 with FP8 experts) on a static token buffer refilled with the seed's
+    tokens."""
     from megatron_esft.esft import freeze
     from megatron_esft.esft.expert_config import ExpertConfig
     from megatron_esft.esft.hang_guard import install_hang_guard
@@ -33,9 +34,14 @@ def _tiny_moe(permutation: str, token_counts: str):
     cfg = parse_hf_config(hf_config_dict(TinySpec(arch="deepseek-v2", layers=3, hidden=32, experts=8, moe_ffn=16,
                                                   vocab=64)))
     torch.manual_seed(0)
-    model = build_model(cfg, experts="grouped", moe_permutation=permutation)
+    model = build_model(cfg, experts="grouped", moe_permutation=permutation,
+                        params_dtype=torch.bfloat16 if expert_gemm == "fp8" else torch.float32)
     ecfg = ExpertConfig({"1": [0, 2], "2": [5]})
     freeze.apply_finetune_mode(model, "esft", ecfg)
+    if expert_gemm == "fp8":
+        from megatron_esft.experts import set_expert_gemm_backend
+
+        set_expert_gemm_backend(model, "fp8", "frozen")
     set_expert_token_counts(model, token_counts)
     install_hang_guard(model, freeze.first_trainable_layer_number(ecfg, "esft", ["1", "2"]))
     tokens, positions = torch.zeros(2, 32, dtype=torch.long), torch.arange(32).expand(2, 32)
@@ -105,6 +111,18 @@ def test_moe_iterations_repeat_only_with_device_token_counts(mcore):
     iteration(0)
     difference = first_difference(*_traces(iteration, 1, 2))
     assert difference is not None and "moe_utils.py" in difference and "split_with_sizes" in difference, difference
+
+
+def test_fp8_moe_iterations_repeat_with_device_token_counts(mcore):
+    """FP8 experts (experts/fp8_device_counts.py; the CPU emulates the scaled GEMMs): after the first iteration
+    (which quantizes the frozen experts into the stacks' tails), every iteration quantizes the trained experts into
+    the same stacks' heads and runs the same ops on the same tensors."""
+    _, iteration = _tiny_moe("experts", "device", "fp8")
+    iteration(0)
+    first, second = _traces(iteration, 1, 2)
+    assert first_difference(first, second) is None
+    grouped = [op for op, _, _ in second.ops if op.startswith("aten._grouped_mm")]
+    assert len(grouped) == 12, len(grouped)  # 2 MoE layers x (fc1, fc2; backward: 2 dgrad + 2 trainable wgrad)
 
 
 def test_frozen_weights_replaced_between_iterations_are_found(mcore):
