@@ -80,7 +80,7 @@ def run_check(args, raw):
 
     tpe, routing_map, tokens, router_probs, d_out = _routing_inputs(raw, args.tokens, seed=12)
 
-    def fwd_bwd(layer, from_tokens=False):
+    def fwd_bwd(layer, from_tokens=False, device_counts=False):
         """From permuted rows; or from tokens: the experts permute them, the reference behind the gather permutation."""
         from megatron_esft.experts.permutation import permute_tokens, unpermute_tokens
 
@@ -92,8 +92,9 @@ def run_check(args, raw):
         elif hasattr(layer, "local_experts"):
             rows_in, row_probs, mapping = permute_tokens(xi, router_probs, routing_map, raw["num_experts_per_tok"])
             out = unpermute_tokens(layer(rows_in, tpe, row_probs)[0], mapping)
-        else:
-            out, _ = layer(xi, tpe, router_probs, routing_map=routing_map)
+        else:  # with the token counts on the device: no count read on the host, one GEMM for all experts
+            out, _ = layer(xi, tpe.to(routing_map.device) if device_counts else tpe, router_probs,
+                           routing_map=routing_map)
         out.backward(d_out if from_tokens else dy)
         grads = {}
         for j in trainable:
@@ -106,17 +107,23 @@ def run_check(args, raw):
         return out.detach(), xi.grad, grads
 
     refs = {False: fwd_bwd(ref), True: fwd_bwd(ref, from_tokens=True)}
-    for backend, fused, from_tokens in (("bf16", False, False), ("bf16", True, False), ("fp8", False, False),
-                                        ("bf16", False, True), ("bf16", True, True), ("fp8", False, True)):
+    for backend, fused, from_tokens, device_counts in (
+            ("bf16", False, False, False), ("bf16", True, False, False), ("fp8", False, False, False),
+            ("bf16", False, True, False), ("bf16", True, True, False), ("fp8", False, True, False),
+            ("bf16", True, True, True), ("fp8", False, True, True)):
         # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU
         layer = _experts_layer(raw, trainable, backend, "frozen", fused_swiglu=fused)
         layer.load_state_dict(ref.state_dict())
-        out, dx, g = fwd_bwd(layer, from_tokens)
+        if device_counts:
+            layer.set_token_counts("device")
+            assert layer.counts_on_device()
+        out, dx, g = fwd_bwd(layer, from_tokens, device_counts)
         out_ref, dx_ref, g_ref = refs[from_tokens]
         wgrad = max(_rel(g[key], g_ref[key]) for key in g_ref)
         nan = not (torch.isfinite(out).all() and torch.isfinite(dx).all())
         rows.append({"kind": "check", "backend": backend + (" fused SwiGLU" if fused else "")
-                     + (", experts permute the tokens" if from_tokens else ""),
+                     + (", experts permute the tokens" if from_tokens else "")
+                     + (", token counts on the device" if device_counts else ""),
                      "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
                      "wgrad_rel_max": wgrad, "nan": bool(nan)})
     return rows
@@ -155,7 +162,10 @@ def run_experts(args, raw):
                 ("fft", "fp8", "none", True, "rows"),
                 ("esft", "bf16", None, True, "tokens"), ("esft", "fp8", "frozen", True, "tokens"),
                 ("esft", "fp8", "none", True, "tokens"), ("fft", "bf16", None, True, "tokens"),
-                ("fft", "fp8", "none", True, "tokens")]
+                ("fft", "fp8", "none", True, "tokens"),
+                # the token counts on the device (--moe-token-counts device): one GEMM per projection for all experts
+                ("esft", "bf16", None, True, "tokens, device counts"),
+                ("esft", "fp8", "frozen", True, "tokens, device counts")]
     counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
     token_inputs = _routing_inputs(raw, args.tokens, seed=3)
     rows = []
@@ -163,6 +173,9 @@ def run_experts(args, raw):
         ids = esft if mode == "esft" else list(range(n))
         layer = _experts_layer(raw, ids, backend, cache or "none", seq_reference=backend == "sequential",
                                fused_swiglu=fused and backend == "bf16")
+        if source == "tokens, device counts":
+            layer.set_token_counts("device")
+            assert layer.counts_on_device()
         if source == "rows":
             tpe = counts
 
@@ -172,10 +185,11 @@ def run_experts(args, raw):
                 out.backward(dy)
         else:
             tpe, routing_map, tokens, router_probs, d_out = token_inputs
+            counts_arg = tpe.to(routing_map.device) if source == "tokens, device counts" else tpe
 
             def step():
                 xi = tokens.detach().requires_grad_(True)
-                out, _ = layer(xi, tpe, router_probs, routing_map=routing_map)
+                out, _ = layer(xi, counts_arg, router_probs, routing_map=routing_map)
                 out.backward(d_out)
         timer = Timer()
         for it in range(args.warmup + args.iters):

@@ -24,7 +24,8 @@ def print_tables(results, device):
             label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
                      + (f" (weight cache: {r['cache']})" if r["cache"] else ""))
             source = r.get("source", "rows")
-            source_label = "permuted rows" if source == "rows" else "tokens (experts permute)"
+            source_label = {"rows": "permuted rows", "tokens": "tokens (experts permute)"}.get(
+                source, f"{source} (experts permute)")
             print(f"| {label} | {source_label} | {r['ms']:.2f} | {r['tflops']:.0f} | "
                   f"{base.get((r['mode'], source), float('nan')) / r['ms']:.2f}x |")
     models = [r for r in results if r.get("kind") == "model"]
