@@ -25,19 +25,23 @@ from megatron_esft.parallel import ParallelConfig, initialize
 
 assert gpt_layer_specs.LNImpl is FusedLayerNorm  # Megatron-Core took the apex norm
 initialize(ParallelConfig(), seed=1)
-cfg = parse_hf_config(hf_config_dict(TinySpec(arch=sys.argv[1])))
-torch.manual_seed(0)
-model = build_model(cfg, experts="grouped")
-tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
-loss = model(tokens, torch.arange(12)[None], None, labels=tokens).float().mean().item()
-norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
-print("RESULT " + json.dumps({"loss": loss, "norms": norms, "keys": sorted(model.state_dict())}))
+results = {}
+for arch in sys.argv[1:]:
+    cfg = parse_hf_config(hf_config_dict(TinySpec(arch=arch)))
+    torch.manual_seed(0)
+    model = build_model(cfg, experts="grouped")
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    loss = model(tokens, torch.arange(12)[None], None, labels=tokens).float().mean().item()
+    norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+    results[arch] = {"loss": loss, "norms": norms, "keys": sorted(model.state_dict())}
+print("RESULT " + json.dumps(results))
 """
 
 
-def _build_in_subprocess(arch: str, code: str) -> dict:
+def _build_in_subprocess(archs: list[str], code: str) -> dict:
+    """{arch: its model's loss, norm classes and state-dict keys}, all built in one process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", code, arch], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, *archs], capture_output=True, text=True, timeout=300, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -46,14 +50,16 @@ def _build_in_subprocess(arch: str, code: str) -> dict:
 def test_apex_importable_still_builds_torch_rmsnorms(tmp_path):
     """apex's FusedLayerNorm supports LayerNorm only; DeepSeek uses RMSNorm everywhere, including MLA's latent norms and
     the final norm. With apex importable the model must be the same one as without it: same keys, same loss."""
-    for arch in ("deepseek-v3", "deepseek-moe"):  # V3: MLA with q-LoRA (q and kv latent norms)
-        with_apex = _build_in_subprocess(arch, BUILD_WITH_APEX_IMPORTABLE)
-        without_apex = _build_in_subprocess(arch, BUILD_WITH_APEX_IMPORTABLE.replace(
-            'sys.modules["apex"] = types.ModuleType("apex")', "pass").replace(
-            "assert gpt_layer_specs.LNImpl is FusedLayerNorm", "assert gpt_layer_specs.LNImpl is not FusedLayerNorm"))
-        assert with_apex["norms"] == ["RMSNorm"], with_apex["norms"]
-        assert with_apex["keys"] == without_apex["keys"]
-        assert with_apex["loss"] == without_apex["loss"]
+    archs = ["deepseek-v3", "deepseek-moe"]  # V3: MLA with q-LoRA (q and kv latent norms)
+    with_apex = _build_in_subprocess(archs, BUILD_WITH_APEX_IMPORTABLE)
+    without_apex = _build_in_subprocess(archs, BUILD_WITH_APEX_IMPORTABLE.replace(
+        'sys.modules["apex"] = types.ModuleType("apex")', "pass").replace(
+        "assert gpt_layer_specs.LNImpl is FusedLayerNorm", "assert gpt_layer_specs.LNImpl is not FusedLayerNorm"))
+    assert with_apex.keys() == without_apex.keys() == set(archs)
+    for arch in archs:
+        assert with_apex[arch]["norms"] == ["RMSNorm"], (arch, with_apex[arch]["norms"])
+        assert with_apex[arch]["keys"] == without_apex[arch]["keys"], arch
+        assert with_apex[arch]["loss"] == without_apex[arch]["loss"], arch
 
 
 def test_local_spec_fixes_apply_when_transformer_engine_imports():
