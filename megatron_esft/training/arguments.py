@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cuda-graph-impl local: full_iteration (the only scope megatron_esft captures)")
     g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
                    help="eager iterations before the capture, at least 2 (the second also checks that nothing in "
-                        "the iteration synchronizes with the host)")
+                        "the iteration synchronizes with the host; on a CPU, where nothing is captured, the third "
+                        "must also repeat the second op by op)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
