@@ -153,8 +153,9 @@ def test_falls_back_to_host_counts_where_it_must(mcore):
 RECOMPUTE = {"none": {}, "moe": dict(recompute_granularity="selective", recompute_modules=["moe"])}
 
 
-@pytest.mark.parametrize("shared_overlap, recompute, backend", [(False, "none", "bf16"), (True, "none", "bf16"),
-                                                                  (False, "moe", "bf16"), (False, "none", "fp8"), (True, "moe", "fp8")])
+@pytest.mark.parametrize("shared_overlap, recompute, backend", [
+    (False, "none", "bf16"), (True, "none", "bf16"), (False, "moe", "bf16"), (False, "none", "fp8"),
+    (True, "moe", "fp8")])
 def test_model_with_device_counts_equals_host_counts(mcore, shared_overlap, recompute, backend):
     """A tiny MoE GPT (dense layer, two MoE layers with shared experts; also with the MoE blocks recomputed in
     backward, which runs the experts' forward again; also bf16 with FP8 experts): the same loss and gradients bit
