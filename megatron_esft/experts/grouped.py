@@ -151,6 +151,7 @@ class FrozenAwareGroupedExperts(MegatronModule):
         (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
         return grouped_mm_supported(dtype, device, h, n2f) and grouped_mm_supported(dtype, device, f, h)
 
+    # ----------------------------------------------------------------------------------------------- partitioning
     @property
     def trainable_local_experts(self) -> list[int]:
         return list(self._group_ids["trainable"])
