@@ -8,12 +8,13 @@ TORCH_VERSION := 2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	# the CPU build of torch is installed on its own first, so nothing pulls a CUDA torch
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt torch==$(TORCH_VERSION)
+	# constraints.txt: the exact versions the suite last passed with (a new release cannot change CI on its own)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # The suite builds its tiny models on the CPU. Where a GPU is visible, Megatron-Core's hard-coded CUDA placement
