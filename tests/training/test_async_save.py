@@ -3,7 +3,7 @@ bit, and resuming from one of them replays the reference."""
 
 import torch
 
-from conftest import REFERENCE_SCHEDULE, load_mcore, losses, pretrain
+from training_helpers import REFERENCE_SCHEDULE, load_mcore, losses, pretrain
 
 
 def test_async_checkpoints_equal_the_synchronous_ones_and_resume_exactly(training_env, reference, tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ECFG, TRAIN, run
+from training_helpers import ECFG, TRAIN, run
 from megatron_esft.errors import UserError
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import torch
 
-from conftest import load_mcore, losses, pretrain
+from training_helpers import load_mcore, losses, pretrain
 
 
 def test_resume_from_an_earlier_iteration_replays_the_reference(training_env, reference, tmp_path):

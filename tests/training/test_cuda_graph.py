@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_mcore, losses, pretrain
+from training_helpers import load_mcore, losses, pretrain
 from megatron_esft.errors import UserError
 from megatron_esft.training.cuda_graph import FullIterationGraph
 
@@ -140,7 +140,7 @@ def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
         assert rel < 1e-2, key
     base = load_mcore(env["base"], 0)
     key = "decoder.layers.{}.mlp.experts.experts.linear_fc{}.weight"
-    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (conftest.ECFG)
+    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (training_helpers.ECFG)
         assert torch.equal(base[key.format(3, proj)].to(weights[key.format(3, proj)].dtype),
                            weights[key.format(3, proj)])
         frozen = [e for e in range(8) if e != 5]

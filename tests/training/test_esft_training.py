@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import load_hf, load_mcore, losses, pretrain, selected_name, to_hf
+from training_helpers import load_hf, load_mcore, losses, pretrain, selected_name, to_hf
 
 
 def test_only_selected_experts_change_with_weight_decay(training_env, reference):

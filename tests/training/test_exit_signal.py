@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from tests.training.conftest import PY, REPO, TRAIN, _env, load_mcore, losses, pretrain
+from training_helpers import PY, REPO, TRAIN, _env, load_mcore, losses, pretrain
 
 
 def test_sigterm_saves_and_exits(training_env):

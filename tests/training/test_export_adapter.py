@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ECFG, load_hf, run, selected_name
+from training_helpers import ECFG, load_hf, run, selected_name
 
 
 def test_adapter_round_trip(training_env, reference):

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from conftest import load_mcore, losses, pretrain
+from training_helpers import load_mcore, losses, pretrain
 
 
 def test_finetune_starts_a_new_run_from_a_training_checkpoints_weights(training_env, reference, tmp_path):

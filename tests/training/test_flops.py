@@ -120,7 +120,7 @@ def test_trainer_throughput_is_the_iterations_useful_flops_per_second(training_e
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from conftest import ECFG, TRAIN
+    from training_helpers import ECFG, TRAIN
     from megatron_esft.data import SFTDataLoader
     from megatron_esft.models.hf_config import parse_hf_config
     from megatron_esft.training.arguments import build_parser, validate

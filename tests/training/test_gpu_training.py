@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import load_mcore, losses, pretrain
+from training_helpers import load_mcore, losses, pretrain
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() in ((9, 0), (10, 0))),
@@ -45,7 +45,7 @@ def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_pat
     _assert_close_runs(losses(runs["offloaded"][1]), losses(runs["resident"][1]), runs["offloaded"][2],
                        runs["resident"][2])
     base, offloaded = load_mcore(env["base"], 0), runs["offloaded"][2]
-    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (expert-config of conftest.py)
+    for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (training_helpers.ECFG)
         key = ROUTED.format(3, proj)
         assert torch.equal(base[key].to(offloaded[key].dtype), offloaded[key]), key
         key = ROUTED.format(2, proj)

@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-from conftest import PY, REPO, TRAIN, _env, load_mcore
+from training_helpers import PY, REPO, TRAIN, _env, load_mcore
 
 
 def test_kill_during_save_keeps_previous_checkpoint(training_env):

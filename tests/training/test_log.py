@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from conftest import logged, selected_name
+from training_helpers import logged, selected_name
 from megatron_esft.training.log import cuda_memory_stats, memory_line
 
 MIB = 2**20

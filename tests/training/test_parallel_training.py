@@ -7,7 +7,7 @@ weights (<= 1e-4 relative), with everything else bit-identical to the base.
 
 import torch
 
-from conftest import load_hf, load_mcore, logged, losses, pretrain, selected_name, to_hf
+from training_helpers import load_hf, load_mcore, logged, losses, pretrain, selected_name, to_hf
 
 
 def _check_frozen(base, trained):

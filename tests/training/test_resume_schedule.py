@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import pretrain
+from training_helpers import pretrain
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.setup import schedule_differences, schedule_settings
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import WORDS, losses, pretrain
+from training_helpers import WORDS, losses, pretrain
 
 
 @pytest.fixture(scope="module")

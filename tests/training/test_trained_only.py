@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from conftest import (REFERENCE_SCHEDULE, SELECTED, load_hf, load_mcore, losses, pretrain, run, selected_name,
+from training_helpers import (REFERENCE_SCHEDULE, SELECTED, load_hf, load_mcore, losses, pretrain, run, selected_name,
                       to_hf)
 
 

@@ -10,7 +10,7 @@ import subprocess
 
 import torch
 
-from conftest import PY, REPO, TRAIN, _env, load_mcore, losses
+from training_helpers import PY, REPO, TRAIN, _env, load_mcore, losses
 
 FAKE_OPTIMIZERS = '''
 class FusedAdam:  # stands in for apex's CUDA FusedAdam
