@@ -168,8 +168,14 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     for name, p in model.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False
-    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True, bucket_size=None))
+    from megatron_esft.training.cuda_graph import capture_stream, on_stream
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # the trainer's: DDP's kept gradient-accumulation nodes are made on the stream the whole-iteration graph runs on
+    graph_stream = capture_stream(dev) if cuda_graphs == "full_iteration" else None
+    with on_stream(graph_stream):
+        ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True, bucket_size=None))
     from megatron_esft.compat import use_torch_adam
 
     use_torch_adam()  # the trainer's optimizer, also where TE or apex import
@@ -184,7 +190,6 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     trained = [p for p in model.parameters() if p.requires_grad]
     before_frozen, before_trained = fingerprint(frozen), fingerprint(trained)
     n_trainable = sum(p.numel() for p in trained)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(9)
     tokens = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
     labels = torch.randint(0, raw["vocab_size"], (mbs, args.seq), generator=g).to(dev)
@@ -219,7 +224,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
 
         # eager, watched, ..., then the capture in the last warm-up step: the timed steps are replays only
         warmup = max(args.warmup, 3)
-        graph = FullIterationGraph(iteration, warmup - 1, dev)
+        graph = FullIterationGraph(iteration, warmup - 1, dev, graph_stream)
         batches = [{"tokens": tokens, "position_ids": position_ids, "labels": labels}] * accum
     for it in range(warmup + args.iters):
         if it == warmup:

@@ -21,6 +21,13 @@ What a capture needs, and how the trainer provides it:
   device scalar; Megatron's DDP and optimizer write gradients and updated weights in place. On a CPU the second and
   third iterations are recorded op by op (`graph_checks.OpTrace`: arguments, Python numbers, the addresses of
   tensors from before the iteration) and must match: what differs is what a replay would get wrong;
+* one side stream for everything autograd keeps (`capture_stream`, `on_stream`): autograd runs a node's backward on
+  the stream that was current when the node was made, and Megatron's DDP makes and keeps one gradient-accumulation
+  node per trained parameter when it is built (its gradient hooks). Built on the default stream, a captured backward
+  would hand every gradient to the default stream, which cannot join a capture (cudaErrorStreamCaptureImplicit;
+  Megatron-LM's full-iteration graphs fixed the same in NVIDIA/Megatron-LM#6021, and torch's CUDA-graph notes ask
+  for DDP to be built on a side stream). So the trainer builds DDP on `capture_stream`, and the graph runs every
+  iteration (eager, captured, replayed) on that stream;
 * Python runs once, at capture: hooks (the hang guard, the expert-load tracker's in-place counts, DDP's gradient
   hooks) are recorded as the kernels they launched, and caches (the permutation's index constants, the stacked expert
   weights, a frozen router's fp32 weight) must keep the tensors the graph reads alive: `_keep_alive` holds the
@@ -39,6 +46,7 @@ the third must repeat the second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 
@@ -48,9 +56,39 @@ from megatron_esft.errors import UserError
 from megatron_esft.training.graph_checks import HostSyncs, OpTrace, first_difference
 
 
+def capture_stream(device) -> "torch.cuda.Stream | None":
+    """The side stream the whole-iteration graph runs on (None without CUDA: nothing is captured). Build DDP (any
+    module that keeps autograd nodes of trained parameters) inside `on_stream` of it (module docstring)."""
+    device = torch.device(device)
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Run the block on `stream` (no-op for None), ordered after the current stream's work and before its next."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)
+
+
 def _reads_on_host(what: str) -> UserError:
     return UserError(f"--cuda-graph-scope full_iteration: the training iteration reads device values on the host "
                      f"({what}), which a CUDA graph cannot capture; with MoE layers use --moe-token-counts device")
+
+
+def _culprit_frame(exc: BaseException):
+    """The innermost frame of `exc` outside torch's own code: for a sync in backward, the innermost frames are
+    autograd's (the engine re-raises there), and the line that called backward says more."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    return next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])
 
 
 def _first_change(static: list[dict], batches: list[dict]) -> str | None:
@@ -72,10 +110,12 @@ class FullIterationGraph:
     iteration's micro-batches; its return value is kept and returned by every later call, updated in place by
     the replays) on static copies of `batches` (a list of dicts of tensors) and of `scale` (a float)."""
 
-    def __init__(self, iteration, warmup_steps: int, device):
+    def __init__(self, iteration, warmup_steps: int, device, stream=None):
         if warmup_steps < 2:  # one to build and initialize everything, one watched for host syncs
             raise ValueError("at least two eager iterations come before the capture")
         self.iteration, self.warmup_steps, self.device = iteration, warmup_steps, torch.device(device)
+        # every iteration runs on it: the stream DDP was built on (capture_stream), else one of its own
+        self.stream = stream if stream is not None or self.device.type != "cuda" else capture_stream(self.device)
         self.calls = 0
         self.graph = None
         self.static: list[dict] | None = None
@@ -92,14 +132,15 @@ class FullIterationGraph:
         self._stage(batches, scale)
         if self.graph is None and self.calls >= self.warmup_steps and self.device.type == "cuda":
             self._capture()
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.calls == 1:
-            self.result = self._watched_iteration()
-        elif self.calls == 2 and self._trace is not None:
-            self.result = self._traced_again()
-        else:
-            self.result = self.iteration(self.static, self.scale)
+        with on_stream(self.stream):
+            if self.graph is not None:
+                self.graph.replay()
+            elif self.calls == 1:
+                self.result = self._watched_iteration()
+            elif self.calls == 2 and self._trace is not None:
+                self.result = self._traced_again()
+            else:
+                self.result = self.iteration(self.static, self.scale)
         self.calls += 1
         return self.result
 
@@ -145,7 +186,7 @@ class FullIterationGraph:
         except RuntimeError as exc:
             if "synchroniz" not in str(exc):
                 raise
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            frame = _culprit_frame(exc)
             raise _reads_on_host(f"a synchronizing CUDA operation at {os.path.relpath(frame.filename)}:"
                                  f"{frame.lineno}") from exc
         finally:
@@ -159,7 +200,7 @@ class FullIterationGraph:
         # engine's device thread runs the captured backward
         try:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.result = self.iteration(self.static, self.scale)
         except RuntimeError as exc:  # something the host-sync check cannot see (e.g. a stream synchronize)
             self.graph = None

@@ -33,6 +33,7 @@ from megatron_esft.models.hf_config import parse_hf_config
 from megatron_esft.models.provider import check_parallel_layout
 from megatron_esft.training import finite_check, flops, setup
 from megatron_esft.training.arguments import build_parser, validate
+from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
 
@@ -144,26 +145,40 @@ def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
     )
 
 
-def _iteration_graph(ddp_model, args, tracker):
-    """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches run through
-    training/cuda_graph.FullIterationGraph (captured on a GPU after the warm-up iterations)."""
+def _graph_device(args):
+    """The device a --cuda-graph-impl local graph is captured on, or None (no such flag)."""
     if args.cuda_graph_impl != "local":
         return None
-    from megatron_esft.training.cuda_graph import FullIterationGraph
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+
+def _iteration_graph(ddp_model, args, tracker, model, stream):
+    """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches run through
+    training/cuda_graph.FullIterationGraph (captured on a GPU after the warm-up iterations) on `stream`, the one
+    DDP was built on."""
+    device = _graph_device(args)
+    if device is None:
+        return None
+    from megatron_esft.experts.spec import experts_with_host_counts
+
+    # the dispatcher's copy of the counts to the host waits on a CUDA event, which torch's sync debug mode does not
+    # flag in the watched iteration: a capture would fail inside Megatron-Core, so say it here
+    if host_counts := experts_with_host_counts(model):
+        more = f" and {len(host_counts) - 1} more" if len(host_counts) > 1 else ""
+        raise UserError(f"--cuda-graph-scope full_iteration: the routed experts of {host_counts[0]}{more} copy "
+                        "their token counts to the host, which a CUDA graph cannot capture (--moe-token-counts device needs bf16 experts, or FP8 with a weight "
+                        "cache, plain SwiGLU and grouped GEMM kernels for the experts' shapes)")
+    if device.type == "cuda":
         par.print_rank0(f"CUDA graph: the whole iteration, captured after {args.cuda_graph_warmup_steps} eager "
                         "iteration(s)")
     else:
-        device = torch.device("cpu")
         par.print_rank0("CUDA graph: no CUDA device, so nothing is captured; iterations run eagerly through the "
                         "graph's static buffers")
 
     def iteration(batches, scale):
         return _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
 
-    return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device)
+    return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device, stream)
 
 
 class ExitSignalHandler:
@@ -267,7 +282,9 @@ def pretrain(argv=None) -> int:
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)
-    ddp_model = setup.wrap_ddp(model, args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size)
+    graph_stream = capture_stream(graph_device) if (graph_device := _graph_device(args)) is not None else None
+    with on_stream(graph_stream):  # DDP's gradient-accumulation nodes run on the stream they were made on
+        ddp_model = setup.wrap_ddp(model, args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size)
     optimizer = setup.build_optimizer(args, ddp_model)
     scheduler = setup.build_scheduler(args, optimizer)
     setup.configure_schedule_hooks(ddp_model, optimizer)
@@ -304,7 +321,7 @@ def pretrain(argv=None) -> int:
                         f"(their FP8 copies on the device: {cached / 2**30:.3f} GiB)")
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
-    graph = _iteration_graph(ddp_model, args, tracker)
+    graph = _iteration_graph(ddp_model, args, tracker, model, graph_stream)
     logger = TrainingLogger(args.tensorboard_dir, selected)
     logger.scalar("trainable-params", report.total, iteration)
     logger.trainable_table(report, iteration)

@@ -6,6 +6,7 @@ GPU (test_cuda_*)."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from training_helpers import load_mcore, losses, pretrain
 from megatron_esft.errors import UserError
-from megatron_esft.training.cuda_graph import FullIterationGraph
+from megatron_esft.training.cuda_graph import FullIterationGraph, _culprit_frame, capture_stream, on_stream
 
 GRAPH = ["--moe-token-counts", "device", "--cuda-graph-impl", "local", "--cuda-graph-scope", "full_iteration"]
 
@@ -119,6 +120,20 @@ def test_third_iteration_must_repeat_the_second():
         graph([{"x": torch.ones(2)}], 1.0)
 
 
+def test_a_sync_in_backward_is_blamed_on_the_line_outside_torch():
+    """An error raised inside autograd's engine (as torch's sync debug mode raises a sync in backward) has torch's
+    frames innermost; the watched iteration names the innermost line of the run's own code instead."""
+    x = torch.ones(3, requires_grad=True)
+    loss = (x * 2).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError) as caught:
+        loss.backward()  # again, through freed buffers: the engine raises
+    innermost = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert innermost.filename.startswith(str(Path(torch.__file__).parent))
+    frame = _culprit_frame(caught.value)
+    assert frame.filename == __file__ and frame.line.startswith("loss.backward()  # again")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
 @pytest.mark.timeout(400)  # two trainer processes
 def test_cuda_full_iteration_graph_trains_like_eager(training_env, tmp_path):
@@ -183,6 +198,43 @@ def test_cuda_graph_replays_what_the_eager_iteration_computes():
         assert graph.captured == (call >= 2)
         if call == 1:  # the watched iteration ran the compiled function, compiled in the first one
             assert len(compiled_runs) == 2, "the compiled function stopped running compiled"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: GPU only")
+def test_cuda_graph_captures_the_gradient_hooks_of_kept_accumulation_nodes():
+    """Megatron's DDP makes one gradient-accumulation node per trained parameter when it is built, keeps it, and adds
+    the gradient into an fp32 main_grad in a hook on it. A node runs on the stream it was made on; made inside
+    `on_stream(capture_stream(...))`, as the trainer builds DDP, the capture succeeds and every call (eager, watched,
+    captured, replayed) accumulates its own batch's gradient (made on the default stream, the capture would fail:
+    cuda_graph.py's docstring)."""
+    stream = capture_stream("cuda")
+    lin = torch.nn.Linear(16, 8, bias=False, device="cuda")
+    main_grad = torch.zeros_like(lin.weight, dtype=torch.float32)
+
+    def add_to_main_grad(*_):
+        main_grad.add_(lin.weight.grad)
+        lin.weight.grad = None
+
+    with on_stream(stream):  # Megatron DDP's own way to reach the node
+        node = lin.weight.expand_as(lin.weight).grad_fn.next_functions[0][0]
+        node.register_hook(add_to_main_grad)
+
+    def iteration(batches, scale):
+        loss = lin(batches[0]["x"]).square().sum() * scale
+        loss.backward()
+        return loss.detach()
+
+    graph = FullIterationGraph(iteration, warmup_steps=2, device="cuda", stream=stream)
+    assert graph.stream is stream
+    for call in range(5):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(call)).pin_memory()
+        main_grad.zero_()
+        loss = graph([{"x": x}], 0.5 + call).clone()
+        weight = lin.weight.detach().clone().requires_grad_()
+        want_loss = (x.cuda() @ weight.t()).square().sum() * (0.5 + call)
+        torch.testing.assert_close(loss, want_loss.detach())
+        torch.testing.assert_close(main_grad, torch.autograd.grad(want_loss, weight)[0])
+        assert graph.captured == (call >= 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode: GPU only")
