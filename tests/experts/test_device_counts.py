@@ -261,3 +261,22 @@ def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
             torch.cuda.set_sync_debug_mode("default")
         out.float().square().sum().backward()
     assert moe.experts.fc1_trainable.grad is not None
+
+
+def test_experts_with_host_counts_names_the_modules_a_graph_cannot_capture(mcore):
+    """The whole-iteration CUDA graph refuses to start with any of these (training/loop.py): every MoE layer's experts
+    in the host mode, none in the device mode, and again all with FP8 experts that have no weight cache."""
+    from megatron_esft.experts import set_expert_gemm_backend, set_expert_token_counts
+    from megatron_esft.experts.spec import experts_with_host_counts
+
+    config = tiny_config(num_layers=3, moe_layer_freq=[0, 1, 1], params_dtype=torch.bfloat16, bf16=True)
+    model = build_model(config, grouped=True, gather_permutation=True)
+    set_moe_permutation(model, "experts")
+    names = ["decoder.layers.1.mlp.experts", "decoder.layers.2.mlp.experts"]
+    assert experts_with_host_counts([model]) == names
+    set_expert_token_counts([model], "device")
+    assert experts_with_host_counts(model) == []
+    set_expert_gemm_backend([model], "fp8", "frozen")
+    assert experts_with_host_counts([model]) == []
+    set_expert_gemm_backend([model], "fp8", "none")
+    assert experts_with_host_counts([model]) == names
