@@ -30,8 +30,8 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_esft.experts import checkpoint as ckpt
-from megatron_esft.experts.grouped_mm import (contiguous_grad, group_offsets, grouped_mm_supported, looped_mm,
-                                              to_device_async)
+from megatron_esft.experts.grouped_mm import (contiguous_grad, group_offsets, grouped_mm_supported,
+                                              grouped_mm_takes_device_offsets, looped_mm, to_device_async)
 from megatron_esft.experts.permutation import (index_range, inverse_permutation, permute_rows, permute_rows_of_tokens,
                                                token_mapping, unpermute_tokens)
 
@@ -136,8 +136,9 @@ class FrozenAwareGroupedExperts(MegatronModule):
 
     def counts_on_device(self) -> bool:
         """Whether the next forward from tokens runs with device token counts (the dispatcher then skips its copy of
-        them to the host): the "device" mode, grouped GEMMs (bf16; or FP8 with a weight cache, plain SwiGLU),
-        probabilities after the activation, all experts on this rank (bf16: and not in host memory)."""
+        them to the host): the "device" mode, grouped GEMMs that read their offsets on the device (bf16 on Hopper or
+        Blackwell, any CPU; or FP8 with a weight cache, plain SwiGLU), probabilities after the activation, all
+        experts on this rank (bf16: and not in host memory)."""
         if self.token_counts != "device" or self.config.moe_apply_probs_on_input or self.ep_group.size() != 1:
             return False
         if self.gemm_backend == "fp8" and (self._fp8_cache.policy == "none" or not self._plain_swiglu()):
@@ -148,8 +149,10 @@ class FrozenAwareGroupedExperts(MegatronModule):
                                              self._frozen_offloaded_from or self.fc1_frozen.device)
 
     def _grouped_gemms_supported(self, dtype, device) -> bool:
+        """Grouped GEMM kernels for both projections that take their group offsets on the device."""
         (n2f, h), f = self._shapes["fc1"], self._shapes["fc2"][1]
-        return grouped_mm_supported(dtype, device, h, n2f) and grouped_mm_supported(dtype, device, f, h)
+        return (grouped_mm_takes_device_offsets(dtype, device) and grouped_mm_supported(dtype, device, h, n2f)
+                and grouped_mm_supported(dtype, device, f, h))
 
     # ----------------------------------------------------------------------------------------------- partitioning
     @property

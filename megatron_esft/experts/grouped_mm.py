@@ -87,6 +87,17 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, k: int, n: in
     return reason is None
 
 
+def grouped_mm_takes_device_offsets(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `torch._grouped_mm` runs as one kernel that reads its group offsets on the device. On CUDA only bf16 on
+    compute capability 9.x / 10.x does (H100/H200, B200: aten's GroupedBlas.cpp `_grouped_mm_cuda`); otherwise
+    (fp32, fp16, other GPUs) torch's fallback copies the offsets to the host and loops over the groups, a sync per
+    call. On a CPU that copy is no sync."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def to_device_async(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on `device` without a stream synchronization: PyTorch synchronizes the stream after a
     blocking host-to-device copy (`.to(device)`, `torch.tensor(..., device=cuda)`), so the copy goes from pinned memory

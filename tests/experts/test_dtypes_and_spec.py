@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import batch, build_model, copy_sequential_to_grouped, freeze_grouped, freeze_sequential, loss_of, tiny_config
 
-from megatron_esft.experts.grouped_mm import grouped_mm_supported
+from megatron_esft.experts.grouped_mm import grouped_mm_supported, grouped_mm_takes_device_offsets
 
 
 def test_grouped_mm_support_probe():
@@ -13,6 +13,37 @@ def test_grouped_mm_support_probe():
     assert grouped_mm_supported(torch.bfloat16, cpu, 32, 16)
     assert not grouped_mm_supported(torch.bfloat16, cpu, 32, 12)  # 24-byte rows: not 16-byte aligned
     assert not grouped_mm_supported(torch.float64, cpu, 32, 32)
+
+
+def test_grouped_mm_takes_device_offsets_only_where_torch_has_the_kernel(monkeypatch):
+    """torch._grouped_mm's own CUDA kernel (offsets read on the device) is bf16 on compute capability 9.x / 10.x;
+    elsewhere on a GPU its fallback copies the offsets to the host, so the token counts may as well be there."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert grouped_mm_takes_device_offsets(dtype, torch.device("cpu"))
+    for capability, dtype, expected in [((9, 0), torch.bfloat16, True), ((10, 0), torch.bfloat16, True),
+                                        ((9, 0), torch.float32, False), ((9, 0), torch.float16, False),
+                                        ((8, 0), torch.bfloat16, False), ((12, 0), torch.bfloat16, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert grouped_mm_takes_device_offsets(dtype, torch.device("cuda", 0)) is expected, (capability, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode: GPU only")
+def test_cuda_grouped_mm_syncs_exactly_where_the_offsets_are_not_read_on_the_device():
+    device = torch.device("cuda")
+    offs = torch.tensor([16, 32], dtype=torch.int32, device=device)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(32, 64, dtype=dtype, device=device)
+        w = torch.randn(2, 32, 64, dtype=dtype, device=device).transpose(-2, -1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            torch._grouped_mm(x, w, offs=offs)
+            synced = False
+        except RuntimeError as exc:
+            synced = "synchroniz" in str(exc)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert synced is not grouped_mm_takes_device_offsets(dtype, device), dtype
 
 
 def _compare(config, trainable, atol):
