@@ -100,8 +100,33 @@ def scaled_grouped_mm_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) in ((9, 0), (10, 0))
 
 
+def _check_kernel_contract(a_q, b_q_t, scale_a, scale_b, offs) -> None:
+    """What `torch._scaled_grouped_mm`'s CUDA kernel checks of its operands (aten ScaledGroupMM / GroupedMMUtils; the
+    layouts validated on an H200): checked on the CPU too, so that a layout change fails the CPU tests, not a GPU
+    run."""
+    m, k = a_q.shape
+    g, _, n = b_q_t.shape
+    problems = [
+        (a_q.dtype == FP8_DTYPE and b_q_t.dtype == FP8_DTYPE, "e4m3 operands"),
+        (a_q.stride(1) == 1, "a row-major (K contiguous)"),
+        (b_q_t.shape[1] == k and b_q_t.stride(1) == 1, "b [G, K, N] column-major (K contiguous per column)"),
+        (k % 16 == 0 and n % 16 == 0, "K and N multiples of 16"),
+        (a_q.data_ptr() % 16 == 0 and b_q_t.data_ptr() % 16 == 0, "16-byte aligned operands"),
+        (scale_a.dtype == torch.float32 and scale_a.shape == (m,) and scale_a.is_contiguous(),
+         "scale_a float32 [M] contiguous"),
+        (scale_b.dtype == torch.float32 and scale_b.shape == (g, n) and scale_b.stride(1) == 1,
+         "scale_b float32 [G, N] with unit column stride"),
+        (offs.dtype == torch.int32 and offs.shape == (g,), "offs int32 [G]"),
+    ]
+    failed = [what for ok, what in problems if not ok]
+    if failed:
+        raise ValueError(f"_scaled_grouped_mm operands break the CUDA kernel's contract: {', '.join(failed)}")
+
+
 def _emulated_scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs):
-    """float32 emulation of `torch._scaled_grouped_mm` (2D x 3D, row-wise scales) from the same e4m3 values."""
+    """float32 emulation of `torch._scaled_grouped_mm` (2D x 3D, row-wise scales) from the same e4m3 values, after
+    the kernel's own checks of the operands."""
+    _check_kernel_contract(a_q, b_q_t, scale_a, scale_b, offs)
     a = a_q.float() * scale_a[:, None]
     b = b_q_t.float() * scale_b[:, None, :]  # b_q_t [G, K, N], scale_b [G, N]
     return torch._grouped_mm(a, b, offs=offs).to(torch.bfloat16)

@@ -104,6 +104,24 @@ def test_emulated_gemm_is_exact_given_the_quantized_operands():
     assert _rel(y, ref) < 2.0 ** -8  # only the bf16 output rounding differs
 
 
+def test_emulated_gemm_refuses_what_the_cuda_kernel_refuses():
+    """The CPU emulation checks the operands as torch's CUDA kernel does (the layouts validated on an H200), so a
+    layout change fails here rather than on a GPU."""
+    from megatron_esft.experts.fp8 import _scaled_mm
+
+    x, w, offs = _groups([3, 9, 4], 32, 16, seed=3)
+    xq, xs = quantize_lastdim_reference(x)
+    wq, ws = quantize_lastdim_reference(w)  # [G, N, K], scales [G, N]
+    _scaled_mm(xq, wq.transpose(-2, -1), xs, ws, offs)  # the layout the kernels get
+    for args, problem in [((xq, wq.transpose(-2, -1).contiguous(), xs, ws, offs), "column-major"),
+                          ((xq, wq.transpose(-2, -1), xs[:-1], ws, offs), "scale_a"),
+                          ((xq, wq.transpose(-2, -1), xs, ws.t().contiguous().t(), offs), "scale_b"),
+                          ((xq, wq.transpose(-2, -1), xs, ws, offs.long()), "offs int32"),
+                          ((xq.t().contiguous().t(), wq.transpose(-2, -1), xs, ws, offs), "row-major")]:
+        with pytest.raises(ValueError, match=problem):
+            _scaled_mm(*args)
+
+
 def test_frozen_weight_gets_no_wgrad_and_its_input_is_not_saved():
     counts, k, n = [4, 4], 32, 16
     x, w, offs = _groups(counts, k, n)
