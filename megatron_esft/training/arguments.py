@@ -273,8 +273,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 
         if args.experts_impl != "grouped":
             raise UserError("--expert-gemm fp8 needs --experts-impl grouped")
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-            raise UserError("--expert-gemm fp8 needs a GPU with compute capability >= 9.0 (torch._scaled_grouped_mm)")
+        from megatron_esft.experts.fp8 import scaled_grouped_mm_supported
+
+        if not torch.cuda.is_available() or not scaled_grouped_mm_supported(torch.device("cuda")):
+            raise UserError("--expert-gemm fp8 needs a GPU of compute capability 9.0 or 10.0 (H100/H200, B200: the "
+                            "row-wise scaled kernels of torch._scaled_grouped_mm)")
     if args.bf16:
         import torch
 

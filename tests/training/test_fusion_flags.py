@@ -61,6 +61,27 @@ def test_device_token_counts_need_grouped_experts_that_permute_at_ep1(monkeypatc
             validate(args, world_size=2)
 
 
+def test_fp8_experts_need_the_gpus_with_row_wise_scaled_grouped_kernels(monkeypatch):
+    """torch._scaled_grouped_mm has row-wise FP8 kernels for compute capability 9.0 and 10.0 only (not e.g. 12.0)."""
+    from megatron_esft.errors import UserError
+    from megatron_esft.training.arguments import validate
+
+    def args():
+        return build_parser().parse_args(REQUIRED + ["--expert-gemm", "fp8"])
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--expert-gemm fp8 needs a GPU of compute capability 9.0 or 10.0"):
+            validate(args(), world_size=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, accepted in [((9, 0), True), ((10, 0), True), ((8, 0), False), ((12, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        if accepted:
+            assert validate(args(), world_size=1).expert_gemm == "fp8"
+        else:
+            with pytest.raises(UserError, match=r"--expert-gemm fp8 needs a GPU of compute capability 9.0 or 10.0 "):
+                validate(args(), world_size=1)
+
+
 def test_offload_frozen_experts_needs_fp8_experts_with_a_weight_cache(monkeypatch):
     from megatron_esft.errors import UserError
     from megatron_esft.training.arguments import validate
