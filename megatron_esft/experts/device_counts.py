@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_esft.experts.grouped_mm import zero_empty_groups
 from megatron_esft.experts.permutation import gather_rows, sum_pairs
 
 
@@ -98,9 +99,12 @@ class DeviceCountsExpertMLP(torch.autograd.Function):
         grad_h, grad_probs = grads[0], (grads[1] if need_probs else None)
         grad_fc1 = grad_fc2 = grad_tokens = None
         if need_fc2 and n_t:  # the trainable groups' rows come first; offs[:n_t] ends with them
-            grad_fc2 = torch._grouped_mm(grad_rows.t(), act.detach(), offs=offs[:n_t])
+            trained = offs[:n_t]
+            grad_fc2 = zero_empty_groups(torch._grouped_mm(grad_rows.t(), act.detach(), offs=trained), trained)
         if need_fc1 and n_t:
-            grad_fc1 = torch._grouped_mm(grad_h.t(), gather_rows(tokens, token_of_row), offs=offs[:n_t])
+            trained = offs[:n_t]
+            grad_fc1 = zero_empty_groups(torch._grouped_mm(grad_h.t(), gather_rows(tokens, token_of_row), offs=trained),
+                                         trained)
         if need_tokens:
             grad_tokens = sum_pairs(torch._grouped_mm(grad_h, fc1_stack, offs=offs), row_of_pair, ctx.topk)
         return grad_tokens, grad_probs, grad_fc1, grad_fc2, None, None, None, None, None, None

@@ -38,6 +38,8 @@ import weakref
 
 import torch
 
+from megatron_esft.experts.grouped_mm import zero_empty_groups
+
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -221,7 +223,7 @@ class _FP8GroupedMM(torch.autograd.Function):
                 grad_x = _scaled_mm(g_q, wt_q.transpose(-2, -1), g_s, wt_s, offs)
         if ctx.needs_input_grad[1]:
             # bf16 wgrad, [G, N, K] in the parameter's own layout; an empty group gets exact zeros
-            grad_w = torch._grouped_mm(grad.t(), x, offs=offs)
+            grad_w = zero_empty_groups(torch._grouped_mm(grad.t(), x, offs=offs), offs)
         return grad_x, grad_w, None, None
 
 

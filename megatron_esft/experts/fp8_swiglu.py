@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from megatron_esft.experts.fp8 import (
     FP8WeightCache, CompiledOnCuda, _scaled_mm, quantize_lastdim, quantize_lastdim_reference,
 )
-from megatron_esft.experts.grouped_mm import group_offsets
+from megatron_esft.experts.grouped_mm import group_offsets, zero_empty_groups
 from megatron_esft.experts.permutation import gather_rows, sum_pairs
 
 
@@ -98,10 +98,11 @@ def _mlp_backward(dy_q, dy_s, dy_rows, x_rows, probs, h, weight, offs, *, train_
     da = _scaled_mm(dy_q, w2t_q.transpose(-2, -1), dy_s, w2t_s, offs)
     grad_fc2 = grad_fc1 = grad_x = None
     if train_fc2:
-        grad_fc2 = torch._grouped_mm(dy_rows().t(), weighted_swiglu(h, probs), offs=wgrad_offs)
+        grad_fc2 = zero_empty_groups(torch._grouped_mm(dy_rows().t(), weighted_swiglu(h, probs), offs=wgrad_offs),
+                                     wgrad_offs)
     if train_fc1:
         dh_q, dh_s, d_probs, dh = swiglu_backward_quantize_keep(da, h, probs)
-        grad_fc1 = torch._grouped_mm(dh.t(), x_rows(), offs=wgrad_offs)
+        grad_fc1 = zero_empty_groups(torch._grouped_mm(dh.t(), x_rows(), offs=wgrad_offs), wgrad_offs)
     else:
         dh_q, dh_s, d_probs = swiglu_backward_quantize(da, h, probs)
     if need_dx:

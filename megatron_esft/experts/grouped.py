@@ -31,7 +31,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_esft.experts import checkpoint as ckpt
 from megatron_esft.experts.grouped_mm import (contiguous_grad, group_offsets, grouped_mm_supported,
-                                              grouped_mm_takes_device_offsets, looped_mm, to_device_async)
+                                              grouped_mm_takes_device_offsets, looped_mm, to_device_async,
+                                              with_zero_grads_of_empty_groups)
 from megatron_esft.experts.permutation import (index_range, inverse_permutation, permute_rows, permute_rows_of_tokens,
                                                token_mapping, unpermute_tokens)
 
@@ -278,7 +279,8 @@ class FrozenAwareGroupedExperts(MegatronModule):
             from megatron_esft.experts.fp8 import fp8_grouped_mm
 
             return contiguous_grad(fp8_grouped_mm(x, weight, offs, self._fp8_cache))
-        return contiguous_grad(self._grouped_mm(x, weight.transpose(-2, -1), offs))
+        return contiguous_grad(self._grouped_mm(x, with_zero_grads_of_empty_groups(weight, offs).transpose(-2, -1),
+                                                offs))
 
     def _plain_swiglu(self) -> bool:
         """silu(gate) * up without clamping or offset: the activation the fused kernels implement."""

@@ -98,6 +98,47 @@ def grouped_mm_takes_device_offsets(dtype: torch.dtype, device: torch.device) ->
     return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
+def empty_groups_get_unwritten_wgrad(device: torch.device) -> bool:
+    """Whether `torch._grouped_mm`'s weight gradient (2D x 2D, groups along the rows) may be non-zero for a group
+    without rows: reported for Blackwell (compute capability 10.x, pytorch/pytorch#172439, open); Hopper's and the
+    CPU's are exact zeros. ESFT needs them zero: a trained expert that got no tokens in a micro-batch must get no
+    update from it."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+def zero_empty_groups(grad_w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The weight gradient `grad_w` [G, ...] of a grouped GEMM with the groups that have no rows (equal consecutive
+    `offs`) set to exact zeros where the kernel does not guarantee it (`empty_groups_get_unwritten_wgrad`); on the
+    device, without a host sync. Elsewhere `grad_w` itself."""
+    if not empty_groups_get_unwritten_wgrad(grad_w.device):
+        return grad_w
+    empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+    return grad_w.masked_fill(empty.view(-1, *(1,) * (grad_w.dim() - 1)), 0)
+
+
+class _ZeroEmptyGroupGrads(torch.autograd.Function):
+    """Identity on a [G, ...] weight whose gradient passes through `zero_empty_groups`."""
+
+    @staticmethod
+    def forward(ctx, weight, offs):
+        ctx.save_for_backward(offs)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offs,) = ctx.saved_tensors
+        return zero_empty_groups(grad, offs), None
+
+
+def with_zero_grads_of_empty_groups(weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`weight` for a grouped GEMM whose autograd computes the weight gradient (torch._grouped_mm's own backward):
+    where empty groups may get a non-zero gradient, a view whose gradient is masked with `zero_empty_groups`."""
+    if weight.requires_grad and empty_groups_get_unwritten_wgrad(weight.device):
+        return _ZeroEmptyGroupGrads.apply(weight, offs)
+    return weight
+
+
 def to_device_async(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on `device` without a stream synchronization: PyTorch synchronizes the stream after a
     blocking host-to-device copy (`.to(device)`, `torch.tensor(..., device=cuda)`), so the copy goes from pinned memory
