@@ -84,11 +84,14 @@ def _reads_on_host(what: str) -> UserError:
 
 
 def _culprit_frame(exc: BaseException):
-    """The innermost frame of `exc` outside torch's own code: for a sync in backward, the innermost frames are
-    autograd's (the engine re-raises there), and the line that called backward says more."""
+    """The innermost frame of `exc` outside torch's code and our compat layer's: for a sync in backward, the innermost
+    frames are autograd's (the engine re-raises there; on a CPU the compat layer's function mode wraps the call), and
+    the line that called backward says more."""
+    from megatron_esft import compat
+
     frames = traceback.extract_tb(exc.__traceback__)
-    torch_dir = os.path.dirname(torch.__file__) + os.sep
-    return next((f for f in reversed(frames) if not f.filename.startswith(torch_dir)), frames[-1])
+    plumbing = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, compat))
+    return next((f for f in reversed(frames) if not f.filename.startswith(plumbing)), frames[-1])
 
 
 def _first_change(static: list[dict], batches: list[dict]) -> str | None:
