@@ -65,7 +65,7 @@ def test_cuda_compiled_kernel_matches_float64_reference():
     weight = (torch.randn(8192, 256, generator=g) / 16).cuda().bfloat16()
     labels = torch.randint(0, 8192, (2, 1000), generator=g).cuda()
     upstream = torch.rand(2, 1000, generator=g).cuda()
-    loss = linear_cross_entropy(hidden, weight, labels, 512)  # two chunks of 512 rows, one of 976
+    loss = linear_cross_entropy(hidden, weight, labels, 512)  # 2,000 rows: three chunks of 512, one of 464
     (loss * upstream).sum().backward()
     assert lce._loss_and_logit_grad._compiled is not None and not lce._loss_and_logit_grad._failed
     x = hidden.detach().double().requires_grad_()

@@ -115,7 +115,7 @@ def test_third_iteration_must_repeat_the_second():
     graph = FullIterationGraph(with_a_float, warmup_steps=2, device="cpu")
     graph([{"x": torch.ones(2)}], 1.0)
     graph([{"x": torch.ones(2)}], 1.0)
-    with pytest.raises(UserError, match=r"does not repeat itself \(op 1 of 1, at .*test_cuda_graph.py:\d+: "
+    with pytest.raises(UserError, match=r"does not repeat itself \(op 1 of 1, at .*test_whole_iteration_graph.py:\d+: "
                                         r"aten.mul.Tensor, argument 1: 0.5 -> 0.25\); a CUDA graph would"):
         graph([{"x": torch.ones(2)}], 1.0)
 
@@ -246,6 +246,6 @@ def test_cuda_watched_iteration_names_a_host_read():
 
     graph = FullIterationGraph(iteration, warmup_steps=2, device="cuda")
     graph([{"x": torch.ones(3)}], 1.0)  # the first iteration is not watched
-    with pytest.raises(UserError, match=r"a synchronizing CUDA operation at .*test_cuda_graph.py:\d+"):
+    with pytest.raises(UserError, match=r"a synchronizing CUDA operation at .*test_whole_iteration_graph.py:\d+"):
         graph([{"x": torch.ones(3)}], 1.0)
     assert torch.cuda.get_sync_debug_mode() == 0  # restored
