@@ -98,13 +98,12 @@ class DeviceCountsExpertMLP(torch.autograd.Function):
             grads = torch.autograd.grad(act, (h_in, p_in) if need_probs else (h_in,), grad_act)
         grad_h, grad_probs = grads[0], (grads[1] if need_probs else None)
         grad_fc1 = grad_fc2 = grad_tokens = None
-        if need_fc2 and n_t:  # the trainable groups' rows come first; offs[:n_t] ends with them
-            trained = offs[:n_t]
+        trained = offs[:n_t]  # the trainable groups' rows come first; their offsets end with them
+        if need_fc2 and n_t:
             grad_fc2 = zero_empty_groups(torch._grouped_mm(grad_rows.t(), act.detach(), offs=trained), trained)
         if need_fc1 and n_t:
-            trained = offs[:n_t]
-            grad_fc1 = zero_empty_groups(torch._grouped_mm(grad_h.t(), gather_rows(tokens, token_of_row), offs=trained),
-                                         trained)
+            token_rows = gather_rows(tokens, token_of_row)
+            grad_fc1 = zero_empty_groups(torch._grouped_mm(grad_h.t(), token_rows, offs=trained), trained)
         if need_tokens:
             grad_tokens = sum_pairs(torch._grouped_mm(grad_h, fc1_stack, offs=offs), row_of_pair, ctx.topk)
         return grad_tokens, grad_probs, grad_fc1, grad_fc2, None, None, None, None, None, None

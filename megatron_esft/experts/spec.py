@@ -124,18 +124,18 @@ def experts_with_host_counts(model_chunks) -> list[str]:
     """Names of the frozen-aware experts modules whose next forward copies its token counts to the host: all of them
     in the "host" mode; in the "device" mode those that cannot do without (`counts_on_device`: e.g. FP8 experts
     without a weight cache, or no grouped GEMM kernel for their shapes on this device)."""
-    from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
-
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    return [name for chunk in chunks for name, module in chunk.named_modules()
-            if isinstance(module, FrozenAwareGroupedExperts) and not module.counts_on_device()]
+    return [name for name, module in _named_grouped_experts_modules(model_chunks) if not module.counts_on_device()]
 
 
-def _grouped_experts_modules(model_chunks):
+def _named_grouped_experts_modules(model_chunks):
     from megatron_esft.experts.grouped import FrozenAwareGroupedExperts
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:
-        for module in chunk.modules():
+        for name, module in chunk.named_modules():
             if isinstance(module, FrozenAwareGroupedExperts):
-                yield module
+                yield name, module
+
+
+def _grouped_experts_modules(model_chunks):
+    return (module for _, module in _named_grouped_experts_modules(model_chunks))

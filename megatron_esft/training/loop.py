@@ -152,11 +152,10 @@ def _graph_device(args):
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _iteration_graph(ddp_model, args, tracker, model, stream):
+def _iteration_graph(ddp_model, args, tracker, model, device, stream):
     """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches run through
-    training/cuda_graph.FullIterationGraph (captured on a GPU after the warm-up iterations) on `stream`, the one
-    DDP was built on."""
-    device = _graph_device(args)
+    training/cuda_graph.FullIterationGraph (captured on `device` after the warm-up iterations) on `stream`, the one
+    DDP was built on. None without the flags (`device` None)."""
     if device is None:
         return None
     from megatron_esft.experts.spec import experts_with_host_counts
@@ -166,8 +165,9 @@ def _iteration_graph(ddp_model, args, tracker, model, stream):
     if host_counts := experts_with_host_counts(model):
         more = f" and {len(host_counts) - 1} more" if len(host_counts) > 1 else ""
         raise UserError(f"--cuda-graph-scope full_iteration: the routed experts of {host_counts[0]}{more} copy "
-                        "their token counts to the host, which a CUDA graph cannot capture (--moe-token-counts device needs bf16 experts, or FP8 with a weight "
-                        "cache, plain SwiGLU and grouped GEMM kernels for the experts' shapes)")
+                        "their token counts to the host, which a CUDA graph cannot capture (--moe-token-counts "
+                        "device needs bf16 experts, or FP8 with a weight cache, plain SwiGLU and grouped GEMM "
+                        "kernels for the experts' shapes)")
     if device.type == "cuda":
         par.print_rank0(f"CUDA graph: the whole iteration, captured after {args.cuda_graph_warmup_steps} eager "
                         "iteration(s)")
@@ -282,7 +282,8 @@ def pretrain(argv=None) -> int:
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)
-    graph_stream = capture_stream(graph_device) if (graph_device := _graph_device(args)) is not None else None
+    graph_device = _graph_device(args)
+    graph_stream = capture_stream(graph_device) if graph_device is not None else None
     with on_stream(graph_stream):  # DDP's gradient-accumulation nodes run on the stream they were made on
         ddp_model = setup.wrap_ddp(model, args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size)
     optimizer = setup.build_optimizer(args, ddp_model)
@@ -321,7 +322,7 @@ def pretrain(argv=None) -> int:
                         f"(their FP8 copies on the device: {cached / 2**30:.3f} GiB)")
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
-    graph = _iteration_graph(ddp_model, args, tracker, model, graph_stream)
+    graph = _iteration_graph(ddp_model, args, tracker, model, graph_device, graph_stream)
     logger = TrainingLogger(args.tensorboard_dir, selected)
     logger.scalar("trainable-params", report.total, iteration)
     logger.trainable_table(report, iteration)

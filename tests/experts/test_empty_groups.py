@@ -37,7 +37,7 @@ def test_cpu_and_hopper_gradients_pass_unchanged():
 
 @pytest.mark.parametrize("backend, counts", [("bf16", "host"), ("bf16", "device"), ("fp8", "host"),
                                              ("fp8", "device")])
-def test_every_weight_gradient_path_masks_empty_groups(mcore, monkeypatch, backend, counts, request):
+def test_every_weight_gradient_path_masks_empty_groups(mcore, backend, counts, request):
     """Trained experts 3 and 5 starve: with the masking on, each path asks for it and its results are unchanged
     (outputs, input and probability gradients, trained experts' gradients with exact zeros for the starved ones)."""
     trainable, starve = [6, 1, 3, 5], (3, 5)
