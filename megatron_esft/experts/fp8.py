@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from megatron_esft.experts.grouped_mm import zero_empty_groups
+from megatron_esft.experts.grouped_mm import cuda_capability, zero_empty_groups
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def scaled_grouped_mm_supported(device: torch.device) -> bool:
     """Row-wise FP8 grouped GEMM kernels exist for CUDA compute capability 9.0 / 10.0 (torch >= 2.8)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(device) in ((9, 0), (10, 0))
+    return cuda_capability(device) in ((9, 0), (10, 0))
 
 
 def _check_kernel_contract(a_q, b_q_t, scale_a, scale_b, offs) -> None:

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PROBE_CACHE: dict[tuple, bool] = {}
+_CAPABILITY_CACHE: dict[tuple, tuple[int, int]] = {}
 _LOGGED: set[tuple] = set()
 
 
@@ -87,6 +88,18 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, k: int, n: in
     return reason is None
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """`torch.cuda.get_device_capability(device)`, looked up once per device: the experts ask on every MoE layer's
+    forward and backward, and each lookup goes through torch's lazy-init and device-properties calls. Keyed by the
+    lookup function as well, so a test that patches `torch.cuda.get_device_capability` is never answered from a
+    real device's (or another patch's) entry."""
+    lookup = torch.cuda.get_device_capability
+    key = (lookup, device.index)
+    if key not in _CAPABILITY_CACHE:
+        _CAPABILITY_CACHE[key] = tuple(lookup(device))
+    return _CAPABILITY_CACHE[key]
+
+
 def grouped_mm_takes_device_offsets(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `torch._grouped_mm` runs as one kernel that reads its group offsets on the device. On CUDA only bf16 on
     compute capability 9.x / 10.x does (H100/H200, B200: aten's GroupedBlas.cpp `_grouped_mm_cuda`); otherwise
@@ -95,7 +108,7 @@ def grouped_mm_takes_device_offsets(dtype: torch.dtype, device: torch.device) ->
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return dtype == torch.bfloat16 and cuda_capability(device)[0] in (9, 10)
 
 
 def empty_groups_get_unwritten_wgrad(device: torch.device) -> bool:
@@ -104,7 +117,7 @@ def empty_groups_get_unwritten_wgrad(device: torch.device) -> bool:
     CPU's are exact zeros. ESFT needs them zero: a trained expert that got no tokens in a micro-batch must get no
     update from it."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+    return device.type == "cuda" and cuda_capability(device)[0] == 10
 
 
 def zero_empty_groups(grad_w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from tiny import batch, build_model, copy_sequential_to_grouped, freeze_grouped, freeze_sequential, loss_of, tiny_config
 
-from megatron_esft.experts.grouped_mm import grouped_mm_supported, grouped_mm_takes_device_offsets
+from megatron_esft.experts.grouped_mm import (cuda_capability, empty_groups_get_unwritten_wgrad, grouped_mm_supported,
+                                              grouped_mm_takes_device_offsets)
 
 
 def test_grouped_mm_support_probe():
@@ -25,6 +26,20 @@ def test_grouped_mm_takes_device_offsets_only_where_torch_has_the_kernel(monkeyp
                                         ((8, 0), torch.bfloat16, False), ((12, 0), torch.bfloat16, False)]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert grouped_mm_takes_device_offsets(dtype, torch.device("cuda", 0)) is expected, (capability, dtype)
+
+
+def test_cuda_capability_is_looked_up_once_per_device(monkeypatch):
+    """The experts ask on every MoE layer's forward and backward; the lookup (torch's lazy init and device
+    properties) runs once per device, and a patched lookup is asked itself, not answered from the cache."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (10, 0))
+    for _ in range(3):
+        assert grouped_mm_takes_device_offsets(torch.bfloat16, torch.device("cuda", 0))
+        assert empty_groups_get_unwritten_wgrad(torch.device("cuda", 0))
+    assert cuda_capability(torch.device("cuda", 1)) == (10, 0)
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not empty_groups_get_unwritten_wgrad(torch.device("cuda", 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's sync debug mode: GPU only")
