@@ -117,8 +117,8 @@ class FullIterationGraph:
         if warmup_steps < 2:  # one to build and initialize everything, one watched for host syncs
             raise ValueError("at least two eager iterations come before the capture")
         self.iteration, self.warmup_steps, self.device = iteration, warmup_steps, torch.device(device)
-        # every iteration runs on it: the stream DDP was built on (capture_stream), else one of its own
-        self.stream = stream if stream is not None or self.device.type != "cuda" else capture_stream(self.device)
+        # every iteration runs on it: the stream DDP was built on (capture_stream), else one of its own (None on a CPU)
+        self.stream = stream if stream is not None else capture_stream(self.device)
         self.calls = 0
         self.graph = None
         self.static: list[dict] | None = None

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from training_helpers import run
+from training_helpers import load_mcore, run
 from megatron_esft.training.finite_check import NonFiniteGradNorm, check_grad_norm_before_update
 
 BLOW_UP = ["--micro-batch-size", "1", "--global-batch-size", "2", "--seq-length", "48", "--lr", "1e30",
@@ -99,8 +99,6 @@ def test_without_the_check_the_nan_reaches_the_trained_weights(mcore, training_e
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(training_env, tmp_path):
-    from training_helpers import load_mcore
-
     save = tmp_path / "blown"
     args = ["pretrain_esft.py", "--load", training_env["base"], "--save", str(save), "--train-data",
             training_env["data"], "--expert-config", training_env["ecfg"], *BLOW_UP, "--save-interval", "1"]

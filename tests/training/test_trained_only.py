@@ -9,8 +9,8 @@ import shutil
 
 import torch
 
-from training_helpers import (REFERENCE_SCHEDULE, SELECTED, load_hf, load_mcore, losses, pretrain, run, selected_name,
-                      to_hf)
+from training_helpers import (REFERENCE_SCHEDULE, SELECTED, load_hf, load_mcore, losses, pretrain, run,
+                              selected_name, to_hf)
 
 
 def _size(path) -> int:
