@@ -139,6 +139,11 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def local_device() -> torch.device:
+    """This rank's device: its current CUDA device (set by `init_process_group` from LOCAL_RANK), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_esft.parallel import all_reduce
+from megatron_esft.parallel import all_reduce, local_device
 
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import layer_number_to_layer_key
@@ -74,7 +74,7 @@ class RoutingStatsCollector:
         self.topk = self.config.moe_router_topk
         self.num_layers = self.config.num_layers  # global decoder layers: accumulators are indexed by layer_number-1
         self.score_function = self.config.moe_router_score_function
-        device = self.routers[0].weight.device if self.routers else _default_device()
+        device = self.routers[0].weight.device if self.routers else local_device()
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=device)
         self.gate_sums = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=device)
         self.num_tokens = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
@@ -216,10 +216,6 @@ class RoutingStatsCollector:
             model=model,
             data=data,
         )
-
-
-def _default_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _tp_rank_size() -> tuple[int, int]:

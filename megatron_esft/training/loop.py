@@ -121,7 +121,7 @@ def _forward_step(tracker, scale, data_iterator, model):
     from megatron_esft.data import build_attention_mask, to_device, valid_token_mask
 
     batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = par.local_device()
     # non-blocking (the loader pins its batches on a GPU machine): a blocking copy would synchronize the stream at
     # every micro-batch, and the GPU would wait for the host to launch the next forward
     batch = to_device(batch, device, attention_mask=False)
@@ -149,7 +149,7 @@ def _graph_device(args):
     """The device a --cuda-graph-impl local graph is captured on, or None (no such flag)."""
     if args.cuda_graph_impl != "local":
         return None
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return par.local_device()
 
 
 def _iteration_graph(ddp_model, args, tracker, model, device, stream):
