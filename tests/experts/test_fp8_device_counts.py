@@ -9,6 +9,8 @@ import torch
 from test_device_counts import NoHostCounts, _step, assert_cuda_device_counts_match_host_counts
 from test_experts_permute import assert_equal_results, E, _experts, _routing
 
+from megatron_esft.experts.fp8 import scaled_grouped_mm_supported
+
 
 def _fp8_experts(trainable, policy="frozen"):
     experts = _experts(torch.bfloat16, trainable, backend="fp8")
@@ -116,7 +118,7 @@ def test_memory_cost_is_the_trained_experts_quantizations(mcore):
     assert heads == 2 * trained
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() in ((9, 0), (10, 0))),
+@pytest.mark.skipif(not (torch.cuda.is_available() and scaled_grouped_mm_supported(torch.device("cuda"))),
                     reason="torch._scaled_grouped_mm needs an H100/B200-class GPU")
 def test_cuda_fp8_device_counts_match_host_counts_without_host_syncs(mcore):
     """On the GPU: one scaled grouped GEMM per projection over all experts (device offsets, weight gradients whose

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_esft.experts.fp8 import FP8WeightCache, fp8_grouped_mm
+from megatron_esft.experts.fp8 import FP8WeightCache, fp8_grouped_mm, scaled_grouped_mm_supported
 from megatron_esft.experts.fp8_swiglu import (
     fp8_swiglu_mlp, swiglu_backward_quantize_keep_reference, swiglu_backward_quantize_reference,
     swiglu_quantize_reference, weighted_swiglu_reference,
@@ -140,7 +140,7 @@ def test_rejects_bad_inputs():
         fp8_swiglu_mlp(x[:0], probs[:0], fc1, fc2, offs * 0, FP8WeightCache())
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() in ((9, 0), (10, 0))),
+@pytest.mark.skipif(not (torch.cuda.is_available() and scaled_grouped_mm_supported(torch.device("cuda"))),
                     reason="torch._scaled_grouped_mm needs a CUDA sm90/sm100 GPU (CPU CI uses the emulation)")
 def test_cuda_fused_mlp_matches_cpu_emulation_and_compiles():
     """On the GPU: the real scaled grouped GEMMs and the Triton-compiled fused kernels against the CPU emulation of

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from training_helpers import load_mcore, losses, pretrain
+from megatron_esft.experts.fp8 import scaled_grouped_mm_supported
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability() in ((9, 0), (10, 0))),
+    not (torch.cuda.is_available() and scaled_grouped_mm_supported(torch.device("cuda"))),
     reason="FP8 experts need an sm90/sm100 GPU (torch._scaled_grouped_mm)")
 
 FP8 = ["--bf16", "--expert-gemm", "fp8", "--train-iters", "4", "--save-interval", "2"]
