@@ -36,6 +36,7 @@ from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
+from megatron_esft.training.profiling import IterationProfiler
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -369,6 +370,7 @@ def pretrain(argv=None) -> int:
             async_queue.maybe_finalize_async_calls(blocking=True)
 
     def stop_non_finite(what):
+        profiler.close()  # a trace of the window so far
         finish_saves()
         logger.close()  # what was logged up to here stays readable in TensorBoard
         return finite_check.stopped(iteration + 1, what, last_saved or (
@@ -394,7 +396,9 @@ def pretrain(argv=None) -> int:
     window = _new_window()
     trained_weights = flops.TrainedWeights.from_expert_config(ecfg if args.finetune_mode == "esft" else None)
     report_memory = True  # Megatron-LM prints the memory line once, after the first logged iteration
+    profiler = IterationProfiler(args, dist.get_rank(), iteration, announce=partial(print, flush=True))
     while iteration < args.train_iters:
+        profiler.begin(iteration + 1)
         batches = [next(loader) for _ in range(args.num_micro_batches)]
         # over the data-parallel group: answer tokens (the loss's normalizer), real tokens, attended pairs
         batch_counts = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches)),
@@ -462,8 +466,10 @@ def pretrain(argv=None) -> int:
             save(args.save, iteration)
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=False)  # a collective: publishes finished saves
+        profiler.end(iteration)
         if stop:
             break
+    profiler.close()
     finish_saves()
     if async_queue is not None:
         async_queue.close()
