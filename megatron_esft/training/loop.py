@@ -36,7 +36,7 @@ from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
-from megatron_esft.training.profiling import IterationProfiler
+from megatron_esft.training.profiling import IterationProfiler, MemoryHistory
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -251,6 +251,8 @@ def pretrain(argv=None) -> int:
     if args.eval_interval and valid_ds is None:
         raise UserError("--eval-interval: the validation set is empty")
     setup.initialize_parallel(parallel, seed=args.seed)
+    memory_history = MemoryHistory(args, dist.get_rank())
+    memory_history.start()  # before the model: every allocation of the run is in the history
     from megatron.core import parallel_state as ps
 
     from megatron_esft.data import SFTDataLoader, valid_token_mask
@@ -452,6 +454,7 @@ def pretrain(argv=None) -> int:
                 params_norm=setup.params_l2_norm(optimizer) if args.log_params_norm else None)
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
+            memory_history.dump()
             report_memory = False
             window = _new_window()
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:

@@ -17,6 +17,12 @@ The trace of each profiled rank (`--profile-ranks`, default every rank) is
 `<--tensorboard-dir>/../torch_profile/rank-<R>.json.gz`, as Megatron-LM writes it, written when the last profiled
 iteration ends (or when the run stops early), atomically. Each iteration is an `iteration N` range on the host
 timeline, next to torch's own `ProfilerStep#K` (K counts from the first traced step, the warm-up when there is one).
+
+`--record-memory-history` (GPU): the CUDA caching allocator records every allocation and free with its Python stack
+from start-up on (before the model is built) on the ranks of `--profile-ranks`, and a snapshot goes to
+`--memory-snapshot-path` with `_<rank>` before the extension at every `--log-interval` and when the GPU runs out of
+memory (`_oom_<rank>`): what was live at the failure, and who allocated it (open it at pytorch.org/memory_viz).
+As Megatron-LM; it does not need `--profile`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="record the ops' input shapes in the trace")
     g.add_argument("--pytorch-profiler-collect-callstack", action="store_true",
                    help="record the Python call stack of each op in the trace")
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="GPU: record the CUDA allocator's history from start-up on (the ranks of --profile-ranks) and "
+                        "write a snapshot at every --log-interval and on running out of memory (pytorch.org/memory_viz)")
+    g.add_argument("--memory-snapshot-path", default="snapshot.pickle",
+                   help="where --record-memory-history writes, with _RANK (_oom_RANK) before the extension")
 
 
 def validate(args: argparse.Namespace, world_size: int) -> None:
@@ -57,6 +68,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                                         ("--pytorch-profiler-collect-callstack",
                                          args.pytorch_profiler_collect_callstack)) if given]
     torch_flags = ["--use-pytorch-profiler"] * args.use_pytorch_profiler + collect
+    if bad := [r for r in args.profile_ranks if not 0 <= r < world_size]:
+        raise UserError(f"--profile-ranks {bad[0]}: no such rank (world size {world_size})")
+    if args.record_memory_history and not torch.cuda.is_available():
+        raise UserError("--record-memory-history records the CUDA caching allocator's history: it needs a GPU")
     if not args.profile:
         if torch_flags:
             raise UserError(f"{torch_flags[0]} needs --profile")
@@ -70,8 +85,6 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
     if start >= args.train_iters:
         raise UserError(f"--profile-step-start {start}: the run ends at --train-iters {args.train_iters}, so nothing "
                         "would be profiled")
-    if bad := [r for r in args.profile_ranks if not 0 <= r < world_size]:
-        raise UserError(f"--profile-ranks {bad[0]}: no such rank (world size {world_size})")
     if args.use_pytorch_profiler and not args.tensorboard_dir:
         raise UserError("--use-pytorch-profiler writes its traces next to --tensorboard-dir "
                         "(<dir>/../torch_profile/rank-R.json.gz): give --tensorboard-dir")
@@ -82,6 +95,20 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 def _iterations(first: int, last: int) -> str:
     return f"iteration {first}" if first == last else f"iterations {first}..{last}"
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(name)` to a temporary name next to `path` that keeps its extension (export_chrome_trace compresses a
+    .gz name), then rename it to `path`: readers never see half a file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def trace_path(tensorboard_dir: str, rank: int) -> str:
@@ -153,12 +180,29 @@ class IterationProfiler:
         self._profiler.start()
 
     def _write_trace(self, profiler) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(self.path), f".tmp-{os.getpid()}-{os.path.basename(self.path)}")
-        try:
-            profiler.export_chrome_trace(tmp)  # gzip-compressed: the name ends in .gz
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_atomically(self.path, profiler.export_chrome_trace)  # gzip-compressed: the name ends in .gz
         self.announce(f"torch profiler: {_iterations(self.first, self._ended)} traced to {self.path}")
+
+
+class MemoryHistory:
+    """`--record-memory-history`: `start()` before the model is built, `dump()` at every log interval."""
+
+    MAX_ENTRIES = 100_000  # allocation and free events kept (Megatron-LM's number)
+
+    def __init__(self, args: argparse.Namespace, rank: int):
+        self.enabled = args.record_memory_history and (not args.profile_ranks or rank in args.profile_ranks)
+        base, ext = os.path.splitext(args.memory_snapshot_path)
+        self.path, self.oom_path = f"{base}_{rank}{ext}", f"{base}_oom_{rank}{ext}"
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        # Python stacks only: C++ stacks ("all") make every allocation of a training step unwind the native stack
+        torch.cuda.memory._record_memory_history(max_entries=self.MAX_ENTRIES, stacks="python")
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None:  # (a private hook of torch's, as Megatron-LM uses it)
+            attach(lambda *_: _write_atomically(self.oom_path, torch.cuda.memory._dump_snapshot))
+
+    def dump(self) -> None:
+        if self.enabled:
+            _write_atomically(self.path, torch.cuda.memory._dump_snapshot)

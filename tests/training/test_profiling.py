@@ -1,11 +1,12 @@
 """Megatron-LM's profiling flags (training/profiling.py): which iterations a torch.profiler trace holds (warm-up,
 resumed runs, the end of the run, an early stop, the profiled ranks), the trainer writing it without changing the
-training, the flags' one-line errors, and nsys's capture range on a GPU."""
+training, the flags' one-line errors, and on a GPU nsys's capture range and the allocator's memory history."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import pickle
 import re
 
 import pytest
@@ -107,6 +108,7 @@ def test_trainer_writes_the_trace_and_trains_the_same(training_env, reference):
     (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "tb", "--profile-step-start", "1",
       "--profile-ranks", "0", "2"], 2, "--profile-ranks 2: no such rank (world size 2)"),
     (["--profile", "--use-pytorch-profiler", "--profile-step-start", "1"], 1, "give --tensorboard-dir"),
+    (["--record-memory-history", "--profile-ranks", "1"], 1, "--profile-ranks 1: no such rank (world size 1)"),
 ])
 def test_bad_profiling_flags(extra, world, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -129,3 +131,32 @@ def test_cuda_nsys_capture_range_opens_and_closes():
     """Without nsys attached, cudaProfilerStart/Stop succeed and do nothing: the calls and their window are checked."""
     args = _args("--profile", "--profile-step-start", "1", "--profile-step-end", "3")
     assert _drive(args, range(1, 7))[0] == ["profiled iterations 2..3 (nsys capture range)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="memory history works where CUDA is")
+def test_memory_history_without_a_gpu_is_an_error():
+    with pytest.raises(UserError, match="--record-memory-history records the CUDA caching allocator's history: it "
+                                        "needs a GPU"):
+        profiling.validate(_args("--record-memory-history"), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_history_snapshots_at_log_intervals_and_on_oom(tmp_path):
+    """The snapshot names the test's allocation (its Python stack), and running out of memory writes one too. The
+    files are the test's own (torch's snapshot format is a pickle)."""
+    args = _args("--record-memory-history", "--memory-snapshot-path", str(tmp_path / "snap.pickle"))
+    history = profiling.MemoryHistory(args, rank=0)
+    history.start()
+    try:
+        kept = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+        history.dump()
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(1 << 60, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap_0.pickle", "snap_oom_0.pickle"]
+    with open(tmp_path / "snap_0.pickle", "rb") as fh:
+        snapshot = pickle.load(fh)
+    allocs = [e for trace in snapshot["device_traces"] for e in trace
+              if e["action"] == "alloc" and e["size"] == kept.numel()]
+    assert any("test_cuda_memory_history" in str(f.get("name")) for e in allocs for f in e["frames"])
