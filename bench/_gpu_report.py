@@ -42,6 +42,8 @@ def print_tables(results, device):
                 exp += ", the whole iteration in a CUDA graph" + ("" if r.get("graph_captured") else " (not captured)")
             elif r.get("cuda_graphs"):
                 exp += ", CUDA graphs (Megatron-Core local, per layer)"
+            if r.get("manual_gc"):
+                exp += ", --manual-gc"
             if r.get("offloaded_gib"):
                 exp += f", frozen bf16 weights in host memory ({r['offloaded_gib']:.1f} GiB)"
             print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "

@@ -24,6 +24,7 @@ experts' bf16 weights in host memory (FP8 with a weight cache; the trainer's --o
 `"permutation"` picks the MoE token permutation ("experts", the default: the grouped experts permute; "gather": the
 dispatcher's gather permutation; "megatron": Megatron-Core's own). `"token_counts": "device"` keeps the experts'
 token counts on the GPU (the trainer's --moe-token-counts device: no host sync per MoE layer).
+`"manual_gc": true`: Python's automatic garbage collection off during the steps (the trainer's --manual-gc).
 `"cuda_graphs": "full_iteration"` (with "token_counts": "device"; the trainer's --cuda-graph-impl local
 --cuda-graph-scope full_iteration, training/cuda_graph.py): every micro-batch's forward and backward captured in one
 CUDA graph in the last warm-up step (at least 3: eager, eager under the host-sync check, capture), then replayed
@@ -72,7 +73,7 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 # --------------------------------------------------------------------------------------------- model timing
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts", offload=False, token_counts="host", cuda_graphs=None):
+              permutation="experts", offload=False, token_counts="host", cuda_graphs=None, manual_gc=False):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -81,6 +82,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     from megatron_esft.esft.freeze import apply_finetune_mode, decoder_layers, is_moe_layer
     from megatron_esft.models.hf_config import parse_hf_config
     from megatron_esft.models.provider import build_model
+    from megatron_esft.training.manual_gc import ManualGC
 
     init_parallel(seed=5)
     raw = dict(raw, num_hidden_layers=layers)
@@ -226,6 +228,9 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         warmup = max(args.warmup, 3)
         graph = FullIterationGraph(iteration, warmup - 1, dev, graph_stream)
         batches = [{"tokens": tokens, "position_ids": position_ids, "labels": labels}] * accum
+    # the trainer's --manual-gc (no collections between steps): Python's automatic collections off in the steps
+    collector = ManualGC(argparse.Namespace(manual_gc=manual_gc, manual_gc_interval=0, manual_gc_eval=False))
+    collector.start()
     for it in range(warmup + args.iters):
         if it == warmup:
             for rows in trained_rows.values():
@@ -256,6 +261,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             phases.mark("optimizer")
         phases.finish()
         losses.append(loss.item())
+    collector.stop()
     peak, reserved = peak_gib(), peak_reserved_gib()
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
@@ -268,7 +274,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
     ms = timer.median_ms()
     row = {"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
-           "token_counts": token_counts, "cuda_graphs": cuda_graphs,
+           "token_counts": token_counts, "cuda_graphs": cuda_graphs, "manual_gc": manual_gc,
            "graph_captured": graph is not None and graph.captured,
            "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
            "offloaded_gib": offloaded_gib, "ms": ms,
@@ -349,7 +355,8 @@ def run_job(args, job):
     return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
-                     job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs"))
+                     job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs"),
+                     job.get("manual_gc", False))
 
 
 def _last_result(stdout: str):

@@ -45,10 +45,12 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    host (the default) and on the device (where the host's time goes, per phase and module; whether dropping the host
 #    sync per MoE layer helps by itself); micro-batch 2 at 27 layers without recompute, with and without the graph (a
 #    host-bound step's host time per token halves; ~8 GiB of activations per micro-batch over 57.6 GiB at micro-batch
-#    1 may fit on 80 GB); the check (correctness of this session's kernels); 4 layers: bf16, device counts, neither
-#    the fused kernels nor the permutation (their effect), FP8 against bf16, FP8 with device counts in one CUDA
-#    graph, ESFT against FFT; 27 layers with FP8 experts, the frozen experts' cache and their bf16 weights in host
-#    memory (what fits on 80 GB with FP8; after the quick 4-layer jobs, since it once ran past its 150 s limit);
+#    1 may fit on 80 GB); 27 layers eager with Python's automatic garbage collection off (the trainer's --manual-gc:
+#    whether collections inside the host-bound step cost time; against the profiled device-counts job); the check
+#    (correctness of this session's kernels); 4 layers: bf16, device counts, neither the fused kernels nor the
+#    permutation (their effect), FP8 against bf16, FP8 with device counts in one CUDA graph, ESFT against FFT; 27
+#    layers with FP8 experts, the frozen experts' cache and their bf16 weights in host memory (what fits on 80 GB
+#    with FP8; after the quick 4-layer jobs, since it once ran past its 150 s limit);
 #    whether micro-batch 2 fits at 27 layers with selective recompute; the experts table (FP8 against bf16 per layer)
 #    at 8,192 tokens and at 32,768 (4x the rows per expert: whether FP8's gain grows with the group size); last, if
 #    time is left, the experiment of Megatron-Core's per-layer CUDA graphs over sync-free MoE layers
@@ -57,6 +59,7 @@ PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"token_
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","profile":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","mbs":2,"cuda_graphs":"full_iteration"},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","mbs":2},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","manual_gc":true},
  {"job":"check"},
  {"job":"model","mode":"esft","backend":"bf16","layers":4},
  {"job":"model","mode":"esft","backend":"bf16","layers":4,"token_counts":"device"},

@@ -36,6 +36,7 @@ from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
+from megatron_esft.training.manual_gc import ManualGC
 from megatron_esft.training.profiling import IterationProfiler, MemoryHistory
 
 
@@ -373,6 +374,7 @@ def pretrain(argv=None) -> int:
 
     def stop_non_finite(what):
         profiler.close()  # a trace of the window so far
+        collector.stop()
         finish_saves()
         logger.close()  # what was logged up to here stays readable in TensorBoard
         return finite_check.stopped(iteration + 1, what, last_saved or (
@@ -380,7 +382,7 @@ def pretrain(argv=None) -> int:
 
     def run_eval(it):
         nonlocal best_loss, base_load
-        with setup.parameters_gathered(ddp_model):
+        with setup.parameters_gathered(ddp_model), collector.evaluation():
             loss, counts = evaluate(ddp_model, valid_ds, args, tracker)
         if base_load is None and it == 0:
             base_load = counts
@@ -390,6 +392,10 @@ def pretrain(argv=None) -> int:
             if args.save and not args.no_keep_best:
                 save(os.path.join(args.save, "best"), it)
 
+    collector = ManualGC(args)
+    if collector.enabled:
+        par.print_rank0(collector.describe())
+    collector.start()
     if valid_ds is not None and args.eval_interval and not resume:
         run_eval(0)  # the base model's validation loss and routing: the reference for the drift
 
@@ -469,10 +475,12 @@ def pretrain(argv=None) -> int:
             save(args.save, iteration)
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=False)  # a collective: publishes finished saves
+        collector.after_iteration(iteration)
         profiler.end(iteration)
         if stop:
             break
     profiler.close()
+    collector.stop()
     finish_saves()
     if async_queue is not None:
         async_queue.close()
