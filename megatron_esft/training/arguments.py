@@ -9,7 +9,7 @@ import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
 from megatron_esft.parallel import add_uneven_pipeline_arguments
-from megatron_esft.training import manual_gc, profiling
+from megatron_esft.training import manual_gc, profiling, timing
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-duration-in-mins", type=float, default=None, metavar="MINUTES",
                    help="after the first iteration that ends this many minutes after start-up, save a checkpoint "
                         "(with --save) and exit (for a job's time limit)")
+    timing.add_arguments(p)
     manual_gc.add_arguments(p)
     profiling.add_arguments(p)
     return p
@@ -266,6 +267,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                         "--expert-model-parallel-size 1 and, with --expert-gemm fp8, --expert-fp8-weight-cache "
                         "frozen or all")
     _validate_cuda_graph(args)
+    timing.validate(args)
     manual_gc.validate(args)
     profiling.validate(args, world_size)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":

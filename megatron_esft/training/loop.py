@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from functools import partial
 
@@ -31,9 +30,10 @@ from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json
 from megatron_esft.esft.hang_guard import install_hang_guard
 from megatron_esft.models.hf_config import parse_hf_config
 from megatron_esft.models.provider import check_parallel_layout
-from megatron_esft.training import finite_check, flops, setup
+from megatron_esft.training import finite_check, flops, setup, timing
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
+from megatron_esft.training.exit_signal import ExitSignalHandler, exit_requested
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
 from megatron_esft.training.manual_gc import ManualGC
@@ -122,11 +122,11 @@ def _loss_func(loss_mask, scale, output_tensor):
 def _forward_step(tracker, scale, data_iterator, model):
     from megatron_esft.data import build_attention_mask, to_device, valid_token_mask
 
-    batch = next(data_iterator)
-    device = par.local_device()
-    # non-blocking (the loader pins its batches on a GPU machine): a blocking copy would synchronize the stream at
-    # every micro-batch, and the GPU would wait for the host to launch the next forward
-    batch = to_device(batch, device, attention_mask=False)
+    with timing.timed(model.config.timers, "batch-generator", 2):
+        batch = next(data_iterator)
+        # non-blocking (the loader pins its batches on a GPU machine): a blocking copy would synchronize the stream
+        # at every micro-batch, and the GPU would wait for the host to launch the next forward
+        batch = to_device(batch, par.local_device(), attention_mask=False)
     if tracker is not None:
         tracker.set_valid_mask(valid_token_mask(batch))
     output = model(batch["tokens"], batch["position_ids"], build_attention_mask(batch), labels=batch["labels"])
@@ -181,37 +181,6 @@ def _iteration_graph(ddp_model, args, tracker, model, device, stream):
         return _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
 
     return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device, stream)
-
-
-class ExitSignalHandler:
-    """Megatron-LM's --exit-signal-handler: on SIGTERM (what Slurm sends before the time limit, and what the sbatch
-    scripts' USR1 trap forwards), finish the current iteration, save, and exit cleanly (see `exit_requested`)."""
-
-    def __init__(self, enabled: bool, signum: int = signal.SIGTERM):
-        self.enabled, self.signum, self.received = enabled, signum, False
-        self._previous = signal.signal(signum, self._handle) if enabled else None
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def restore(self) -> None:
-        if self.enabled:
-            signal.signal(self.signum, self._previous)
-
-
-def exit_requested(signals: ExitSignalHandler, args, start_time: float) -> tuple[bool, float | None]:
-    """(stop now, minutes since start-up when --exit-duration-in-mins ran out). Every rank calls it at the same point
-    of the loop and the conditions are all-reduced, so all ranks stop at the same iteration even when only one of
-    them got the signal or its clock ran past the limit first (Megatron-LM decides both the same way)."""
-    if not signals.enabled and args.exit_duration_in_mins is None:
-        return False, None
-    minutes = (time.time() - start_time) / 60.0
-    flags = torch.tensor([float(signals.received),
-                          float(args.exit_duration_in_mins is not None and minutes > args.exit_duration_in_mins)])
-    if dist.is_initialized():
-        par.all_reduce(flags, op=dist.ReduceOp.MAX)
-    signaled, timed_out = bool(flags[0]), bool(flags[1])
-    return signaled or timed_out, minutes if timed_out else None
 
 
 def _global_loss(reports) -> tuple[float, float]:
@@ -293,6 +262,7 @@ def pretrain(argv=None) -> int:
     optimizer = setup.build_optimizer(args, ddp_model)
     scheduler = setup.build_scheduler(args, optimizer)
     setup.configure_schedule_hooks(ddp_model, optimizer)
+    timers = timing.install(args, ddp_model, optimizer)
 
     loader = SFTDataLoader(train_ds, args.micro_batch_size)
     iteration, best_loss, base_load, last_saved = 0, None, None, None
@@ -382,7 +352,7 @@ def pretrain(argv=None) -> int:
 
     def run_eval(it):
         nonlocal best_loss, base_load
-        with setup.parameters_gathered(ddp_model), collector.evaluation():
+        with setup.parameters_gathered(ddp_model), collector.evaluation(), timing.paused(ddp_model):
             loss, counts = evaluate(ddp_model, valid_ds, args, tracker)
         if base_load is None and it == 0:
             base_load = counts
@@ -431,7 +401,8 @@ def pretrain(argv=None) -> int:
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
             raise stop_non_finite(f"lm loss is {loss}")
         try:
-            _, grad_norm, num_zeros = optimizer.step()
+            with timing.timed(timers, "optimizer", 1, args.barrier_with_L1_time):
+                _, grad_norm, num_zeros = optimizer.step()
         except finite_check.NonFiniteGradNorm as exc:
             raise stop_non_finite(f"{exc} (lm loss {loss:.6E})") from None
         note_expert_weights_updated(model)  # FP8 caches of trained experts: the optimizer bypasses their versions
@@ -461,6 +432,7 @@ def pretrain(argv=None) -> int:
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
             memory_history.dump()
+            timing.log(timers, args, logger.writer, iteration, window["iters"])
             report_memory = False
             window = _new_window()
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
