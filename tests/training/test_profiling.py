@@ -63,7 +63,6 @@ def test_torch_profiler_traces_the_window(tmp_path, window, done, close_after, t
     # after a stop inside the window, torch's trace also holds the empty step it opened after the last iteration
     assert _traced_iterations(path) == (traced, len(traced) + (close_after is not None))
     assert said == [f"torch profiler: iterations {traced[0]}..{traced[-1]} traced to {path}"]
-
     assert sorted(p.name for p in path.parent.iterdir()) == ["rank-0.json.gz"]  # no temporary file left
 
 
