@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from megatron_esft.errors import UserError
 
@@ -33,19 +34,26 @@ def atomic_directory(out_dir: str, prefix: str = ".tmp-") -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see a half-written file."""
+def atomic_write_file(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """`write(tmp)` creates the whole file at `tmp`, a new name next to `path` that ends in `path`'s name (so a writer
+    that picks its format by the extension, such as a .gz trace, sees the real one); then `tmp` replaces `path` in one
+    rename, or is removed if `write` raises: readers never see a half-written file. The writer creates the file, so
+    it gets the mode any new file gets (the umask's), as if written in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = str(path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write `payload` to `path` atomically (`atomic_write_file`)."""
+    atomic_write_file(path, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def read_json(path: str | os.PathLike):

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
+from megatron_esft.atomic import atomic_write_file
 from megatron_esft.errors import UserError
 
 
@@ -182,16 +182,10 @@ def require_references(completions: list[Completion]) -> None:
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-    """Write all records or nothing: a temp file next to `path`, renamed at the end."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    """Write all records or nothing (atomic.atomic_write_file)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_file(path, write)

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from megatron_esft.atomic import atomic_write_file
 from megatron_esft.errors import UserError
 
 
@@ -97,18 +98,8 @@ def _iterations(first: int, last: int) -> str:
     return f"iteration {first}" if first == last else f"iterations {first}..{last}"
 
 
-def _write_atomically(path: str, write) -> None:
-    """`write(name)` to a temporary name next to `path` that keeps its extension (export_chrome_trace compresses a
-    .gz name), then rename it to `path`: readers never see half a file."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _profiled_rank(args: argparse.Namespace, rank: int) -> bool:
+    return not args.profile_ranks or rank in args.profile_ranks
 
 
 def trace_path(tensorboard_dir: str, rank: int) -> str:
@@ -123,8 +114,7 @@ class IterationProfiler:
         self.torch_profiler = args.use_pytorch_profiler
         self.first = max(args.profile_step_start, iterations_done) + 1  # the first profiled iteration
         self.last = min(args.profile_step_end, args.train_iters)
-        self.enabled = (args.profile and (not args.profile_ranks or rank in args.profile_ranks)
-                        and self.first <= self.last)
+        self.enabled = args.profile and _profiled_rank(args, rank) and self.first <= self.last
         # the torch profiler's warm-up: the iteration before the window, when this run runs it
         self.warmup = int(self.torch_profiler and args.profile_step_start > iterations_done)
         self.path = trace_path(args.tensorboard_dir, rank) if self.torch_profiler else None
@@ -134,7 +124,7 @@ class IterationProfiler:
         self._range = None
         self._capturing = False  # nsys's range is open
         self._ended = None  # the last iteration the torch profiler saw end
-        if args.profile and self.first > self.last and (not args.profile_ranks or rank in args.profile_ranks):
+        if args.profile and self.first > self.last and _profiled_rank(args, rank):
             announce(f"--profile: {_iterations(args.profile_step_start + 1, args.profile_step_end)} were done before "
                      f"this run (it resumes after iteration {iterations_done}); nothing is profiled")
 
@@ -180,7 +170,7 @@ class IterationProfiler:
         self._profiler.start()
 
     def _write_trace(self, profiler) -> None:
-        _write_atomically(self.path, profiler.export_chrome_trace)  # gzip-compressed: the name ends in .gz
+        atomic_write_file(self.path, profiler.export_chrome_trace)  # gzip-compressed: the name ends in .gz
         self.announce(f"torch profiler: {_iterations(self.first, self._ended)} traced to {self.path}")
 
 
@@ -190,7 +180,7 @@ class MemoryHistory:
     MAX_ENTRIES = 100_000  # allocation and free events kept (Megatron-LM's number)
 
     def __init__(self, args: argparse.Namespace, rank: int):
-        self.enabled = args.record_memory_history and (not args.profile_ranks or rank in args.profile_ranks)
+        self.enabled = args.record_memory_history and _profiled_rank(args, rank)
         base, ext = os.path.splitext(args.memory_snapshot_path)
         self.path, self.oom_path = f"{base}_{rank}{ext}", f"{base}_oom_{rank}{ext}"
 
@@ -201,8 +191,8 @@ class MemoryHistory:
         torch.cuda.memory._record_memory_history(max_entries=self.MAX_ENTRIES, stacks="python")
         attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
         if attach is not None:  # (a private hook of torch's, as Megatron-LM uses it)
-            attach(lambda *_: _write_atomically(self.oom_path, torch.cuda.memory._dump_snapshot))
+            attach(lambda *_: atomic_write_file(self.oom_path, torch.cuda.memory._dump_snapshot))
 
     def dump(self) -> None:
         if self.enabled:
-            _write_atomically(self.path, torch.cuda.memory._dump_snapshot)
+            atomic_write_file(self.path, torch.cuda.memory._dump_snapshot)
