@@ -1,4 +1,4 @@
-"""Timing, profiling and fingerprint helpers of bench/gpu_esft.py (CUDA events on a GPU, perf_counter on CPU)."""
+"""Timing and profiling helpers of bench/gpu_esft.py (CUDA events on a GPU, perf_counter on CPU)."""
 
 from __future__ import annotations
 
@@ -214,24 +214,3 @@ class NullCtx:
     def __exit__(self, *exc):
         return False
 
-
-def fingerprint(params):
-    """Exact integer hash of the bits of each parameter (chunked by first dim to bound the temporaries)."""
-    import torch
-
-    # hashed on the GPU where there is one, also for weights kept in host memory (--offload-frozen-experts): the CPU
-    # would hash V2-Lite's 12.7B host-resident frozen expert weights twice, in several int64 passes each (the likely
-    # reason why the 27-layer offload job ran past its 150 s limit in the 2026-11-30 session)
-    device = torch.device("cuda") if torch.cuda.is_available() else None
-    out = []
-    for p in params:
-        bits = p.detach().view(-1).view(torch.int16) if p.dtype == torch.bfloat16 else p.detach().view(-1).view(torch.int32)
-        where = device or p.device
-        acc = torch.zeros((), dtype=torch.int64, device=where)
-        step = 1 << 24
-        for s in range(0, bits.numel(), step):
-            chunk = bits[s:s + step].to(where).to(torch.int64)
-            pos = torch.arange(s, s + chunk.numel(), device=where, dtype=torch.int64) % 1000003 + 1
-            acc += (chunk * pos).sum() + (chunk ^ pos).sum()
-        out.append(acc)
-    return torch.stack([a.cpu() for a in out]) if out else torch.zeros(0, dtype=torch.int64)

@@ -52,8 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
 from _gpu_report import print_tables  # noqa: E402
 from _host_profile import format_host_profile, host_profile  # noqa: E402
-from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, fingerprint, peak_gib,  # noqa: E402
-                         peak_reserved_gib, profile_kernels)
+from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, peak_gib, peak_reserved_gib,  # noqa: E402
+                         profile_kernels)
+
+from megatron_esft.training.weight_checks import fingerprints as fingerprint  # noqa: E402 (the trainer's check)
 
 V2_LITE = {
     "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,

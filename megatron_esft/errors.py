@@ -34,7 +34,10 @@ def run_cli(main: Callable[[], object]) -> None:
         result = main()
     except (UserError, RunStopped) as exc:
         message = " ".join(str(exc).split())  # guarantee one line
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        # one write of the whole line: under torchrun every rank's line arrives whole (print writes the newline
+        # separately, and two ranks' lines ran together)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         sys.exit(2 if isinstance(exc, UserError) else 1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
 from megatron_esft.parallel import add_uneven_pipeline_arguments
-from megatron_esft.training import manual_gc, profiling, timing
+from megatron_esft.training import manual_gc, profiling, timing, weight_checks
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_arguments(p)
     manual_gc.add_arguments(p)
     profiling.add_arguments(p)
+    weight_checks.add_arguments(p)
     return p
 
 
@@ -270,6 +271,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     timing.validate(args)
     manual_gc.validate(args)
     profiling.validate(args, world_size)
+    weight_checks.validate(args)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):

@@ -30,7 +30,7 @@ from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json
 from megatron_esft.esft.hang_guard import install_hang_guard
 from megatron_esft.models.hf_config import parse_hf_config
 from megatron_esft.models.provider import check_parallel_layout
-from megatron_esft.training import finite_check, flops, setup, timing
+from megatron_esft.training import finite_check, flops, setup, timing, weight_checks
 from megatron_esft.training.arguments import build_parser, validate
 from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
 from megatron_esft.training.exit_signal import ExitSignalHandler, exit_requested
@@ -294,6 +294,9 @@ def pretrain(argv=None) -> int:
         moved, cached = offload_frozen_expert_weights(model)
         par.print_rank0(f"frozen expert weights moved to host memory: {moved / 2**30:.3f} GiB per rank "
                         f"(their FP8 copies on the device: {cached / 2**30:.3f} GiB)")
+    # the frozen weights as loaded (and offloaded): compared before every save, at the end and at the interval
+    frozen_check = weight_checks.FrozenWeightsCheck(model, args.check_frozen_weights and args.finetune_mode != "full",
+                                                    args.check_frozen_weights_interval)
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
     graph = _iteration_graph(ddp_model, args, tracker, model, graph_device, graph_stream)
@@ -321,6 +324,7 @@ def pretrain(argv=None) -> int:
             "trainable_params": report.total,
             "train_state": train_state,
         }
+        frozen_check.check(it, f"the checkpoint of iteration {it} was not written ({kept()})")
         t0 = time.perf_counter()
 
         def published():  # the iteration is complete on disk and the latest (with --async-save: some steps later)
@@ -342,13 +346,18 @@ def pretrain(argv=None) -> int:
         if async_queue is not None:
             async_queue.maybe_finalize_async_calls(blocking=True)
 
+    def last_checkpoint():
+        return last_saved or (f"iteration {start_iteration} in {args.load}" if resume else None)
+
+    def kept():
+        return f"last checkpoint: {last_checkpoint()}" if last_checkpoint() else "this run saved no checkpoint"
+
     def stop_non_finite(what):
         profiler.close()  # a trace of the window so far
         collector.stop()
         finish_saves()
         logger.close()  # what was logged up to here stays readable in TensorBoard
-        return finite_check.stopped(iteration + 1, what, last_saved or (
-            f"iteration {start_iteration} in {args.load}" if resume else None))
+        return finite_check.stopped(iteration + 1, what, last_checkpoint())
 
     def run_eval(it):
         nonlocal best_loss, base_load
@@ -361,6 +370,14 @@ def pretrain(argv=None) -> int:
             best_loss = loss
             if args.save and not args.no_keep_best:
                 save(os.path.join(args.save, "best"), it)
+
+    def check_weights(it):
+        interval = args.check_weight_hash_across_dp_replicas_interval
+        if interval and it % interval == 0:
+            with setup.parameters_gathered(ddp_model):
+                weight_checks.check_replicas(model, it, f"stopped at iteration {it} ({kept()})")
+        if frozen_check.due(it):
+            frozen_check.check(it, f"stopped at iteration {it} ({kept()})")
 
     collector = ManualGC(args)
     if collector.enabled:
@@ -435,6 +452,7 @@ def pretrain(argv=None) -> int:
             timing.log(timers, args, logger.writer, iteration, window["iters"])
             report_memory = False
             window = _new_window()
+        check_weights(iteration)  # after the iteration's log line: a stop here still shows its loss
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0:
             run_eval(iteration)
         requested, timed_out_after = exit_requested(signals, args, start_time)  # a collective when enabled
@@ -454,6 +472,9 @@ def pretrain(argv=None) -> int:
     profiler.close()
     collector.stop()
     finish_saves()
+    frozen_check.check(iteration, f"stopped at the end of training ({kept()})")
+    if frozen_check.summary():
+        par.print_rank0(frozen_check.summary())
     if async_queue is not None:
         async_queue.close()
     signals.restore()

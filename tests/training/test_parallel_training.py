@@ -37,7 +37,9 @@ def _train_3_iterations_like_reference(training_env, reference, name, *layout):
 
 
 def test_ep2_matches_ep1_without_hang(training_env, reference):
-    save, _ = _train_3_iterations_like_reference(training_env, reference, "ep2", "--expert-model-parallel-size", "2")
+    # with Megatron-LM's replica check: the dense weights on both data-parallel ranks, every iteration
+    save, _ = _train_3_iterations_like_reference(training_env, reference, "ep2", "--expert-model-parallel-size", "2",
+                                                 "--check-weight-hash-across-dp-replicas-interval", "1")
     # resharding resume: the EP=2 checkpoint (model + optimizer with per-expert keys) continues at EP=1
     resumed = pretrain(save, None, "--train-iters", "4", data=training_env["data"])
     assert "resumed from" in resumed.stdout and "RNG states not restored" in resumed.stdout
@@ -101,12 +103,14 @@ def test_dp2_with_overlapped_grad_reduce_and_param_gather(training_env, referenc
     and validation every 2: the 1-rank reference run's losses and checkpoints. With the overlapped gather the updated
     weights arrive only during the next forward (DDP's pre-hooks), so the checkpoint saved at iteration 3, with no
     forward since the step, holds the step's weights only because the trainer gathers them first; the validations
-    at 2 and 4 take DDP's pre-hooks off and put them back in the middle of training."""
+    at 2 and 4 take DDP's pre-hooks off and put them back in the middle of training, as does the replica check
+    (--check-weight-hash-across-dp-replicas-interval 2: every weight, dense and expert, equal on both replicas)."""
     env = training_env
     save = str(env["root"] / "dp2-overlap")
     proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
                     "--eval-interval", "2", "--overlap-grad-reduce", "--overlap-param-gather",
-                    "--ddp-bucket-size", "5000", nproc=2, data=env["data"])
+                    "--ddp-bucket-size", "5000", "--check-weight-hash-across-dp-replicas-interval", "2",
+                    nproc=2, data=env["data"])
     for a, b in zip(losses(proc), reference["losses"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
     ref_val, val = _validation_losses(reference["proc"]), _validation_losses(proc)
