@@ -29,6 +29,9 @@ class ParallelConfig:
     # remaining layers evenly (models/provider.pipeline_stage_layers)
     decoder_first_pipeline_num_layers: int | None = None
     decoder_last_pipeline_num_layers: int | None = None
+    # how long a collective may wait for the other ranks (Megatron-LM's --distributed-timeout-minutes): None = the
+    # ESFT_DIST_TIMEOUT_MIN environment variable, else 30
+    distributed_timeout_minutes: int | None = None
 
     @classmethod
     def from_args(cls, args, **overrides) -> "ParallelConfig":
@@ -59,16 +62,35 @@ def add_uneven_pipeline_arguments(parser) -> None:
                         help="decoder layers of the last pipeline stage (the other stages split the rest evenly)")
 
 
+def add_distributed_timeout_argument(parser) -> None:
+    """Megatron-LM's --distributed-timeout-minutes (to an argparse parser or argument group)."""
+    parser.add_argument("--distributed-timeout-minutes", type=int, default=None, metavar="MINUTES",
+                        help="how long a collective waits for the other ranks before the run fails (default: "
+                             "$ESFT_DIST_TIMEOUT_MIN, else 30; Megatron-LM's default is 10, too short for loading "
+                             "a DeepSeek-V3 checkpoint on a slow file system)")
+
+
+def _timeout_minutes(requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--distributed-timeout-minutes {requested}: must be at least 1")
+        return requested
+    value = os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"ESFT_DIST_TIMEOUT_MIN={value!r}: must be a whole number of minutes, at least 1")
+    return int(value)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group() -> None:
+def init_process_group(timeout_minutes: int | None = None) -> None:
     """Create the default process group once (one local rank when not launched by torchrun)."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(minutes=int(os.environ.get("ESFT_DIST_TIMEOUT_MIN", "30")))
+    timeout = timedelta(minutes=_timeout_minutes(timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if backend == "gloo":
@@ -88,7 +110,8 @@ def init_process_group() -> None:
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Apply compat patches, create process groups and Megatron-Core parallel state, seed RNGs."""
     compat.apply()
-    init_process_group()
+    minutes = _timeout_minutes(parallel.distributed_timeout_minutes)
+    init_process_group(minutes)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -112,6 +135,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         expert_model_parallel_size=parallel.ep,
         # experts are never tensor-parallel (ESFT trains whole experts; models.provider sets the same in the config)
         expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=minutes,  # the groups Megatron-Core makes (its default: 30 whatever was asked)
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

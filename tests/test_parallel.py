@@ -31,3 +31,43 @@ def test_gloo_group_destroyed_at_exit():
                           env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == ["initialized True gloo", "default process group destroyed"], proc.stdout
+
+
+TIMEOUTS = r"""
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron_esft.errors import run_cli
+from megatron_esft.parallel import ParallelConfig, initialize
+
+minutes = None if sys.argv[1] == "none" else int(sys.argv[1])
+run_cli(lambda: initialize(ParallelConfig(distributed_timeout_minutes=minutes), seed=1))
+for group in (dist.group.WORLD, ps.get_data_parallel_group(), ps.get_expert_data_parallel_group()):
+    print(group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60)
+"""
+
+
+def _timeouts(minutes: str, env_minutes: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env.pop("ESFT_DIST_TIMEOUT_MIN", None)
+    if env_minutes is not None:
+        env["ESFT_DIST_TIMEOUT_MIN"] = env_minutes
+    return subprocess.run([sys.executable, "-c", TIMEOUTS, minutes], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+
+
+def test_distributed_timeout_reaches_the_default_group_and_megatron_core_groups():
+    """--distributed-timeout-minutes (ParallelConfig.distributed_timeout_minutes), else $ESFT_DIST_TIMEOUT_MIN, else
+    30, for the default group and the groups Megatron-Core makes (which take 30 unless told)."""
+    for minutes, env_minutes, expected in (("7", None, 7.0), ("none", "12", 12.0), ("none", None, 30.0),
+                                           ("7", "12", 7.0)):
+        proc = _timeouts(minutes, env_minutes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [float(x) for x in proc.stdout.split()] == [expected] * 3, (minutes, env_minutes, proc.stdout)
+    bad = _timeouts("0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --distributed-timeout-minutes 0: must be at least 1"
+    bad = _timeouts("none", "soon")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("ESFT_DIST_TIMEOUT_MIN='soon': must be a whole "
+                                                              "number of minutes, at least 1")

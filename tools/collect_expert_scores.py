@@ -13,7 +13,7 @@ import os
 import _bootstrap  # noqa: F401
 
 from megatron_esft.errors import UserError, run_cli
-from megatron_esft.parallel import add_uneven_pipeline_arguments
+from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments
 from megatron_esft.routing.cli import ArgumentParser
 from megatron_esft.routing.scores import GATE_KINDS
 
@@ -35,6 +35,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
     add_uneven_pipeline_arguments(parser)
+    add_distributed_timeout_argument(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     parser.add_argument("--tensorboard-dir", help="also log the score heatmaps to TensorBoard")
     parser.add_argument("--no-plot", action="store_true", help="do not write scores_token.png")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
-from megatron_esft.parallel import add_uneven_pipeline_arguments
+from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments
 from megatron_esft.training import manual_gc, profiling, timing, weight_checks
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     add_uneven_pipeline_arguments(g)
+    add_distributed_timeout_argument(g)
     g.add_argument("--experts-impl", choices=["grouped", "sequential"], default="grouped")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="Megatron-Core layer spec. Only local is built, also where Transformer Engine imports "
