@@ -55,6 +55,10 @@ def print_tables(results, device):
                   f"{r['trainable_params'] / 1e9:.2f}B | {r['frozen_bit_identical']} (trainable tensors "
                   f"changed: {r['trainable_changed']}) | {r['loss_first']:.3f}->{r['loss_last']:.3f} |")
     for r in models:
+        if r.get("frozen_check_s") is not None and r["mode"] == "esft":  # the trainer's check before every save
+            print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers: the frozen-weights check (fingerprint "
+                  f"of {r['frozen_tensors']} frozen tensors) {r['frozen_check_s'] * 1e3:.0f} ms")
+    for r in models:
         if r.get("gpu_kernel_ms"):  # --profile: kernel time of one profiled step against the timed step
             print(f"- {r['mode'].upper()} {r['layers']} layers ({r.get('fusions')}): GPU kernels {r['gpu_kernel_ms']:.1f}"
                   f" ms of {r['ms']:.1f} ms per iteration, GPU busy {r['gpu_kernel_ms'] / r['ms']:.0%}")

@@ -273,7 +273,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     per_sequence = args.seq * (args.seq + 1) // 2 if pairs is None else pairs
     flops = iteration_flops(cfg, what_trains, tokens=args.seq * mbs * accum, pairs=per_sequence * mbs * accum,
                             trained_rows={number - 1: float(t) / args.iters for number, t in trained_rows.items()})
-    after_frozen, after_trained = fingerprint(frozen), fingerprint(trained)
+    t_check = time.perf_counter()
+    after_frozen = fingerprint(frozen)  # what the trainer's frozen-weights check costs at every save
+    check_s = time.perf_counter() - t_check
+    after_trained = fingerprint(trained)
     ms = timer.median_ms()
     row = {"kind": "model", "mode": mode, "backend": backend, "cache": cache, "layers": layers, "seq": args.seq,
            "token_counts": token_counts, "cuda_graphs": cuda_graphs, "manual_gc": manual_gc,
@@ -282,10 +285,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
            "offloaded_gib": offloaded_gib, "ms": ms,
            "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
            "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
-           "trainable_params": n_trainable,
+           "trainable_params": n_trainable, "frozen_tensors": len(frozen),
            "frozen_bit_identical": bool(torch.equal(before_frozen, after_frozen)),
            "trainable_changed": f"{int((before_trained != after_trained).sum())}/{len(trained)}",
-           "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s,
+           "loss_first": losses[0], "loss_last": losses[-1], "build_s": build_s, "frozen_check_s": check_s,
            "phases": phases.medians()}
     if args.profile:
         def forward():
