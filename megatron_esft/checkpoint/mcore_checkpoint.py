@@ -82,9 +82,25 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
+def _save_strategy(fully_parallel: bool):
+    """Megatron-Core's default torch_dist writer, spread over the ranks with `fully_parallel` (Megatron-LM's
+    --ckpt-fully-parallel-save): by default a tensor held by several ranks (the dense weights on every data-parallel
+    replica) is written by its first replica alone, so data-parallel rank 0 writes every dense weight while the
+    others wait; the wrapper assigns each such tensor to one of its holders, balancing the bytes per rank (only
+    metadata is exchanged, over the whole world: it covers every replication pattern, expert weights included)."""
+    if not fully_parallel or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dist.group.WORLD)
+
+
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
-                    rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None) -> str:
+                    rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None,
+                    fully_parallel: bool = False) -> str:
     """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
+    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save (`_save_strategy`).
 
     With `async_queue` (Megatron-Core's `AsyncCallsQueue`, Megatron-LM's --async-save) the tensors are staged now and
     written by a background process; the iteration is published (renamed into place, tracker updated, then
@@ -109,14 +125,15 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
         if on_published is not None:
             on_published()
 
+    strategy = _save_strategy(fully_parallel)
     if async_queue is None:
-        dist_checkpointing.save(sharded_state_dict, tmp)
+        dist_checkpointing.save(sharded_state_dict, tmp, strategy)
         _barrier()
         publish()
     else:
         # staging copies device tensors to host memory; the writer is a process forked when the request is
         # scheduled, so host tensors too are written with the values of this moment (tests/checkpoint)
-        request = dist_checkpointing.save(sharded_state_dict, tmp, async_sharded_save=True)
+        request = dist_checkpointing.save(sharded_state_dict, tmp, strategy, async_sharded_save=True)
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final

@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training goes on (the tensors are "
                         "copied to host memory first); an iteration becomes the latest once written")
+    g.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
+                   help="write every tensor that several ranks hold (the dense weights on each data-parallel replica) "
+                        "from its first holder, instead of spreading them over the holders (Megatron-LM's flag)")
+    g.add_argument("--ckpt-fully-parallel-save", action="store_true", dest="ckpt_fully_parallel_save", default=True,
+                   help="the default (accepted as in Megatron-LM, where it is on by default too)")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")
     g.add_argument("--no-keep-best", action="store_true", help="do not keep the best-validation checkpoint")

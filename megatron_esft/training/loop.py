@@ -337,7 +337,8 @@ def pretrain(argv=None) -> int:
         with setup.parameters_gathered(ddp_model):
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
                                         hf_assets if os.path.isdir(hf_assets) else None, async_queue, published,
-                                        trained_only=args.save_trained_weights_only)
+                                        trained_only=args.save_trained_weights_only,
+                                        fully_parallel=args.ckpt_fully_parallel_save)
         if async_queue is not None:
             par.print_rank0(f"scheduled checkpoint save at iteration {it:7d} to {root} "
                             f"({time.perf_counter() - t0:.1f} s blocking)")

@@ -5,6 +5,8 @@ the configuration that deadlocks without the all-to-all hang guard. It must fini
 weights (<= 1e-4 relative), with everything else bit-identical to the base.
 """
 
+from pathlib import Path
+
 import torch
 
 from training_helpers import load_hf, load_mcore, logged, losses, pretrain, selected_name, to_hf
@@ -104,7 +106,8 @@ def test_dp2_with_overlapped_grad_reduce_and_param_gather(training_env, referenc
     weights arrive only during the next forward (DDP's pre-hooks), so the checkpoint saved at iteration 3, with no
     forward since the step, holds the step's weights only because the trainer gathers them first; the validations
     at 2 and 4 take DDP's pre-hooks off and put them back in the middle of training, as does the replica check
-    (--check-weight-hash-across-dp-replicas-interval 2: every weight, dense and expert, equal on both replicas)."""
+    (--check-weight-hash-across-dp-replicas-interval 2: every weight, dense and expert, equal on both replicas).
+    The checkpoints are written by both ranks in about equal parts (--ckpt-fully-parallel-save, the default)."""
     env = training_env
     save = str(env["root"] / "dp2-overlap")
     proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], "--train-iters", "6", "--save-interval", "3",
@@ -117,6 +120,10 @@ def test_dp2_with_overlapped_grad_reduce_and_param_gather(training_env, referenc
     assert sorted(val) == [0, 2, 4, 6] and sorted(ref_val) == [0, 3, 6]
     for it in (0, 6):
         assert abs(val[it] - ref_val[it]) <= 1e-5 * abs(ref_val[it]), (it, val[it], ref_val[it])
+    # --ckpt-fully-parallel-save (the default): both ranks write a share of the weights both hold (without it rank 1
+    # writes only its optimizer shard, ~3 % of the bytes, and rank 0 everything else)
+    written = {r: sum(p.stat().st_size for p in Path(save, "iter_0000006").glob(f"__{r}_*.distcp")) for r in (0, 1)}
+    assert min(written.values()) >= 0.35 * sum(written.values()), written
     base = load_hf(env["hf"])
     for iteration, ref_key in (("3", "hf3"), (None, "hf6")):
         trained = to_hf(save, str(env["root"] / f"dp2-overlap-hf-{iteration}"), iteration=iteration)
