@@ -25,6 +25,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from megatron_esft.checkpoint import retention
 from megatron_esft.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -98,9 +99,11 @@ def _save_strategy(fully_parallel: bool):
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
                     rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None,
-                    fully_parallel: bool = False) -> str:
+                    fully_parallel: bool = False, retain_interval: int | None = None,
+                    protected: frozenset[int] = frozenset()) -> str:
     """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
-    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save (`_save_strategy`).
+    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save (`_save_strategy`); `retain_interval`, `protected`:
+    which earlier iteration goes once this one is published (--save-retain-interval, retention.py).
 
     With `async_queue` (Megatron-Core's `AsyncCallsQueue`, Megatron-LM's --async-save) the tensors are staged now and
     written by a background process; the iteration is published (renamed into place, tracker updated, then
@@ -115,13 +118,13 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):  # leftovers of a killed save
-            if name.startswith(".iter_") and ".tmp-" in name:
+            if (name.startswith(".iter_") and ".tmp-" in name) or retention.is_leftover(name):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
 
     def publish():
-        _publish(root, iteration, tmp, meta, hf_assets_from, rank0_files)
+        _publish(root, iteration, tmp, meta, hf_assets_from, rank0_files, retain_interval, protected)
         if on_published is not None:
             on_published()
 
@@ -140,9 +143,11 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
 
 
 def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: str | None,
-             rank0_files: dict[str, bytes] | None) -> None:
+             rank0_files: dict[str, bytes] | None, retain_interval: int | None = None,
+             protected: frozenset[int] = frozenset()) -> None:
     """Collective, after every rank's shards are in `tmp`: rank 0 adds the meta (and extra files), renames `tmp` to the
-    iteration's directory and points the tracker at it."""
+    iteration's directory, points the tracker at it and removes the previous latest iteration if it is not to be
+    retained (retention.py)."""
     final = iteration_dir(root, iteration)
     if _rank() == 0:
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as fh:
@@ -163,12 +168,19 @@ def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: st
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        tracker = os.path.join(root, TRACKER)
+        text = open(tracker, encoding="utf-8").read().strip() if os.path.exists(tracker) else ""
+        previous = int(text) if text.isdigit() else None
         tracker_tmp = os.path.join(root, f".{TRACKER}.tmp")
         with open(tracker_tmp, "w", encoding="utf-8") as fh:
             fh.write(str(iteration))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        os.replace(tracker_tmp, tracker)
+        gone = retention.to_remove(previous, iteration, retain_interval, set(protected))
+        if gone is not None and retention.remove_iteration(root, gone):
+            print(f"removed checkpoint at iteration {gone:7d} from {root} (superseded by iteration {iteration})",
+                  flush=True)
     _barrier()
 
 

@@ -140,11 +140,13 @@ def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tupl
 
 def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None,
                              async_queue=None, on_published=None, trained_only: bool = False,
-                             fully_parallel: bool = False):
+                             fully_parallel: bool = False, retain_interval: int | None = None,
+                             protected: frozenset[int] = frozenset()):
     """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0;
     `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint); `trained_only`: the model
     part holds the trained parameters only, the rest comes from `meta["base_checkpoint"]` (trained_only.py);
-    `fully_parallel`: every rank writes a share of the replicated tensors (--ckpt-fully-parallel-save).
+    `fully_parallel`: every rank writes a share of the replicated tensors (--ckpt-fully-parallel-save);
+    `retain_interval` / `protected`: --save-retain-interval (checkpoint/retention.py).
 
     Only the optimizer's per-parameter tensors go into the checkpoint (keys: `optimizer.state.{param,exp_avg,
     exp_avg_sq}.<model key>[.expert<g>]`, independent of how Megatron splits parameters over its dense and expert
@@ -159,7 +161,8 @@ def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: 
     if trained_only:
         meta[MODEL_WEIGHTS] = TRAINED
     return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from, async_queue=async_queue,
-                           on_published=on_published, fully_parallel=fully_parallel)
+                           on_published=on_published, fully_parallel=fully_parallel,
+                           retain_interval=retain_interval, protected=protected)
 
 
 def load_model_only(root: str, iteration: int, model) -> None:

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training goes on (the tensors are "
                         "copied to host memory first); an iteration becomes the latest once written")
+    g.add_argument("--save-retain-interval", type=int, default=None, metavar="ITERATIONS",
+                   help="keep only every this many iterations' checkpoints and the newest: the previous newest is "
+                        "removed once a later one is saved (a multiple of --save-interval; Megatron-LM's flag)")
     g.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
                    help="write every tensor that several ranks hold (the dense weights on each data-parallel replica) "
                         "from its first holder, instead of spreading them over the holders (Megatron-LM's flag)")
@@ -210,7 +213,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     _positive(args, "train-iters", "micro-batch-size", "global-batch-size", "seq-length", "log-interval",
               "save-interval", "eval-interval", "eval-iters", "tensor-model-parallel-size",
               "pipeline-model-parallel-size", "expert-model-parallel-size", "recompute-num-layers", "exit-interval",
-              "ddp-bucket-size")
+              "ddp-bucket-size", "save-retain-interval")
+    if args.save_retain_interval is not None and (not args.save or not args.save_interval
+                                                  or args.save_retain_interval % args.save_interval):
+        raise UserError(f"--save-retain-interval {args.save_retain_interval}: needs --save and a --save-interval it "
+                        "is a multiple of")
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
     from megatron_esft.data.blend import parse_weighted_paths

@@ -334,11 +334,15 @@ def pretrain(argv=None) -> int:
             if root == args.save:
                 last_saved = f"iteration {it} in {root}"
 
+        base = out_meta["base_checkpoint"]  # never removed by the retention below: it may hold the frozen weights
+        protected = frozenset([base["iteration"]] if os.path.abspath(base["load"]) == os.path.abspath(root) else [])
         with setup.parameters_gathered(ddp_model):
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
                                         hf_assets if os.path.isdir(hf_assets) else None, async_queue, published,
                                         trained_only=args.save_trained_weights_only,
-                                        fully_parallel=args.ckpt_fully_parallel_save)
+                                        fully_parallel=args.ckpt_fully_parallel_save,
+                                        retain_interval=args.save_retain_interval if root == args.save else 0,
+                                        protected=protected)
         if async_queue is not None:
             par.print_rank0(f"scheduled checkpoint save at iteration {it:7d} to {root} "
                             f"({time.perf_counter() - t0:.1f} s blocking)")
