@@ -214,25 +214,31 @@ def _unshare_step_tensors(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool, step: int) -> None:
+def load_training_checkpoint(root: str, iteration: int, model, optimizer, restore_rng: bool, step: int,
+                             load_optimizer: bool = True) -> None:
     """Collective: model weights, optimizer state (`step`: the optimizer step saved in the meta) and, when
-    `restore_rng`, this rank's RNG states."""
+    `restore_rng`, this rank's RNG states. Without `load_optimizer` (Megatron-LM's --no-load-optim) the optimizer
+    starts afresh from the loaded weights: no Adam moments, step 0, fp32 main weights copied from the model's."""
     from megatron.core.dist_checkpointing.mapping import apply_factory_merges
 
-    _init_optimizer_state(optimizer)
-    model_sd = _model_sharded(model)
-    full, param_states, factories = _optimizer_param_states(optimizer, model_sd, is_loading=True)
-    state = {"optimizer": param_states}
+    state, full, factories = {}, [], []
+    if load_optimizer:
+        _init_optimizer_state(optimizer)
+        full, param_states, factories = _optimizer_param_states(optimizer, _model_sharded(model), is_loading=True)
+        state["optimizer"] = param_states
     if restore_rng:
         state["rng_state"] = _rng_sharded(None)
-    loaded = load_sharded(root, iteration, state)
+    loaded = load_sharded(root, iteration, state) if state else {}
     load_model_in_place(root, iteration, model)  # either kind of checkpoint (trained_only.py)
-    for opt, sd, param_state, facs in zip(live_optimizers(optimizer), full, loaded["optimizer"], factories):
-        sd["param_state"] = apply_factory_merges(param_state, facs)
-        for group in sd["optimizer"]["param_groups"]:
-            group["step"] = step
-        opt.load_state_dict(sd)
-    _unshare_step_tensors(optimizer)
+    if load_optimizer:
+        for opt, sd, param_state, facs in zip(live_optimizers(optimizer), full, loaded["optimizer"], factories):
+            sd["param_state"] = apply_factory_merges(param_state, facs)
+            for group in sd["optimizer"]["param_groups"]:
+                group["step"] = step
+            opt.load_state_dict(sd)
+        _unshare_step_tensors(optimizer)
+    else:
+        optimizer.reload_model_params()  # its main weights were copied from the model before the load
     if restore_rng:
         value = loaded["rng_state"]
         set_rng_state(value if isinstance(value, dict) else value.data)

@@ -23,10 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from a training checkpoint's model weights only (no optimizer, RNG, data "
                         "position or iteration; mode and expert config from the command line), as in Megatron-LM; "
                         "a base checkpoint always starts a new run")
-    for flag, what in (("--no-load-optim", "optimizer state"), ("--no-load-rng", "RNG state")):
-        g.add_argument(flag, action="store_true",
-                       help=f"accepted for Megatron-LM fine-tuning scripts: no {what} is loaded from a base checkpoint "
-                            "or with --finetune (refused when resuming, which restores everything)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resuming: Adam starts afresh from the loaded weights (iteration, schedule and data position "
+                        "still resume); a base checkpoint or --finetune loads no optimizer state anyway (Megatron-LM)")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="resuming: the RNG states are not restored (a base checkpoint or --finetune restores none "
+                        "anyway; Megatron-LM)")
     g.add_argument("--ckpt-step", type=int, default=None, metavar="ITERATION",
                    help="load this iteration of --load instead of its latest (e.g. to resume before a divergence; "
                         "later iterations in --save are replaced as training reaches them)")

@@ -51,11 +51,6 @@ def resolve_run(args):
     resume = ts.is_training_checkpoint(meta) and not args.finetune  # --finetune: its weights as a new base
     ecfg = None
     if resume:
-        partial = [flag for flag, on in (("--no-load-optim", args.no_load_optim), ("--no-load-rng", args.no_load_rng))
-                   if on]
-        if partial:
-            raise UserError(f"{' '.join(partial)}: --load {args.load} is a training checkpoint, which resumes with "
-                            "all its state; add --finetune to start a new run from its model weights only")
         saved_mode = meta.get("finetune_mode")
         if saved_mode != args.finetune_mode:
             raise UserError(f"--load {args.load}: checkpoint was trained with --finetune-mode {saved_mode}, "
@@ -274,12 +269,17 @@ def pretrain(argv=None) -> int:
     if resume:
         state = meta["train_state"]
         same_world = meta.get("world_size") == dist.get_world_size()
-        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world,
-                                    step=int(meta["optimizer_step"]))
+        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer,
+                                    restore_rng=same_world and not args.no_load_rng,
+                                    step=int(meta["optimizer_step"]), load_optimizer=not args.no_load_optim)
         if args.fused_adam:
             setup.use_fused_adam(optimizer)  # the loaded param groups carry the checkpoint's flags
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
+        skipped = [what for off, what in ((args.no_load_optim, "optimizer state not loaded (Adam starts afresh)"),
+                                          (args.no_load_rng, "RNG states not restored")) if off]
+        if skipped:  # Megatron-LM's --no-load-optim / --no-load-rng
+            par.print_rank0("note: " + "; ".join(skipped))
         setup.load_scheduler_state(scheduler, state["scheduler"])
         loader.load_state_dict(state["data"])
         iteration, best_loss = start_iteration, state.get("best_validation_loss")

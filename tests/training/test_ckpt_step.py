@@ -25,3 +25,31 @@ def test_resume_from_an_earlier_iteration_replays_the_reference(training_env, re
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"error: --ckpt-step 4: --load {reference['save']} has no complete checkpoint of that iteration (saved: 3, 6)"]
+
+
+def test_no_load_optim_starts_adam_afresh_from_the_loaded_weights(training_env, reference, tmp_path):
+    """--no-load-optim --no-load-rng (Megatron-LM's flags) resuming at iteration 3: the loaded weights give the
+    reference loss of iteration 4, and the update is Adam's first step (bias-corrected m / sqrt(v) = sign of the
+    gradient, so almost every trained element with a gradient moves by the learning rate, plus the small decoupled
+    weight decay); the optimizer step count restarts (1, not 4)."""
+    import json
+
+    env = training_env
+    save = str(tmp_path / "fresh")
+    proc = pretrain(reference["save"], save, "--ckpt-step", "3", "--train-iters", "4", "--no-load-optim",
+                    "--no-load-rng", data=env["data"])
+    assert "note: optimizer state not loaded (Adam starts afresh); RNG states not restored" in proc.stdout
+    assert losses(proc) == reference["losses"][3:4]
+    meta = json.loads((tmp_path / "fresh" / "iter_0000004" / "esft_meta.json").read_text())
+    assert meta["optimizer_step"] == 1
+    before, after = load_mcore(reference["save"], 3), load_mcore(save, 4)
+    key = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight"  # layer 1 trains experts 0 and 2
+    w0, w1 = before[key][[0, 2]].double(), after[key][[0, 2]].double()
+    # AdamW (lr 1e-3, weight decay 0.1): w1 = w0 * (1 - lr * wd) - lr * update; a fresh Adam's first update is
+    # g / (|g| + eps) elementwise: +-1, a little less where |g| is near eps (1e-8), 0 without a gradient
+    update = ((w0 * (1 - 1e-3 * 0.1) - w1) / 1e-3).abs().flatten()
+    moved = update[update > 0.1]
+    assert moved.numel() > 0.5 * update.numel()
+    assert float(moved.max()) <= 1 + 1e-3 and float(((moved - 1).abs() <= 1e-2).double().mean()) >= 0.95, \
+        (moved.min(), moved.median(), moved.max())
+    assert torch.equal(after[key][1], before[key][1])  # a frozen expert
