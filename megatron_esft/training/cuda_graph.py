@@ -211,3 +211,38 @@ class FullIterationGraph:
             raise UserError(f"--cuda-graph-scope full_iteration: capturing the training iteration failed "
                             f"({first_line}); train without --cuda-graph-impl local") from exc
         self._keep_alive = permutation.index_constants()  # including any made during the capture
+
+
+def graph_device_for(args):
+    """The device a --cuda-graph-impl local graph is captured on, or None (no such flag)."""
+    if args.cuda_graph_impl != "local":
+        return None
+    from megatron_esft import parallel as par
+
+    return par.local_device()
+
+
+def full_iteration_graph(args, model, iteration, device, stream) -> FullIterationGraph | None:
+    """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches, `iteration(batches,
+    scale)` (the trainer's plain run of them), go through a FullIterationGraph captured on `device` after the warm-up
+    iterations, on `stream`, the one DDP was built on. None without the flags (`device` None)."""
+    if device is None:
+        return None
+    from megatron_esft import parallel as par
+    from megatron_esft.experts.spec import experts_with_host_counts
+
+    # the dispatcher's copy of the counts to the host waits on a CUDA event, which torch's sync debug mode does not
+    # flag in the watched iteration: a capture would fail inside Megatron-Core, so say it here
+    if host_counts := experts_with_host_counts(model):
+        more = f" and {len(host_counts) - 1} more" if len(host_counts) > 1 else ""
+        raise UserError(f"--cuda-graph-scope full_iteration: the routed experts of {host_counts[0]}{more} copy "
+                        "their token counts to the host, which a CUDA graph cannot capture (--moe-token-counts "
+                        "device needs bf16 experts, or FP8 with a weight cache, plain SwiGLU and grouped GEMM "
+                        "kernels for the experts' shapes)")
+    if device.type == "cuda":
+        par.print_rank0(f"CUDA graph: the whole iteration, captured after {args.cuda_graph_warmup_steps} eager "
+                        "iteration(s)")
+    else:
+        par.print_rank0("CUDA graph: no CUDA device, so nothing is captured; iterations run eagerly through the "
+                        "graph's static buffers")
+    return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device, stream)

@@ -24,7 +24,7 @@ from megatron_esft import parallel as par
 from megatron_esft.checkpoint import training_state as ts
 from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, hf_dtype_name
 from megatron_esft.checkpoint.trained_only import base_of
-from megatron_esft.errors import UserError
+from megatron_esft.errors import RunStopped, UserError
 from megatron_esft.esft import freeze
 from megatron_esft.esft.expert_config import ModelShape, expert_config_from_json_dict, load_expert_config
 from megatron_esft.esft.hang_guard import install_hang_guard
@@ -32,7 +32,7 @@ from megatron_esft.models.hf_config import parse_hf_config
 from megatron_esft.models.provider import check_parallel_layout
 from megatron_esft.training import finite_check, flops, setup, timing, weight_checks
 from megatron_esft.training.arguments import build_parser, validate
-from megatron_esft.training.cuda_graph import FullIterationGraph, capture_stream, on_stream
+from megatron_esft.training.cuda_graph import capture_stream, full_iteration_graph, graph_device_for, on_stream
 from megatron_esft.training.exit_signal import ExitSignalHandler, exit_requested
 from megatron_esft.training.expert_load import ExpertLoadTracker
 from megatron_esft.training.log import TrainingLogger
@@ -142,42 +142,6 @@ def _run_micro_batches(ddp_model, batches, args, tracker, forward_only, scale):
     )
 
 
-def _graph_device(args):
-    """The device a --cuda-graph-impl local graph is captured on, or None (no such flag)."""
-    if args.cuda_graph_impl != "local":
-        return None
-    return par.local_device()
-
-
-def _iteration_graph(ddp_model, args, tracker, model, device, stream):
-    """--cuda-graph-impl local --cuda-graph-scope full_iteration: every iteration's micro-batches run through
-    training/cuda_graph.FullIterationGraph (captured on `device` after the warm-up iterations) on `stream`, the one
-    DDP was built on. None without the flags (`device` None)."""
-    if device is None:
-        return None
-    from megatron_esft.experts.spec import experts_with_host_counts
-
-    # the dispatcher's copy of the counts to the host waits on a CUDA event, which torch's sync debug mode does not
-    # flag in the watched iteration: a capture would fail inside Megatron-Core, so say it here
-    if host_counts := experts_with_host_counts(model):
-        more = f" and {len(host_counts) - 1} more" if len(host_counts) > 1 else ""
-        raise UserError(f"--cuda-graph-scope full_iteration: the routed experts of {host_counts[0]}{more} copy "
-                        "their token counts to the host, which a CUDA graph cannot capture (--moe-token-counts "
-                        "device needs bf16 experts, or FP8 with a weight cache, plain SwiGLU and grouped GEMM "
-                        "kernels for the experts' shapes)")
-    if device.type == "cuda":
-        par.print_rank0(f"CUDA graph: the whole iteration, captured after {args.cuda_graph_warmup_steps} eager "
-                        "iteration(s)")
-    else:
-        par.print_rank0("CUDA graph: no CUDA device, so nothing is captured; iterations run eagerly through the "
-                        "graph's static buffers")
-
-    def iteration(batches, scale):
-        return _run_micro_batches(ddp_model, batches, args, tracker, False, scale)
-
-    return FullIterationGraph(iteration, args.cuda_graph_warmup_steps, device, stream)
-
-
 def _global_loss(reports) -> tuple[float, float]:
     """(mean loss, tokens) over the world from this rank's per-micro-batch [sum, tokens] reports."""
     total = torch.zeros(2, dtype=torch.float64)
@@ -250,7 +214,7 @@ def pretrain(argv=None) -> int:
     report = freeze.count_trainable(model, cfg.num_layers)
     for line in report.lines():
         par.print_rank0(line)
-    graph_device = _graph_device(args)
+    graph_device = graph_device_for(args)
     graph_stream = capture_stream(graph_device) if graph_device is not None else None
     with on_stream(graph_stream):  # DDP's gradient-accumulation nodes run on the stream they were made on
         ddp_model = setup.wrap_ddp(model, args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size)
@@ -299,7 +263,9 @@ def pretrain(argv=None) -> int:
                                                     args.check_frozen_weights_interval)
     tracker = ExpertLoadTracker(model, cfg.num_layers, cfg.n_routed_experts)
     selected = {int(k): list(v) for k, v in ecfg.experts.items()} if ecfg is not None else None
-    graph = _iteration_graph(ddp_model, args, tracker, model, graph_device, graph_stream)
+    graph = full_iteration_graph(  # None without --cuda-graph-impl local
+        args, model, lambda batches, scale: _run_micro_batches(ddp_model, batches, args, tracker, False, scale),
+        graph_device, graph_stream)
     logger = TrainingLogger(args.tensorboard_dir, selected)
     logger.scalar("trainable-params", report.total, iteration)
     logger.trainable_table(report, iteration)
@@ -324,7 +290,8 @@ def pretrain(argv=None) -> int:
             "trainable_params": report.total,
             "train_state": train_state,
         }
-        frozen_check.check(it, f"the checkpoint of iteration {it} was not written ({kept()})")
+        guarded(frozen_check.check, it,
+                stopped=lambda: f"the checkpoint of iteration {it} was not written ({kept()})")
         t0 = time.perf_counter()
 
         def published():  # the iteration is complete on disk and the latest (with --async-save: some steps later)
@@ -357,12 +324,24 @@ def pretrain(argv=None) -> int:
     def kept():
         return f"last checkpoint: {last_checkpoint()}" if last_checkpoint() else "this run saved no checkpoint"
 
-    def stop_non_finite(what):
+    def wind_down():  # before a stop: what was traced, saved and logged up to here stays usable
         profiler.close()  # a trace of the window so far
         collector.stop()
         finish_saves()
-        logger.close()  # what was logged up to here stays readable in TensorBoard
+        logger.close()  # readable in TensorBoard
+
+    def stop_non_finite(what):
+        wind_down()
         return finite_check.stopped(iteration + 1, what, last_checkpoint())
+
+    def guarded(check, *check_args, stopped=lambda: f"stopped ({kept()})"):
+        """A failed weight check stops the run like a non-finite loss; `stopped()` (what the stop keeps) is
+        added to the message after the wind-down, which may publish a pending --async-save."""
+        try:
+            check(*check_args)
+        except RunStopped as exc:
+            wind_down()
+            raise RunStopped(f"{exc}; {stopped()}") from None
 
     def run_eval(it):
         nonlocal best_loss, base_load
@@ -380,9 +359,9 @@ def pretrain(argv=None) -> int:
         interval = args.check_weight_hash_across_dp_replicas_interval
         if interval and it % interval == 0:
             with setup.parameters_gathered(ddp_model):
-                weight_checks.check_replicas(model, it, f"stopped at iteration {it} ({kept()})")
+                guarded(weight_checks.check_replicas, model, it)
         if frozen_check.due(it):
-            frozen_check.check(it, f"stopped at iteration {it} ({kept()})")
+            guarded(frozen_check.check, it)
 
     collector = ManualGC(args)
     if collector.enabled:
@@ -474,10 +453,10 @@ def pretrain(argv=None) -> int:
         profiler.end(iteration)
         if stop:
             break
+    guarded(frozen_check.check, iteration, stopped=lambda: f"stopped at the end of training ({kept()})")
     profiler.close()
     collector.stop()
     finish_saves()
-    frozen_check.check(iteration, f"stopped at the end of training ({kept()})")
     if frozen_check.summary():
         par.print_rank0(frozen_check.summary())
     if async_queue is not None:

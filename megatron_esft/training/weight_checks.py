@@ -113,9 +113,9 @@ class FrozenWeightsCheck:
     def due(self, iteration: int) -> bool:
         return self.enabled and bool(self.interval) and iteration % self.interval == 0
 
-    def check(self, iteration: int, consequence: str) -> None:
-        """Compare after `iteration` (once per iteration: a save and the interval at the same one check once);
-        `consequence`: what the stop keeps, e.g. which checkpoint was not written. A collective on every rank."""
+    def check(self, iteration: int) -> None:
+        """Compare after `iteration` (once per iteration: a save and the interval at the same one check once). A
+        collective on every rank; the caller adds to the RunStopped's message what the stop kept."""
         if not self.enabled or iteration == self._checked_at:
             return
         when = f"iteration {iteration}"
@@ -126,9 +126,8 @@ class FrozenWeightsCheck:
             more = f" and {len(changed) - 1} more of the {len(self.named)} frozen tensors" if len(changed) > 1 else ""
             local = (f"{when}: frozen weight {self.named[changed[0]][0]}{more} changed since the start of training "
                      f"(rank {torch.distributed.get_rank()}); ESFT keeps every frozen weight bit-identical, so this is "
-                     f"a bug; {consequence}")
-        _stop_everywhere(local, f"{when}: a frozen weight changed on another rank (its error names it); "
-                                f"{consequence}")
+                     "a bug")
+        _stop_everywhere(local, f"{when}: a frozen weight changed on another rank (its error names it)")
 
     def summary(self) -> str | None:
         if not self.enabled or not self.checks or not self.named:
@@ -139,10 +138,11 @@ class FrozenWeightsCheck:
                 f"(rank {torch.distributed.get_rank()}: {len(self.named)} tensors, {count:,} parameters)")
 
 
-def check_replicas(model_chunks, iteration: int, consequence: str) -> None:
+def check_replicas(model_chunks, iteration: int) -> None:
     """Megatron-LM's check: every parameter the same on all data-parallel replicas (expert parameters, marked
     `allreduce = False` by Megatron-Core, on the expert-data-parallel replicas). The weights must be up to date
-    (with --overlap-param-gather: inside `setup.parameters_gathered`). A collective on every rank."""
+    (with --overlap-param-gather: inside `setup.parameters_gathered`). A collective on every rank; the caller adds
+    to the RunStopped's message what the stop kept."""
     from megatron.core import parallel_state as ps
 
     dense, expert = [], []
@@ -161,6 +161,6 @@ def check_replicas(model_chunks, iteration: int, consequence: str) -> None:
         if differ and local is None:
             more = f" and {len(differ) - 1} more tensors" if len(differ) > 1 else ""
             local = (f"iteration {iteration}: weight {named[differ[0]][0]}{more} differs across the {kind} "
-                     f"replicas (rank {rank}); the replicas no longer train the same model; {consequence}")
+                     f"replicas (rank {rank}); the replicas no longer train the same model")
     _stop_everywhere(local, f"iteration {iteration}: weights differ across the data-parallel replicas of other "
-                            f"ranks (their errors name the tensors); {consequence}")
+                            "ranks (their errors name the tensors)")

@@ -75,13 +75,13 @@ def test_frozen_check_names_the_changed_frozen_tensor_only(process_group):
     assert [check.due(i) for i in range(1, 5)] == [False, True, False, True]
     with torch.no_grad():
         module[1].weight.add_(1.0)  # trained: free to change
-    check.check(1, "kept")
-    check.check(1, "kept")  # once per iteration
+    check.check(1)
+    check.check(1)  # once per iteration
     with torch.no_grad():
         module[0].bias[3] = torch.nextafter(module[0].bias[3], torch.tensor(9.0))
     with pytest.raises(RunStopped, match=r"^iteration 2: frozen weight 0\.bias changed since the start of training "
-                                         r"\(rank 0\); .* bug; the checkpoint was kept$"):
-        check.check(2, "the checkpoint was kept")
+                                         r"\(rank 0\); .* so this is a bug$"):
+        check.check(2)
     assert check.checks == 2
     assert check.summary() == ("frozen weights bit-identical to the start of training on every rank: checked 2 "
                                "times (rank 0: 2 tensors, 20 parameters)")
@@ -92,7 +92,7 @@ def test_frozen_check_turned_off_checks_nothing(process_group):
     check = weight_checks.FrozenWeightsCheck(module, enabled=False, interval=0)
     with torch.no_grad():
         module[0].weight.add_(1.0)
-    check.check(1, "kept")
+    check.check(1)
     assert not check.due(1) and check.summary() is None
 
 
@@ -122,18 +122,28 @@ def _error_lines(proc) -> list[str]:
 
 
 def test_a_changed_frozen_weight_stops_the_run_before_the_save(training_env, tmp_path):
+    """A frozen expert weight nudged after step 2: the check before the save of iteration 2 stops the run; the
+    stop first publishes iteration 1's background save (--async-save), which the line names; 2 is never written."""
     env = training_env
     save = tmp_path / "out"
     proc = run([FAULT, "frozen", "2", "0", "--load", env["base"], "--save", save, "--train-data", env["data"],
-                *TRAIN, "--expert-config", env["ecfg"], "--train-iters", "4", "--save-interval", "3"], check=False)
+                *TRAIN, "--expert-config", env["ecfg"], "--train-iters", "4", "--save-interval", "1", "--async-save",
+                "--tensorboard-dir", tmp_path / "tb"], check=False)
     name = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("FAULT "))
     assert ".experts." in name and proc.returncode == 1, proc.stderr[-3000:]
     assert _error_lines(proc) == [
-        f"error: iteration 3: frozen weight {name} changed since the start of training (rank 0); ESFT keeps every "
-        "frozen weight bit-identical, so this is a bug; the checkpoint of iteration 3 was not written (this run "
-        "saved no checkpoint)"]
+        f"error: iteration 2: frozen weight {name} changed since the start of training (rank 0); ESFT keeps every "
+        "frozen weight bit-identical, so this is a bug; the checkpoint of iteration 2 was not written (last "
+        f"checkpoint: iteration 1 in {save})"]
     assert "Traceback" not in proc.stderr
-    assert not any(p.startswith("iter_") for p in os.listdir(save)) if save.exists() else True
+    assert sorted(p for p in os.listdir(save) if p.startswith("iter_")) == ["iter_0000001"]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    # what was logged up to the stop is in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    tb = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in tb.Scalars("lm loss")] == [1, 2]
 
 
 def test_replicas_that_drift_apart_stop_every_rank(training_env, tmp_path):
@@ -146,8 +156,8 @@ def test_replicas_that_drift_apart_stop_every_rank(training_env, tmp_path):
     assert proc.returncode != 0
     errors = sorted(_error_lines(proc))
     assert errors == [f"error: iteration 2: weight {name} differs across the expert-data-parallel replicas "
-                      f"(rank {r}); the replicas no longer train the same model; stopped at iteration 2 (this run "
-                      "saved no checkpoint)" for r in (0, 1)], proc.stderr[-3000:]
+                      f"(rank {r}); the replicas no longer train the same model; stopped (this run saved no "
+                      "checkpoint)" for r in (0, 1)], proc.stderr[-3000:]
     assert " iteration        2/" in proc.stdout and " iteration        3/" not in proc.stdout
 
 

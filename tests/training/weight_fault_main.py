@@ -20,26 +20,29 @@ import torch  # noqa: E402
 import megatron_esft.experts as experts  # noqa: E402
 from megatron_esft.errors import run_cli  # noqa: E402
 
-kind, at, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-real_note, steps = experts.note_expert_weights_updated, []
+
+def main() -> None:
+    kind, at, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    real_note, steps = experts.note_expert_weights_updated, []
+
+    def note_and_nudge(model_chunks):
+        steps.append(None)
+        if len(steps) == at and torch.distributed.get_rank() == rank:
+            chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+            name, param = next((n, p) for chunk in chunks for n, p in chunk.named_parameters()
+                               if ".experts." in n and p.requires_grad == (kind == "trained"))
+            with torch.no_grad():
+                flat = param.view(-1)
+                flat[0] = torch.nextafter(flat[0], flat[0] + 1)
+            print(f"FAULT {name}", flush=True)
+        return real_note(model_chunks)
+
+    experts.note_expert_weights_updated = note_and_nudge
+    sys.argv = [os.path.join(REPO, "pretrain_esft.py"), *sys.argv[4:]]
+    from megatron_esft.training.loop import pretrain
+
+    run_cli(pretrain)
 
 
-def note_and_nudge(model_chunks):
-    steps.append(None)
-    if len(steps) == at and torch.distributed.get_rank() == rank:
-        chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-        name, param = next((n, p) for chunk in chunks for n, p in chunk.named_parameters()
-                           if ".experts." in n and p.requires_grad == (kind == "trained"))
-        with torch.no_grad():
-            flat = param.view(-1)
-            flat[0] = torch.nextafter(flat[0], flat[0] + 1)
-        print(f"FAULT {name}", flush=True)
-    return real_note(model_chunks)
-
-
-experts.note_expert_weights_updated = note_and_nudge
-sys.argv = [os.path.join(REPO, "pretrain_esft.py"), *sys.argv[4:]]
-
-from megatron_esft.training.loop import pretrain  # noqa: E402
-
-run_cli(pretrain)
+if __name__ == "__main__":  # --async-save's writer process (spawn) imports this file again
+    main()
