@@ -141,23 +141,30 @@ def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tupl
 def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None,
                              async_queue=None, on_published=None, trained_only: bool = False,
                              fully_parallel: bool = False, retain_interval: int | None = None,
-                             protected: frozenset[int] = frozenset()):
+                             protected: frozenset[int] = frozenset(), save_optimizer: bool = True,
+                             save_rng: bool = True):
     """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0;
     `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint); `trained_only`: the model
     part holds the trained parameters only, the rest comes from `meta["base_checkpoint"]` (trained_only.py);
     `fully_parallel`: every rank writes a share of the replicated tensors (--ckpt-fully-parallel-save);
-    `retain_interval` / `protected`: --save-retain-interval (checkpoint/retention.py).
+    `retain_interval` / `protected`: --save-retain-interval (checkpoint/retention.py); without `save_optimizer` /
+    `save_rng` (Megatron-LM's --no-save-optim / --no-save-rng) that part is left out and the meta says so
+    (`optimizer_saved` / `rng_saved` false): a resume then starts Adam afresh / keeps the seeded RNG states.
 
     Only the optimizer's per-parameter tensors go into the checkpoint (keys: `optimizer.state.{param,exp_avg,
     exp_avg_sq}.<model key>[.expert<g>]`, independent of how Megatron splits parameters over its dense and expert
     optimizers in a given layout); the step count goes into the meta, the hyper-parameters come from the command
     line and the LR schedule."""
     model_sd = _model_sharded(model)
-    _, param_states, _ = _optimizer_param_states(optimizer, model_sd, is_loading=False)
-    state = {"model": trained_model_state(model) if trained_only else model_sd, "optimizer": param_states,
-             "rng_state": _rng_sharded(rng_state())}
+    state = {"model": trained_model_state(model) if trained_only else model_sd}
+    if save_optimizer:
+        state["optimizer"] = _optimizer_param_states(optimizer, model_sd, is_loading=False)[1]
+    if save_rng:
+        state["rng_state"] = _rng_sharded(rng_state())
     rank, world = _world()
     meta = dict(meta, world_size=world, optimizer_step=optimizer_step(optimizer))
+    meta.update({f"{part}_saved": False for part, saved in (("optimizer", save_optimizer), ("rng", save_rng))
+                 if not saved})
     if trained_only:
         meta[MODEL_WEIGHTS] = TRAINED
     return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from, async_queue=async_queue,

@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from a background process while training goes on (the tensors are "
                         "copied to host memory first); an iteration becomes the latest once written")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="checkpoints without the optimizer state (a resume from one starts Adam afresh from its "
+                        "weights; Megatron-LM's flag): an ESFT checkpoint of V2-Lite loses ~15 GiB")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="checkpoints without the RNG states (Megatron-LM's flag)")
     g.add_argument("--save-retain-interval", type=int, default=None, metavar="ITERATIONS",
                    help="keep only every this many iterations' checkpoints and the newest: the previous newest is "
                         "removed once a later one is saved (a multiple of --save-interval; Megatron-LM's flag)")

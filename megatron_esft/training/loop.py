@@ -233,16 +233,18 @@ def pretrain(argv=None) -> int:
     if resume:
         state = meta["train_state"]
         same_world = meta.get("world_size") == dist.get_world_size()
-        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer,
-                                    restore_rng=same_world and not args.no_load_rng,
-                                    step=int(meta["optimizer_step"]), load_optimizer=not args.no_load_optim)
+        # Megatron-LM's --no-load-optim / --no-load-rng, or a checkpoint saved with --no-save-optim / --no-save-rng
+        load_optim, load_rng = (not flag and meta.get(f"{part}_saved", True)
+                                for flag, part in ((args.no_load_optim, "optimizer"), (args.no_load_rng, "rng")))
+        ts.load_training_checkpoint(args.load, start_iteration, model, optimizer, restore_rng=same_world and load_rng,
+                                    step=int(meta["optimizer_step"]), load_optimizer=load_optim)
         if args.fused_adam:
             setup.use_fused_adam(optimizer)  # the loaded param groups carry the checkpoint's flags
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
-        skipped = [what for off, what in ((args.no_load_optim, "optimizer state not loaded (Adam starts afresh)"),
-                                          (args.no_load_rng, "RNG states not restored")) if off]
-        if skipped:  # Megatron-LM's --no-load-optim / --no-load-rng
+        skipped = [what for loaded, what in ((load_optim, "optimizer state not loaded (Adam starts afresh)"),
+                                             (load_rng, "RNG states not restored")) if not loaded]
+        if skipped:
             par.print_rank0("note: " + "; ".join(skipped))
         setup.load_scheduler_state(scheduler, state["scheduler"])
         loader.load_state_dict(state["data"])
@@ -309,7 +311,8 @@ def pretrain(argv=None) -> int:
                                         trained_only=args.save_trained_weights_only,
                                         fully_parallel=args.ckpt_fully_parallel_save,
                                         retain_interval=args.save_retain_interval if root == args.save else 0,
-                                        protected=protected)
+                                        protected=protected, save_optimizer=not args.no_save_optim,
+                                        save_rng=not args.no_save_rng)
         if async_queue is not None:
             par.print_rank0(f"scheduled checkpoint save at iteration {it:7d} to {root} "
                             f"({time.perf_counter() - t0:.1f} s blocking)")

@@ -53,3 +53,28 @@ def test_no_load_optim_starts_adam_afresh_from_the_loaded_weights(training_env, 
     assert float(moved.max()) <= 1 + 1e-3 and float(((moved - 1).abs() <= 1e-2).double().mean()) >= 0.95, \
         (moved.min(), moved.median(), moved.max())
     assert torch.equal(after[key][1], before[key][1])  # a frozen expert
+
+
+def test_no_save_optim_checkpoints_resume_with_a_fresh_adam(training_env, reference, tmp_path):
+    """--no-save-optim --no-save-rng (Megatron-LM's flags): the checkpoint holds the model only (no optimizer or RNG
+    keys) and says so in its meta; resuming from it trains on from its weights (iteration 4's reference loss) with
+    Adam started afresh (step count 1) and the seeded RNG states."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    env = training_env
+    save = tmp_path / "lean"
+    first = pretrain(env["base"], str(save), "--expert-config", env["ecfg"], "--train-iters", "3", "--no-save-optim",
+                     "--no-save-rng", data=env["data"])
+    assert losses(first) == reference["losses"][:3]
+    keys = set(FileSystemReader(str(save / "iter_0000003")).read_metadata().state_dict_metadata)
+    assert keys and all(k.startswith(("decoder.", "embedding.", "output_layer.")) for k in keys), sorted(keys)[:5]
+    full = set(FileSystemReader(f"{reference['save']}/iter_0000003").read_metadata().state_dict_metadata)
+    assert any(k.startswith("optimizer.") for k in full) and any(k.startswith("rng_state") for k in full)
+    meta = json.loads((save / "iter_0000003" / "esft_meta.json").read_text())
+    assert meta["optimizer_saved"] is False and meta["rng_saved"] is False
+    resumed = pretrain(str(save), str(save), "--train-iters", "4", data=env["data"])
+    assert "note: optimizer state not loaded (Adam starts afresh); RNG states not restored" in resumed.stdout
+    assert losses(resumed) == reference["losses"][3:4]
+    assert json.loads((save / "iter_0000004" / "esft_meta.json").read_text())["optimizer_step"] == 1
