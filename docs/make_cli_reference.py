@@ -9,7 +9,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ["make_tiny_deepseek", "convert_hf_to_mcore", "convert_mcore_to_hf", "compare_logits", "preprocess_data",
-         "collect_expert_scores", "select_experts", "plot_expert_scores", "sweep_top_p", "export_esft", "evaluate"]
+         "collect_expert_scores", "select_experts", "plot_expert_scores", "sweep_top_p", "export_esft",
+         "diff_checkpoints", "evaluate"]
 
 
 def main():

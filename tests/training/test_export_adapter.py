@@ -35,3 +35,15 @@ def test_export_of_a_base_checkpoint_is_a_user_error(training_env):
     with pytest.raises(UserError, match="is not an ESFT training checkpoint"):
         export_adapter(training_env["base"], out)
     assert not os.path.exists(out)
+
+
+def test_the_merged_export_differs_from_the_base_in_the_selected_experts_only(training_env, reference):
+    """tools/diff_checkpoints.py on the reference run's HF export against its base: exactly the expert config's
+    experts changed (all three: each got tokens), which the tool confirms against the config."""
+    from training_helpers import SELECTED
+
+    proc = run(["tools/diff_checkpoints.py", "--base", training_env["hf"], "--other", reference["hf6_dir"],
+                "--expert-config", training_env["ecfg"], "--json"])
+    data = json.loads(proc.stdout)
+    assert data["matches_expert_config"] is True and data["changed_other"] == []
+    assert {(int(layer), e) for layer, experts in data["changed_experts"].items() for e in experts} == SELECTED
