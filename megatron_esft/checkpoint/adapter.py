@@ -31,7 +31,7 @@ from megatron_esft.esft.expert_config import ExpertConfig, expert_config_from_js
 
 ADAPTER_CONFIG = "expert_cfg.json"
 ADAPTER_WEIGHTS = "model.safetensors"
-_ROUTED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+ROUTED_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")  # HF name: (layer, expert)
 _SHARED = re.compile(r"^model\.layers\.(\d+)\.mlp\.shared_experts\.")
 _BUFFERS = ("e_score_correction_bias",)  # HF buffers, not parameters: never part of an adapter
 
@@ -40,7 +40,7 @@ def in_adapter(hf_name: str, ecfg: ExpertConfig) -> bool:
     """Is this HF tensor trainable under the official `to_esft(model, ecfg)`?"""
     if hf_name.endswith(_BUFFERS):
         return False
-    routed = _ROUTED.match(hf_name)
+    routed = ROUTED_EXPERT.match(hf_name)
     if routed:
         return int(routed.group(2)) in ecfg.selected(routed.group(1))
     if _SHARED.match(hf_name):

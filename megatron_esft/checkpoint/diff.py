@@ -9,14 +9,12 @@ weights and nowhere else. Tensors are compared bit for bit, one at a time, memor
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 
+from megatron_esft.checkpoint.adapter import ROUTED_EXPERT, in_adapter
 from megatron_esft.checkpoint.safetensors_io import SafetensorsReader
 from megatron_esft.errors import UserError
-
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 @dataclasses.dataclass
@@ -49,17 +47,21 @@ def diff_checkpoints(base_dir: str, other_dir: str) -> CheckpointDiff:
         a, b = base.get(name), other.get(name)
         if not torch.equal(_bits(a), _bits(b)):
             changed.append(name)
-    experts: dict[int, list[int]] = {}
+    experts, others = _by_expert(changed)
+    return CheckpointDiff(len(base.keys()), changed, experts, others)
+
+
+def _by_expert(names: list[str]) -> tuple[dict[int, list[int]], list[str]]:
+    """({layer: sorted routed experts named}, the names that are not routed-expert weights)."""
+    experts: dict[int, set[int]] = {}
     others = []
-    for name in changed:
-        m = _EXPERT.match(name)
-        if m:
-            layer, expert = int(m.group(1)), int(m.group(2))
-            if expert not in experts.setdefault(layer, []):
-                experts[layer].append(expert)
+    for name in names:
+        routed = ROUTED_EXPERT.match(name)
+        if routed:
+            experts.setdefault(int(routed.group(1)), set()).add(int(routed.group(2)))
         else:
             others.append(name)
-    return CheckpointDiff(len(base.keys()), changed, {k: sorted(v) for k, v in experts.items()}, others)
+    return {layer: sorted(ids) for layer, ids in experts.items()}, others
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,18 +71,13 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def mismatch_with_expert_config(diff: CheckpointDiff, ecfg) -> str | None:
     """Why `diff` is not exactly an ESFT run of the expert config `ecfg` (esft.expert_config.ExpertConfig), or None.
-    A selected expert may be unchanged (no token reached it in training); anything changed outside the selection is
-    a mismatch. With `shared_experts` / `non_expert_modules` true, those tensors may change too."""
-    def allowed(name: str) -> bool:
-        return ecfg.non_expert_modules if ".mlp.shared_experts." not in name else ecfg.shared_experts
-
-    others = [name for name in diff.changed_other if not allowed(name)]
+    A selected expert may be unchanged (no token reached it in training); a changed tensor that the config does not
+    train (adapter.in_adapter: what the official `to_esft` leaves trainable) is a mismatch."""
+    experts, others = _by_expert([name for name in diff.changed if not in_adapter(name, ecfg)])
     if others:
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
         return f"tensor {others[0]}{more} changed, which the expert config keeps frozen"
-    selected = {int(layer): set(experts) for layer, experts in ecfg.experts.items()}
-    for layer, changed in sorted(diff.changed_experts.items()):
-        outside = sorted(set(changed) - selected.get(layer, set()))
-        if outside:
-            return f"layer {layer}: routed experts {outside} changed, which the expert config does not select"
+    if experts:
+        layer = min(experts)
+        return f"layer {layer}: routed experts {experts[layer]} changed, which the expert config does not select"
     return None

@@ -178,7 +178,7 @@ def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: st
             os.fsync(fh.fileno())
         os.replace(tracker_tmp, tracker)
         gone = retention.to_remove(previous, iteration, retain_interval, set(protected))
-        if gone is not None and retention.remove_iteration(root, gone):
+        if gone is not None and retention.remove_iteration(iteration_dir(root, gone)):
             print(f"removed checkpoint at iteration {gone:7d} from {root} (superseded by iteration {iteration})",
                   flush=True)
     _barrier()

@@ -33,12 +33,13 @@ def to_remove(previous: int | None, saved: int, interval: int | None, protected:
     return previous
 
 
-def remove_iteration(root: str, iteration: int) -> bool:
-    """Remove `root/iter_X` (rename out of sight first). False when it is not there."""
-    directory = os.path.join(root, f"iter_{iteration:07d}")
+def remove_iteration(directory: str) -> bool:
+    """Remove an iteration's directory (`root/iter_X`, renamed out of sight to `root/.iter_X.removing-*` first).
+    False when it is not there."""
     if not os.path.isdir(directory):
         return False
-    hidden = os.path.join(root, f".iter_{iteration:07d}{REMOVING}{uuid.uuid4().hex[:8]}")
+    root, name = os.path.split(os.path.normpath(directory))
+    hidden = os.path.join(root, f".{name}{REMOVING}{uuid.uuid4().hex[:8]}")
     os.replace(directory, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
     return True
