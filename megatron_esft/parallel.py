@@ -70,7 +70,8 @@ def add_distributed_timeout_argument(parser) -> None:
                              "a DeepSeek-V3 checkpoint on a slow file system)")
 
 
-def _timeout_minutes(requested: int | None) -> int:
+def timeout_minutes(requested: int | None) -> int:
+    """--distributed-timeout-minutes, else $ESFT_DIST_TIMEOUT_MIN, else 30 (a bad value: a one-line UserError)."""
     if requested is not None:
         if requested < 1:
             raise UserError(f"--distributed-timeout-minutes {requested}: must be at least 1")
@@ -85,12 +86,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group(timeout_minutes: int | None = None) -> None:
+def init_process_group(minutes: int | None = None) -> None:
     """Create the default process group once (one local rank when not launched by torchrun)."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(minutes=_timeout_minutes(timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes(minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if backend == "gloo":
@@ -110,7 +111,7 @@ def init_process_group(timeout_minutes: int | None = None) -> None:
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Apply compat patches, create process groups and Megatron-Core parallel state, seed RNGs."""
     compat.apply()
-    minutes = _timeout_minutes(parallel.distributed_timeout_minutes)
+    minutes = timeout_minutes(parallel.distributed_timeout_minutes)
     init_process_group(minutes)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

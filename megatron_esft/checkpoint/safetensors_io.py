@@ -44,6 +44,8 @@ class SafetensorsReader:
 
     def __init__(self, directory: str):
         self.directory = directory
+        if not os.path.isdir(directory):
+            raise UserError(f"{directory}: no such directory (expected a Hugging Face checkpoint)")
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index, encoding="utf-8") as fh:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_esft.errors import ArgumentParser, UserError
-from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments
+from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments, timeout_minutes
 from megatron_esft.training import manual_gc, profiling, timing, weight_checks
 
 # Megatron-Core's selective recompute modules (TransformerConfig.recompute_modules)
@@ -225,6 +225,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                                                   or args.save_retain_interval % args.save_interval):
         raise UserError(f"--save-retain-interval {args.save_retain_interval}: needs --save and a --save-interval it "
                         "is a multiple of")
+    timeout_minutes(args.distributed_timeout_minutes)  # before the data is read: a bad flag or variable fails at once
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
     from megatron_esft.data.blend import parse_weighted_paths

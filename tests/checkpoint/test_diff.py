@@ -86,3 +86,6 @@ def test_different_models_are_refused(models, tiny_hf):
     proc = _tool("--base", base, "--other", other)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {other}: not the same tensors as {base}")
     assert len(proc.stderr.strip().splitlines()) == 1
+    missing = _tool("--base", base, "--other", Path(base).parent / "nope")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: {Path(base).parent / 'nope'}: no such directory (expected a Hugging Face checkpoint)"]
