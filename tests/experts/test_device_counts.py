@@ -223,10 +223,13 @@ def assert_cuda_device_counts_match_host_counts(experts):
         for param in experts.parameters():
             param.grad = None
         counts = routing_map.sum(dim=0)
+        # made before the checked region: a copy from pageable host memory is itself a synchronizing operation (the
+        # first H200 run of this test failed on exactly that copy, not on the experts)
+        grad_out = torch.randn(512, H, generator=g).cuda().bfloat16()
         torch.cuda.set_sync_debug_mode("error" if mode in results else "default")
         try:
             out, _ = experts(tokens, counts if mode == "device" else counts.cpu(), p, routing_map=routing_map)
-            out.backward(torch.randn(512, H, generator=g).cuda().bfloat16())
+            out.backward(grad_out)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         results[mode] = [out.detach(), tokens.grad, p.grad] + [q.grad.clone() for q in experts.parameters()
@@ -240,7 +243,7 @@ def assert_cuda_device_counts_match_host_counts(experts):
 def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
     """On the GPU: the CUTLASS grouped GEMMs with device offsets (the weight gradients' offsets end before the last
     row) give the host-count path's results within bf16's 1e-2; the experts' forward and backward and a whole MoE
-    layer's forward (router, dispatcher, shared experts) run under torch's sync debug mode "error"."""
+    layer's forward and backward (router, dispatcher, shared experts) run under torch's sync debug mode "error"."""
     experts = _experts(torch.bfloat16, [1, 6]).cuda()
     assert_cuda_device_counts_match_host_counts(experts)
 
@@ -257,9 +260,9 @@ def test_cuda_device_counts_match_host_counts_without_host_syncs(mcore):
         torch.cuda.set_sync_debug_mode("error" if checked else "default")
         try:
             out, _ = moe(hidden)
+            out.float().square().sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        out.float().square().sum().backward()
     assert moe.experts.fc1_trainable.grad is not None
 
 

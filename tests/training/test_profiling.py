@@ -150,7 +150,9 @@ def test_cuda_memory_history_snapshots_at_log_intervals_and_on_oom(tmp_path):
         kept = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
         history.dump()
         with pytest.raises(torch.OutOfMemoryError):
-            torch.empty(1 << 60, dtype=torch.uint8, device="cuda")
+            # 1 PiB: over any GPU, and under the 1 EiB that torch refuses before its allocator (and so the OOM
+            # observers) runs ("Tried to allocate more than 1EB memory": 1 << 60 gave no snapshot on an H200)
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap_0.pickle", "snap_oom_0.pickle"]
