@@ -46,6 +46,8 @@ def print_tables(results, device):
                 exp += ", --manual-gc"
             if r.get("offloaded_gib"):
                 exp += f", frozen bf16 weights in host memory ({r['offloaded_gib']:.1f} GiB)"
+            if r.get("memory_cap_gib"):
+                exp += f", GPU memory capped at {r['memory_cap_gib']} GiB"
             print(f"| {r['mode'].upper()} | {exp} | {r.get('fusions', 'none')} | {r['layers']} | "
                   f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)} | "
                   f"{'mean ' + str(r['doc_len']) + ' tokens' if r.get('doc_len') else 'one (causal)'} | "

@@ -32,6 +32,10 @@ CUDA graph in the last warm-up step (at least 3: eager, eager under the host-syn
 with "token_counts": "device"): Megatron-Core's own per-layer CUDA graphs (`cuda_graph_impl="local"`, whole layers),
 the layers below the first trainable one eager; module hooks do not run when a graph replays, so the trained rows are
 counted as the expected share.
+`"memory_cap_gib": X` caps what torch's caching allocator may reserve on the GPU at X GiB
+(`torch.cuda.set_per_process_memory_fraction`; 78.5 stands for an H100 80 GB: its 79.2 GiB less the CUDA context),
+so a job on a larger GPU says whether it fits on a smaller one: beyond the cap the allocator frees its cached blocks,
+then raises OOM, as on the smaller card (the graph's private pool included); no effect without CUDA.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -351,17 +355,30 @@ def default_plan(full_layers, fft_layers):
     ]
 
 
+def cap_device_memory(gib) -> None:
+    """A smaller GPU on a larger one: torch's caching allocator may reserve at most `gib` GiB (an OOM beyond it)."""
+    import torch
+
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+
+
 def run_job(args, job):
     raw = TINY if args.tiny else V2_LITE
+    cap_device_memory(job.get("memory_cap_gib"))
     if job["job"] == "check":
         return run_check(args, raw)
     if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows)
         return run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw)
-    return run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
+    rows = run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
                      job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs"),
                      job.get("manual_gc", False))
+    for row in rows:
+        row["memory_cap_gib"] = job.get("memory_cap_gib")
+    return rows
 
 
 def _last_result(stdout: str):
