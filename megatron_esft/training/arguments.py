@@ -131,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device = the grouped experts' token counts stay on the GPU: no host sync per MoE layer "
                         "(one grouped GEMM per projection over all experts; +1 copy of the trained experts' "
                         "weights, bf16 or, with --expert-gemm fp8 and a weight cache, e4m3 in two layouts; with "
-                        "--moe-permutation experts at EP = 1; not measured on a GPU yet, see docs/gpu.md); host = "
+                        "--moe-permutation experts at EP = 1; docs/gpu.md); host = "
                         "Megatron's copy of the counts to the host")
     g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none",
                    help="local with --cuda-graph-scope full_iteration: capture each iteration's forward and backward "
                         "(all micro-batches) in one CUDA graph and replay it (training/cuda_graph.py; needs "
-                        "--moe-token-counts device for MoE layers; not measured on a GPU yet, see docs/gpu.md); "
+                        "--moe-token-counts device for MoE layers; 2x the eager step of V2-Lite ESFT on an H200, "
+                        "docs/gpu.md); "
                         "transformer_engine needs Transformer Engine")
     g.add_argument("--cuda-graph-scope", nargs="+", default=None, metavar="SCOPE",
                    help="with --cuda-graph-impl local: full_iteration (the only scope megatron_esft captures)")
