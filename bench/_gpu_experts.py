@@ -146,10 +146,11 @@ def _routing_inputs(raw, tokens, seed):
     return routing_map.sum(dim=0), routing_map.to(dev), x, probs.to(dev), dy
 
 
-def run_experts(args, raw):
+def run_experts(args, raw, sources=None):
     """One routed-experts layer, forward+backward (input grad needed, as in a middle layer): from dispatcher-style
     permuted rows (the experts alone), and from the layer's tokens with the experts permuting them themselves (the
-    default "experts" permutation at EP = 1: permutation, regroup-free grouping and un-permutation included)."""
+    default "experts" permutation at EP = 1: permutation, regroup-free grouping and un-permutation included).
+    `sources`, if given, keeps the variants of those inputs only ("rows", "tokens", "tokens, device counts")."""
     import torch
 
     init_parallel()
@@ -166,6 +167,11 @@ def run_experts(args, raw):
                 # the token counts on the device (--moe-token-counts device): one GEMM per projection for all experts
                 ("esft", "bf16", None, True, "tokens, device counts"),
                 ("esft", "fp8", "frozen", True, "tokens, device counts")]
+    if sources:
+        unknown = set(sources) - {v[-1] for v in variants}
+        if unknown:
+            raise SystemExit(f"experts job: unknown sources {sorted(unknown)}")
+        variants = [v for v in variants if v[-1] in sources]
     counts, x, probs, dy = _routed_inputs(raw, args.tokens, seed=3)
     token_inputs = _routing_inputs(raw, args.tokens, seed=3)
     rows = []

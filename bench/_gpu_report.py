@@ -61,6 +61,11 @@ def print_tables(results, device):
             print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers: the frozen-weights check (fingerprint "
                   f"of {r['frozen_tensors']} frozen tensors) {r['frozen_check_s'] * 1e3:.0f} ms")
     for r in models:
+        if r.get("graph_pool_gib") is not None:  # reserved, not allocated, once the capture freed its activations
+            shape = f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)}"
+            print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers, {shape}: the CUDA graph's private "
+                  f"pool {r['graph_pool_gib']:.1f} GiB ({r['graph_pool_allocated_gib']:.1f} GiB of it allocated)")
+    for r in models:
         if r.get("gpu_kernel_ms"):  # --profile: kernel time of one profiled step against the timed step
             print(f"- {r['mode'].upper()} {r['layers']} layers ({r.get('fusions')}): GPU kernels {r['gpu_kernel_ms']:.1f}"
                   f" ms of {r['ms']:.1f} ms per iteration, GPU busy {r['gpu_kernel_ms'] / r['ms']:.0%}")

@@ -57,7 +57,7 @@ from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_expe
 from _gpu_report import print_tables  # noqa: E402
 from _host_profile import format_host_profile, host_profile  # noqa: E402
 from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, peak_gib, peak_reserved_gib,  # noqa: E402
-                         profile_kernels)
+                         private_pools_gib, profile_kernels)
 
 from megatron_esft.training.weight_checks import fingerprints as fingerprint  # noqa: E402 (the trainer's check)
 
@@ -269,6 +269,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         losses.append(loss.item())
     collector.stop()
     peak, reserved = peak_gib(), peak_reserved_gib()
+    pool_gib, pool_allocated_gib = private_pools_gib() if graph is not None else (None, None)
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
     from megatron_esft.training.flops import TrainedWeights, iteration_flops
@@ -286,7 +287,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
            "token_counts": token_counts, "cuda_graphs": cuda_graphs, "manual_gc": manual_gc,
            "graph_captured": graph is not None and graph.captured,
            "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
-           "offloaded_gib": offloaded_gib, "ms": ms,
+           "offloaded_gib": offloaded_gib, "graph_pool_gib": pool_gib, "graph_pool_allocated_gib": pool_allocated_gib,
+           "ms": ms,
            "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
            "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
            "trainable_params": n_trainable, "frozen_tensors": len(frozen),
@@ -369,8 +371,10 @@ def run_job(args, job):
     cap_device_memory(job.get("memory_cap_gib"))
     if job["job"] == "check":
         return run_check(args, raw)
-    if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows)
-        return run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw)
+    if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows);
+        # "sources": [...] keeps the variants of those inputs only (e.g. ["tokens, device counts"] with "profile")
+        return run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw,
+                           job.get("sources"))
     rows = run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),

@@ -44,21 +44,24 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 # 2. the benchmark, in the order of what it decides. The 2026-12-01 H200 session measured the whole-iteration CUDA
 #    graph (ESFT 27 layers: 319 model TFLOP/s at micro-batch 1, 373 at 2; eager 157 with host token counts, 214 with
 #    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open: whether the graph's step fits on
-#    an H100 80 GB (52 GiB peak allocated, but 76.4 GiB reserved on the 141 GB card: the eager warm-up's cached
-#    blocks next to the graph's own pool), so the 27-layer graph jobs at micro-batch 1 and 2 under a 78.5 GiB cap (an
-#    H100 80 GB less its CUDA context); each session re-measures its own eager baseline (machines differ by ~20 %:
-#    the host sets the eager step's pace); FP8 with the graph and the frozen experts' bf16 weights in host memory
-#    under the cap (what FP8 needs to fit on 80 GB); the graph's step profiled (kernels by kind: what is left to
-#    speed up once the host is out of the way, and where FP8's kernels lose their GEMM gain); the experts table at
-#    32,768 tokens (4x the rows per expert: whether FP8's gain grows with the group size); the check (correctness of
-#    this session's kernels); 4 layers without the fused kernels and Megatron's permutation (their effect); micro-
-#    batch 2 with selective recompute, eager; last, the experiment of Megatron-Core's per-layer CUDA graphs
+#    an H100 80 GB (52 GiB peak allocated, but 76.4 GiB reserved: the graph's private pool, ~24 GiB, holds the
+#    activations, twice the eager step's; the rows now report the pool as graph_pool_gib), so the 27-layer graph jobs
+#    at micro-batch 1 and 2 under a 78.5 GiB cap (an H100 80 GB less its CUDA context); each session re-measures its
+#    own eager baseline (machines differ by ~20 %: the host sets the eager step's pace); FP8 with the graph and the
+#    frozen experts' bf16 weights in host memory under the cap (what FP8 needs to fit on 80 GB); the graph's step
+#    profiled (kernels by kind: what is left to speed up once the host is out of the way, and where FP8's kernels lose
+#    their GEMM gain), one experts layer from tokens with device counts profiled, bf16 against FP8 kernel by kind
+#    (FP8's ~1.4x GEMMs leave 0.88x); the table at 32,768 tokens (4x the rows per expert: whether FP8's gain grows
+#    with the group size); the check (correctness of this session's kernels); 4 layers without the fused kernels and
+#    Megatron's permutation (their effect); micro-batch 2 with selective recompute, eager; last, the experiment of
+#    Megatron-Core's per-layer CUDA graphs
 PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","mbs":2,"memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"bf16","layers":27},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","profile":true},
  {"job":"model","mode":"esft","backend":"fp8","layers":4,"cache":"frozen","token_counts":"device","cuda_graphs":"full_iteration","profile":true},
+ {"job":"experts","sources":["tokens, device counts"],"profile":true},
  {"job":"experts","tokens":32768},
  {"job":"check"},
  {"job":"model","mode":"esft","backend":"bf16","layers":4,"fusions":"none","permutation":"megatron"},
