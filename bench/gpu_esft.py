@@ -357,6 +357,27 @@ def default_plan(full_layers, fft_layers):
     ]
 
 
+# the keys a job may have, per kind (a misspelt key would silently run the default on a scarce GPU machine)
+_JOB_KEYS = {
+    "check": set(),
+    "experts": {"tokens", "sources"},
+    "model": {"mode", "backend", "layers", "cache", "recompute", "mbs", "accum", "fusions", "doc_len", "permutation",
+              "offload", "token_counts", "cuda_graphs", "manual_gc"},
+}
+_COMMON_KEYS = {"job", "profile", "memory_cap_gib"}
+
+
+def job_problem(job) -> str | None:
+    """What is wrong with a plan's job (one line), or None."""
+    if not isinstance(job, dict) or job.get("job") not in _JOB_KEYS:
+        return f"{json.dumps(job)}: \"job\" must be one of {sorted(_JOB_KEYS)}"
+    unknown = set(job) - _JOB_KEYS[job["job"]] - _COMMON_KEYS
+    if unknown:
+        return f"{json.dumps(job)}: unknown key(s) {sorted(unknown)} for a {job['job']} job"
+    missing = {"mode", "backend", "layers"} - set(job) if job["job"] == "model" else set()
+    return f"{json.dumps(job)}: a model job needs {sorted(missing)}" if missing else None
+
+
 def cap_device_memory(gib) -> None:
     """A smaller GPU on a larger one: torch's caching allocator may reserve at most `gib` GiB (an OOM beyond it)."""
     import torch
@@ -434,7 +455,15 @@ def main(argv=None):
     if not 1 <= part <= parts:
         p.error(f"--part {args.part}: K must be in 1..N")
     if args.plan:
-        plan = json.loads(args.plan)
+        try:
+            plan = json.loads(args.plan)
+        except json.JSONDecodeError as exc:
+            p.error(f"--plan: not JSON: {exc}")
+        if not isinstance(plan, list):
+            p.error("--plan: a JSON list of jobs")
+        problems = [problem for problem in map(job_problem, plan) if problem]
+        if problems:
+            p.error(f"--plan: {problems[0]}")
         size = -(-len(plan) // parts)
         plan = plan[(part - 1) * size: part * size]
     else:

@@ -1,0 +1,82 @@
+"""bench/gpu_esft.py and bench/gpu_session.sh, the scripts a scarce GPU session runs (docs/benchmarks.md): every job
+of their plans is one the benchmark knows, and a graph job and an experts job run at toy size on the CPU and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+BENCH = REPO / "bench"
+
+
+@pytest.fixture(scope="module")
+def gpu_esft():
+    sys.path.insert(0, str(BENCH))  # the script's helpers (_gpu_experts, ...) sit beside it
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_esft", BENCH / "gpu_esft.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def session_plan():
+    text = (BENCH / "gpu_session.sh").read_text()
+    return json.loads(re.search(r"PLAN=\$\{PLAN:-'(.*?)'\}", text, re.S).group(1))
+
+
+def test_the_session_plan_and_the_default_plan_hold_known_jobs_only(gpu_esft):
+    plan = session_plan()
+    assert len(plan) >= 5 and any(job.get("memory_cap_gib") for job in plan)
+    default = [job for group in gpu_esft.default_plan(27, 4) for job in group]
+    for job in plan + default:
+        assert gpu_esft.job_problem(job) is None, job
+    # what the check is for: a misspelt key would run the default on the GPU machine
+    assert "unknown key(s) ['token_count']" in gpu_esft.job_problem(dict(plan[0], token_count="device"))
+    assert "needs ['layers']" in gpu_esft.job_problem({"job": "model", "mode": "esft", "backend": "bf16"})
+    assert '"job" must be one of' in gpu_esft.job_problem({"job": "nodel"})
+
+
+def _bench(*args, out):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(BENCH / "gpu_esft.py"), *args, "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.timeout(450)
+def test_a_graph_job_and_an_experts_job_run_on_the_cpu_and_report(tmp_path):
+    plan = [{"job": "model", "mode": "esft", "backend": "fp8", "cache": "frozen", "layers": 4, "token_counts": "device",
+             "cuda_graphs": "full_iteration", "memory_cap_gib": 78.5},
+            {"job": "experts", "sources": ["tokens, device counts"]}]
+    proc = _bench("--tiny", "--seq", "64", "--warmup", "2", "--iters", "1", "--plan", json.dumps(plan), out=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "error" in r], rows
+    (model,) = [r for r in rows if r["kind"] == "model"]
+    # on a CPU the graph runs eagerly through its static buffers (nothing captured) and the frozen weights stay put
+    assert model["cuda_graphs"] == "full_iteration" and model["graph_captured"] is False
+    assert model["frozen_bit_identical"] is True and model["trainable_changed"] == "6/6"
+    assert model["memory_cap_gib"] == 78.5 and model["loss_first"] > model["loss_last"]
+    experts = [r for r in rows if r["kind"] == "experts"]
+    assert [(r["backend"], r["source"]) for r in experts] == [("bf16", "tokens, device counts"),
+                                                               ("fp8", "tokens, device counts")]
+    report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "the whole iteration in a CUDA graph (not captured), GPU memory capped at 78.5 GiB" in report.stdout
+    assert "| esft fp8 fused SwiGLU (weight cache: frozen) | tokens, device counts (experts permute) |" in report.stdout
+
+
+def test_a_plan_with_an_unknown_key_stops_before_any_job(tmp_path):
+    plan = [{"job": "model", "mode": "esft", "backend": "bf16", "layers": 4, "token_count": "device"}]
+    proc = _bench("--tiny", "--plan", json.dumps(plan), out=tmp_path)
+    assert proc.returncode == 2 and "unknown key(s) ['token_count'] for a model job" in proc.stderr
+    assert not (tmp_path / "results.jsonl").exists()
