@@ -66,6 +66,14 @@ def print_tables(results, device):
             print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers, {shape}: the CUDA graph's private "
                   f"pool {r['graph_pool_gib']:.1f} GiB ({r['graph_pool_allocated_gib']:.1f} GiB of it allocated)")
     for r in models:
+        if r.get("memory_trace"):  # "memory_trace": true (bench/_gpu_memory.py)
+            from _gpu_memory import format_trace_peak
+
+            shape = f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)}"
+            what = "the graph's capture" if r.get("cuda_graphs") == "full_iteration" else "an eager iteration"
+            print("\n" + format_trace_peak(f"{r['mode'].upper()} {r['backend']} {r['layers']} layers, {shape}, {what}",
+                                            r["memory_trace"]))
+    for r in models:
         if r.get("gpu_kernel_ms"):  # --profile: kernel time of one profiled step against the timed step
             print(f"- {r['mode'].upper()} {r['layers']} layers ({r.get('fusions')}): GPU kernels {r['gpu_kernel_ms']:.1f}"
                   f" ms of {r['ms']:.1f} ms per iteration, GPU busy {r['gpu_kernel_ms'] / r['ms']:.0%}")

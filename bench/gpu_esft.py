@@ -36,6 +36,8 @@ counted as the expected share.
 (`torch.cuda.set_per_process_memory_fraction`; 78.5 stands for an H100 80 GB: its 79.2 GiB less the CUDA context),
 so a job on a larger GPU says whether it fits on a smaller one: beyond the cap the allocator frees its cached blocks,
 then raises OOM, as on the smaller card (the graph's private pool included); no effect without CUDA.
+`"memory_trace": true` records torch's allocator history over one iteration (the graph's capture, or the last
+warm-up step) and reports what held the memory at its peak, by allocation site (bench/_gpu_memory.py).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -54,6 +56,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
+from _gpu_jobs import cap_device_memory, job_problem  # noqa: E402
+from _gpu_memory import record_iteration  # noqa: E402
 from _gpu_report import print_tables  # noqa: E402
 from _host_profile import format_host_profile, host_profile  # noqa: E402
 from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, peak_gib, peak_reserved_gib,  # noqa: E402
@@ -79,7 +83,8 @@ TINY = dict(V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_
 
 # --------------------------------------------------------------------------------------------- model timing
 def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, fusions="auto", doc_len=0,
-              permutation="experts", offload=False, token_counts="host", cuda_graphs=None, manual_gc=False):
+              permutation="experts", offload=False, token_counts="host", cuda_graphs=None, manual_gc=False,
+              memory_trace=False):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -237,6 +242,21 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     # the trainer's --manual-gc (no collections between steps): Python's automatic collections off in the steps
     collector = ManualGC(argparse.Namespace(manual_gc=manual_gc, manual_gc_interval=0, manual_gc_eval=False))
     collector.start()
+    def forward_backward():
+        if graph is not None:
+            loss = graph(batches, 1.0)[-1]
+            phases.mark("forward + backward (one graph)")
+            return loss
+        for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
+            counting[0] = True
+            loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
+            counting[0] = False
+            phases.mark("forward")
+            loss.backward()
+            phases.mark("backward")
+        return loss
+
+    memory_trace_peak = None
     for it in range(warmup + args.iters):
         if it == warmup:
             for rows in trained_rows.values():
@@ -246,17 +266,10 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
             phases.start(record=it >= warmup)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            if graph is not None:
-                loss = graph(batches, 1.0)[-1]
-                phases.mark("forward + backward (one graph)")
+            if memory_trace and it == warmup - 1:  # the graph's capture, or the eager jobs' last warm-up step
+                loss, memory_trace_peak = record_iteration(forward_backward)
             else:
-                for _ in range(accum):  # gradient accumulation: grads add up in DDP's fp32 buffers, one optimizer step
-                    counting[0] = True
-                    loss = ddp(tokens, position_ids, attention_mask, labels=labels).float().mean()
-                    counting[0] = False
-                    phases.mark("forward")
-                    loss.backward()
-                    phases.mark("backward")
+                loss = forward_backward()
             ddp.finish_grad_sync()
             optimizer.step()
             note_expert_weights_updated([model])  # as the trainer: keeps a "cache": "all" job's FP8 copies current
@@ -287,8 +300,8 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
            "token_counts": token_counts, "cuda_graphs": cuda_graphs, "manual_gc": manual_gc,
            "graph_captured": graph is not None and graph.captured,
            "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
-           "offloaded_gib": offloaded_gib, "graph_pool_gib": pool_gib, "graph_pool_allocated_gib": pool_allocated_gib,
-           "ms": ms,
+           "offloaded_gib": offloaded_gib, "memory_trace": memory_trace_peak, "graph_pool_gib": pool_gib,
+           "graph_pool_allocated_gib": pool_allocated_gib, "ms": ms,
            "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
            "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
            "trainable_params": n_trainable, "frozen_tensors": len(frozen),
@@ -357,36 +370,6 @@ def default_plan(full_layers, fft_layers):
     ]
 
 
-# the keys a job may have, per kind (a misspelt key would silently run the default on a scarce GPU machine)
-_JOB_KEYS = {
-    "check": set(),
-    "experts": {"tokens", "sources"},
-    "model": {"mode", "backend", "layers", "cache", "recompute", "mbs", "accum", "fusions", "doc_len", "permutation",
-              "offload", "token_counts", "cuda_graphs", "manual_gc"},
-}
-_COMMON_KEYS = {"job", "profile", "memory_cap_gib"}
-
-
-def job_problem(job) -> str | None:
-    """What is wrong with a plan's job (one line), or None."""
-    if not isinstance(job, dict) or job.get("job") not in _JOB_KEYS:
-        return f"{json.dumps(job)}: \"job\" must be one of {sorted(_JOB_KEYS)}"
-    unknown = set(job) - _JOB_KEYS[job["job"]] - _COMMON_KEYS
-    if unknown:
-        return f"{json.dumps(job)}: unknown key(s) {sorted(unknown)} for a {job['job']} job"
-    missing = {"mode", "backend", "layers"} - set(job) if job["job"] == "model" else set()
-    return f"{json.dumps(job)}: a model job needs {sorted(missing)}" if missing else None
-
-
-def cap_device_memory(gib) -> None:
-    """A smaller GPU on a larger one: torch's caching allocator may reserve at most `gib` GiB (an OOM beyond it)."""
-    import torch
-
-    if gib and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
-
-
 def run_job(args, job):
     raw = TINY if args.tiny else V2_LITE
     cap_device_memory(job.get("memory_cap_gib"))
@@ -400,7 +383,7 @@ def run_job(args, job):
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
                      job.get("offload", False), job.get("token_counts", "host"), job.get("cuda_graphs"),
-                     job.get("manual_gc", False))
+                     job.get("manual_gc", False), job.get("memory_trace", False))
     for row in rows:
         row["memory_cap_gib"] = job.get("memory_cap_gib")
     return rows

@@ -46,7 +46,9 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open: whether the graph's step fits on
 #    an H100 80 GB (52 GiB peak allocated, but 76.4 GiB reserved: the graph's private pool, ~24 GiB, holds the
 #    activations, twice the eager step's; the rows now report the pool as graph_pool_gib), so the 27-layer graph jobs
-#    at micro-batch 1 and 2 under a 78.5 GiB cap (an H100 80 GB less its CUDA context); each session re-measures its
+#    at micro-batch 1 and 2 under a 78.5 GiB cap (an H100 80 GB less its CUDA context), the first with what held
+#    the memory at the capture's peak by allocation site, against the same table of an eager iteration
+#    ("memory_trace": whether the capture keeps freed blocks it cannot reuse); each session re-measures its
 #    own eager baseline (machines differ by ~20 %: the host sets the eager step's pace); FP8 with the graph and the
 #    frozen experts' bf16 weights in host memory under the cap (what FP8 needs to fit on 80 GB); the graph's step
 #    profiled (kernels by kind: what is left to speed up once the host is out of the way, and where FP8's kernels lose
@@ -55,8 +57,9 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    with the group size); the check (correctness of this session's kernels); 4 layers without the fused kernels and
 #    Megatron's permutation (their effect); micro-batch 2 with selective recompute, eager; last, the experiment of
 #    Megatron-Core's per-layer CUDA graphs
-PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
+PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5,"memory_trace":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","mbs":2,"memory_cap_gib":78.5},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","memory_trace":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","profile":true},
