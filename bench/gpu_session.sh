@@ -43,28 +43,27 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 
 # 2. the benchmark, in the order of what it decides. The 2026-12-01 H200 session measured the whole-iteration CUDA
 #    graph (ESFT 27 layers: 319 model TFLOP/s at micro-batch 1, 373 at 2; eager 157 with host token counts, 214 with
-#    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open: whether the graph's step fits on
-#    an H100 80 GB (52 GiB peak allocated, but 76.4 GiB reserved: the graph's private pool, ~24 GiB, holds the
-#    activations, twice the eager step's; the rows now report the pool as graph_pool_gib), so the 27-layer graph jobs
-#    at micro-batch 1 and 2 under a 78.5 GiB cap (an H100 80 GB less its CUDA context), the first with what held
-#    the memory at the capture's peak by allocation site, against the same table of an eager iteration
-#    ("memory_trace": whether the capture keeps freed blocks it cannot reuse); each session re-measures its
-#    own eager baseline (machines differ by ~20 %: the host sets the eager step's pace); FP8 with the graph and the
-#    frozen experts' bf16 weights in host memory under the cap (what FP8 needs to fit on 80 GB); the graph's step
-#    profiled (kernels by kind: what is left to speed up once the host is out of the way, and where FP8's kernels lose
-#    their GEMM gain), one experts layer from tokens with device counts profiled, bf16 against FP8 kernel by kind
-#    (FP8's ~1.4x GEMMs leave 0.88x); the table at 32,768 tokens (4x the rows per expert: whether FP8's gain grows
-#    with the group size); the check (correctness of this session's kernels); 4 layers without the fused kernels and
-#    Megatron's permutation (their effect); micro-batch 2 with selective recompute, eager; last, the experiment of
-#    Megatron-Core's per-layer CUDA graphs
+#    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open are the graph's memory and FP8.
+#    (1) The graph at micro-batch 1 under a 78.5 GiB cap (an H100 80 GB less its CUDA context: does the step fit?),
+#    with what held the memory at the capture's peak by allocation site ("memory_trace"; its reserved 76.4 GiB against
+#    52 allocated is the graph's private pool, ~24 GiB, 2-3x the eager activations: does the capture keep freed blocks
+#    it cannot reuse?); (2) one experts layer from tokens with device counts profiled, bf16 against FP8 kernel by kind
+#    (FP8's ~1.4x GEMMs leave 0.88x: which kernels eat the gain?); (3) the same memory table of an eager iteration;
+#    (4) the graph at micro-batch 2 under the cap; (5) FP8 with the graph and the frozen experts' bf16 weights in host
+#    memory under the cap (what FP8 needs to fit on 80 GB); (6) this machine's eager baseline (machines differ by
+#    ~20 %: the host sets the eager step's pace); then the graph's step profiled (what is left to speed up once the host
+#    is out of the way), FP8 at 4 layers in the graph profiled, the experts table at 32,768 tokens (4x the rows per
+#    expert: does FP8's gain grow with the group size?), the check (correctness of this session's kernels), 4 layers
+#    without the fused kernels and with Megatron's permutation (their effect), micro-batch 2 with selective recompute,
+#    eager, and last the experiment of Megatron-Core's per-layer CUDA graphs
 PLAN=${PLAN:-'[{"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5,"memory_trace":true},
- {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","mbs":2,"memory_cap_gib":78.5},
+ {"job":"experts","sources":["tokens, device counts"],"profile":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","memory_trace":true},
- {"job":"model","mode":"esft","backend":"bf16","layers":27},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","mbs":2,"memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
+ {"job":"model","mode":"esft","backend":"bf16","layers":27},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","profile":true},
  {"job":"model","mode":"esft","backend":"fp8","layers":4,"cache":"frozen","token_counts":"device","cuda_graphs":"full_iteration","profile":true},
- {"job":"experts","sources":["tokens, device counts"],"profile":true},
  {"job":"experts","tokens":32768},
  {"job":"check"},
  {"job":"model","mode":"esft","backend":"bf16","layers":4,"fusions":"none","permutation":"megatron"},
