@@ -242,6 +242,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
     # the trainer's --manual-gc (no collections between steps): Python's automatic collections off in the steps
     collector = ManualGC(argparse.Namespace(manual_gc=manual_gc, manual_gc_interval=0, manual_gc_eval=False))
     collector.start()
+
     def forward_backward():
         if graph is not None:
             loss = graph(batches, 1.0)[-1]
