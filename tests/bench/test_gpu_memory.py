@@ -1,5 +1,6 @@
 """bench/_gpu_memory.py: the peak of one iteration's allocator history, what was pending at it, and by which
-allocation site the memory was held, on hand-made traces in torch's snapshot format."""
+allocation site the memory was held, on hand-made traces in torch's snapshot format (and, on a GPU, on torch's
+own history)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -73,3 +75,23 @@ def test_a_block_freed_at_once_is_never_pending(gpu_memory):
     assert trace["peak_gib"] == pytest.approx(3.0) and trace["pending_at_peak_gib"] == 0
     site = os.sep.join(["megatron", "core", "transformer", "attention.py"]) + ":7 f"
     assert trace["sites"] == [[site, 3.0, 1]]
+
+
+def _held_and_freed():
+    """Holds 64 MiB (returned) and frees 32 MiB on the way: the peak is 96 MiB, 64 MiB of it from this line."""
+    kept = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # the line the site must name
+    temporary = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+    del temporary
+    return kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's allocator history is CUDA's")
+def test_cuda_record_iteration_reads_torchs_own_history(gpu_memory):
+    """The real snapshot format: event names, frames innermost first (the site is this file's line, not torch's or
+    the caller's), and the peak of what one call allocated."""
+    kept, trace = gpu_memory.record_iteration(_held_and_freed)
+    assert kept.numel() == 64 << 20
+    assert trace["peak_gib"] * GIB == pytest.approx(96 << 20, rel=0.05) and trace["pending_at_peak_gib"] == 0
+    site, gib, count = trace["sites"][0]
+    line = _held_and_freed.__code__.co_firstlineno + 2
+    assert site.endswith(f"test_gpu_memory.py:{line} _held_and_freed") and gib * GIB == pytest.approx(64 << 20)
