@@ -131,6 +131,16 @@ class FullIterationGraph:
     def captured(self) -> bool:
         return self.graph is not None
 
+    def pool_gib(self) -> float | None:
+        """GiB the captured graph's private memory pool holds (the iteration's activations and temporaries, from the
+        capture to the end of training; peak allocated memory stops counting them once the capture has freed
+        them), or None before a capture."""
+        if self.graph is None:
+            return None
+        pool = tuple(self.graph.pool())
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == pool) / 2**30
+
     def __call__(self, batches: list[dict], scale: float):
         self._stage(batches, scale)
         if self.graph is None and self.calls >= self.warmup_steps and self.device.type == "cuda":

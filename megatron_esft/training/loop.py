@@ -399,8 +399,8 @@ def pretrain(argv=None) -> int:
             announce = not graph.captured
             reports = graph(batches, scale)
             if announce and graph.captured:
-                par.print_rank0(f"captured the training iteration in a CUDA graph at iteration {iteration + 1}; "
-                                "later iterations replay it")
+                par.print_rank0(f"captured the training iteration in a CUDA graph at iteration {iteration + 1} "
+                                f"(its memory pool: {graph.pool_gib():.2f} GiB); later iterations replay it")
         loss, _ = _global_loss(reports)
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(loss):
             raise stop_non_finite(f"lm loss is {loss}")
