@@ -63,8 +63,8 @@ def print_tables(results, device):
     for r in models:
         if r.get("graph_pool_gib") is not None:  # reserved, not allocated, once the capture freed its activations
             shape = f"{r['seq']}x{r['mbs']}x{r.get('accum', 1)}"
-            print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers, {shape}: the CUDA graph's private "
-                  f"pool {r['graph_pool_gib']:.1f} GiB ({r['graph_pool_allocated_gib']:.1f} GiB of it allocated)")
+            print(f"- {r['mode'].upper()} {r['backend']} {r['layers']} layers, {shape}: the CUDA graph's memory pool "
+                  f"{r['graph_pool_gib']:.1f} GiB")
     for r in models:
         if r.get("memory_trace"):  # "memory_trace": true (bench/_gpu_memory.py)
             from _gpu_memory import format_trace_peak

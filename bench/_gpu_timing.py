@@ -133,18 +133,6 @@ def peak_reserved_gib():
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def private_pools_gib():
-    """GiB the caching allocator holds in private pools (a CUDA graph's: the captured iteration's activations and
-    temporaries, which `max_memory_allocated` stops counting once the capture has freed them) and of that how much
-    is allocated (the graph's outputs); NaN without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return float("nan"), float("nan")
-    pools = [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
-    return (sum(seg["total_size"] for seg in pools) / 2**30, sum(seg["allocated_size"] for seg in pools) / 2**30)
-
-
 # (kind, pattern over GPU kernel names, or aten op names on CPU): the first match wins
 _KERNEL_KINDS = [
     ("FP8 grouped GEMM", r"scaled_grouped|f8f8|e4m3"),

@@ -61,7 +61,7 @@ from _gpu_memory import record_iteration  # noqa: E402
 from _gpu_report import print_tables  # noqa: E402
 from _host_profile import format_host_profile, host_profile  # noqa: E402
 from _gpu_timing import (NullCtx, PhaseTimer, Timer, count_host_syncs, peak_gib, peak_reserved_gib,  # noqa: E402
-                         private_pools_gib, profile_kernels)
+                         profile_kernels)
 
 from megatron_esft.training.weight_checks import fingerprints as fingerprint  # noqa: E402 (the trainer's check)
 
@@ -283,7 +283,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
         losses.append(loss.item())
     collector.stop()
     peak, reserved = peak_gib(), peak_reserved_gib()
-    pool_gib, pool_allocated_gib = private_pools_gib() if graph is not None else (None, None)
+    pool_gib = graph.pool_gib() if graph is not None else None  # as the trainer's capture line reports it
     # useful FLOPs as the trainer's --log-throughput counts them (training/flops.py), with the trained rows counted
     # by the hooks; causal attention over the whole sequence unless packed documents were given
     from megatron_esft.training.flops import TrainedWeights, iteration_flops
@@ -301,8 +301,7 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
            "token_counts": token_counts, "cuda_graphs": cuda_graphs, "manual_gc": manual_gc,
            "graph_captured": graph is not None and graph.captured,
            "mbs": mbs, "accum": accum, "recompute": recompute, "fusions": fused, "doc_len": doc_len,
-           "offloaded_gib": offloaded_gib, "memory_trace": memory_trace_peak, "graph_pool_gib": pool_gib,
-           "graph_pool_allocated_gib": pool_allocated_gib, "ms": ms,
+           "offloaded_gib": offloaded_gib, "memory_trace": memory_trace_peak, "graph_pool_gib": pool_gib, "ms": ms,
            "tokens_per_s": accum * mbs * args.seq / ms * 1e3,
            "tflops": flops / ms / 1e9, "peak_gib": peak, "reserved_gib": reserved,
            "trainable_params": n_trainable, "frozen_tensors": len(frozen),
