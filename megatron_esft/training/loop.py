@@ -242,8 +242,9 @@ def pretrain(argv=None) -> int:
             setup.use_fused_adam(optimizer)  # the loaded param groups carry the checkpoint's flags
         if not same_world:
             par.print_rank0(f"note: checkpoint written by {meta.get('world_size')} ranks; RNG states not restored")
+        # (at another world size the note above said it already)
         skipped = [what for loaded, what in ((load_optim, "optimizer state not loaded (Adam starts afresh)"),
-                                             (load_rng, "RNG states not restored")) if not loaded]
+                                             (load_rng or not same_world, "RNG states not restored")) if not loaded]
         if skipped:
             par.print_rank0("note: " + "; ".join(skipped))
         setup.load_scheduler_state(scheduler, state["scheduler"])
