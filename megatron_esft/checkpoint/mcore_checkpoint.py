@@ -83,26 +83,55 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
-def _save_strategy(fully_parallel: bool):
-    """Megatron-Core's default torch_dist writer, spread over the ranks with `fully_parallel` (Megatron-LM's
-    --ckpt-fully-parallel-save): by default a tensor held by several ranks (the dense weights on every data-parallel
-    replica) is written by its first replica alone, so data-parallel rank 0 writes every dense weight while the
-    others wait; the wrapper assigns each such tensor to one of its holders, balancing the bytes per rank (only
-    metadata is exchanged, over the whole world: it covers every replication pattern, expert weights included)."""
-    if not fully_parallel or not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+class SaveStrategy:
+    """How a run writes its checkpoints: Megatron-Core's default torch_dist writer, made once and kept across saves
+    (Megatron-LM keeps it in its checkpointing context).
 
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dist.group.WORLD)
+    `fully_parallel` (Megatron-LM's --ckpt-fully-parallel-save): by default a tensor held by several ranks (the dense
+    weights on every data-parallel replica) is written by its first replica alone, so data-parallel rank 0 writes
+    every dense weight while the others wait; the wrapper assigns each such tensor to one of its holders, balancing
+    the bytes per rank (only metadata is exchanged, over the whole world: it covers every replication pattern,
+    expert weights included).
+
+    `constant_structure` (Megatron-LM's --ckpt-assume-constant-structure): every save of the run has the same tensors
+    and shards, so the writer plans once and reuses the plan (torch_dist's cached save plans and global metadata,
+    checked equal over the first two saves, then no longer gathered from every rank), the fully parallel wrapper
+    reuses its distribution, and saves after the first skip the sharding validation (an all-gather of every rank's
+    shard metadata). A save whose structure differs from the first's would be written with the old plan."""
+
+    def __init__(self, fully_parallel: bool = False, constant_structure: bool = False):
+        self.fully_parallel, self.constant_structure = fully_parallel, constant_structure
+        self._strategy = None
+        self.saves = 0
+
+    @property
+    def megatron_strategy(self):
+        """The Megatron-Core strategy the saves so far used (None before the first, or for its default)."""
+        return self._strategy
+
+    def next_save(self):
+        """(Megatron-Core sharded strategy or None for its default, validate_access_integrity) for the next save."""
+        if self._strategy is None and (self.constant_structure or self.fully_parallel):
+            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+            strategy = get_default_save_sharded_strategy()  # a new instance per call: its caches are this run's
+            strategy.use_cached_ckpt_structure = self.constant_structure
+            if self.fully_parallel and dist.is_initialized() and dist.get_world_size() > 1:
+                strategy = FullyParallelSaveStrategyWrapper(strategy, dist.group.WORLD, self.constant_structure)
+            self._strategy = strategy
+        validate = not (self.constant_structure and self.saves > 0)
+        self.saves += 1
+        return self._strategy, validate
 
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
                     rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None,
                     fully_parallel: bool = False, retain_interval: int | None = None,
-                    protected: frozenset[int] = frozenset()) -> str:
+                    protected: frozenset[int] = frozenset(), strategy: SaveStrategy | None = None) -> str:
     """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
-    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save (`_save_strategy`); `retain_interval`, `protected`:
+    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save, for this save alone; `strategy`: a run's
+    `SaveStrategy`, kept across its saves (it overrides `fully_parallel`); `retain_interval`, `protected`:
     which earlier iteration goes once this one is published (--save-retain-interval, retention.py).
 
     With `async_queue` (Megatron-Core's `AsyncCallsQueue`, Megatron-LM's --async-save) the tensors are staged now and
@@ -128,15 +157,16 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
         if on_published is not None:
             on_published()
 
-    strategy = _save_strategy(fully_parallel)
+    sharded_strategy, validate = (strategy or SaveStrategy(fully_parallel)).next_save()
     if async_queue is None:
-        dist_checkpointing.save(sharded_state_dict, tmp, strategy)
+        dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy, validate_access_integrity=validate)
         _barrier()
         publish()
     else:
         # staging copies device tensors to host memory; the writer is a process forked when the request is
         # scheduled, so host tensors too are written with the values of this moment (tests/checkpoint)
-        request = dist_checkpointing.save(sharded_state_dict, tmp, strategy, async_sharded_save=True)
+        request = dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy, validate_access_integrity=validate,
+                                          async_sharded_save=True)
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final

@@ -140,13 +140,14 @@ def _optimizer_param_states(optimizer, model_sd: dict, is_loading: bool) -> tupl
 
 def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: dict, hf_assets_from: str | None,
                              async_queue=None, on_published=None, trained_only: bool = False,
-                             fully_parallel: bool = False, retain_interval: int | None = None,
+                             strategy=None, retain_interval: int | None = None,
                              protected: frozenset[int] = frozenset(), save_optimizer: bool = True,
                              save_rng: bool = True):
     """Collective. `model`: the unwrapped GPTModel of this rank; `meta`: JSON-able, written by rank 0;
     `async_queue` / `on_published`: a background save (mcore_checkpoint.save_checkpoint); `trained_only`: the model
     part holds the trained parameters only, the rest comes from `meta["base_checkpoint"]` (trained_only.py);
-    `fully_parallel`: every rank writes a share of the replicated tensors (--ckpt-fully-parallel-save);
+    `strategy`: the run's `mcore_checkpoint.SaveStrategy` (--ckpt-fully-parallel-save,
+    --ckpt-assume-constant-structure; None: Megatron-Core's default writer);
     `retain_interval` / `protected`: --save-retain-interval (checkpoint/retention.py); without `save_optimizer` /
     `save_rng` (Megatron-LM's --no-save-optim / --no-save-rng) that part is left out and the meta says so
     (`optimizer_saved` / `rng_saved` false): a resume then starts Adam afresh / keeps the seeded RNG states.
@@ -168,7 +169,7 @@ def save_training_checkpoint(root: str, iteration: int, model, optimizer, meta: 
     if trained_only:
         meta[MODEL_WEIGHTS] = TRAINED
     return save_checkpoint(root, iteration, state, meta, hf_assets_from=hf_assets_from, async_queue=async_queue,
-                           on_published=on_published, fully_parallel=fully_parallel,
+                           on_published=on_published, strategy=strategy,
                            retain_interval=retain_interval, protected=protected)
 
 

@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its first holder, instead of spreading them over the holders (Megatron-LM's flag)")
     g.add_argument("--ckpt-fully-parallel-save", action="store_true", dest="ckpt_fully_parallel_save", default=True,
                    help="the default (accepted as in Megatron-LM, where it is on by default too)")
+    g.add_argument("--ckpt-assume-constant-structure", action="store_true",
+                   help="every checkpoint of the run has the same tensors and shards: the writer plans the first "
+                        "saves and reuses the plan, and later saves skip the sharding validation (fewer collectives "
+                        "per save; Megatron-LM's flag)")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None, help="validation micro-steps (default: the whole set)")
     g.add_argument("--no-keep-best", action="store_true", help="do not keep the best-validation checkpoint")

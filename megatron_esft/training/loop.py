@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import training_state as ts
-from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, hf_dtype_name
+from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, SaveStrategy, hf_dtype_name
 from megatron_esft.checkpoint.trained_only import base_of
 from megatron_esft.errors import RunStopped, UserError
 from megatron_esft.esft import freeze
@@ -226,6 +226,8 @@ def pretrain(argv=None) -> int:
     loader = SFTDataLoader(train_ds, args.micro_batch_size)
     iteration, best_loss, base_load, last_saved = 0, None, None, None
     async_queue = None
+    # one writer for all of the run's saves (--ckpt-assume-constant-structure keeps its plan from save to save)
+    save_strategy = SaveStrategy(args.ckpt_fully_parallel_save, args.ckpt_assume_constant_structure)
     if args.async_save:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -310,7 +312,7 @@ def pretrain(argv=None) -> int:
             ts.save_training_checkpoint(root, it, model, optimizer, out_meta,
                                         hf_assets if os.path.isdir(hf_assets) else None, async_queue, published,
                                         trained_only=args.save_trained_weights_only,
-                                        fully_parallel=args.ckpt_fully_parallel_save,
+                                        strategy=save_strategy,
                                         retain_interval=args.save_retain_interval if root == args.save else 0,
                                         protected=protected, save_optimizer=not args.no_save_optim,
                                         save_rng=not args.no_save_rng)
