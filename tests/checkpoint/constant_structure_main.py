@@ -1,6 +1,6 @@
 """torchrun script (2 ranks, gloo): four saves through one `SaveStrategy(fully_parallel=True,
 constant_structure=True)`, Megatron-LM's --ckpt-fully-parallel-save --ckpt-assume-constant-structure, each with new
-values. Rank 0 prints, as JSON: whether every iteration loads back with its own values, the strategy's cache state,
+values, the last two in the background (--async-save: the cached plan through Megatron-Core's async writer). Rank 0 prints, as JSON: whether every iteration loads back with its own values, the strategy's cache state,
 the sharding validations asked for, and the bytes each rank wrote per iteration."""
 
 import json
@@ -28,6 +28,7 @@ def _values(iteration: int, rank: int) -> dict:
 
 def main(root: str) -> None:
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
     from megatron_esft.checkpoint.mcore_checkpoint import SaveStrategy, iteration_dir, save_checkpoint
     from megatron_esft.parallel import ParallelConfig, initialize
@@ -44,8 +45,12 @@ def main(root: str) -> None:
         return result
 
     strategy.next_save = recorded
+    queue = AsyncCallsQueue()
     for iteration in range(1, 5):
-        save_checkpoint(root, iteration, _state(_values(iteration, rank), rank, world), {}, strategy=strategy)
+        save_checkpoint(root, iteration, _state(_values(iteration, rank), rank, world), {}, strategy=strategy,
+                        async_queue=queue if iteration > 2 else None)
+    queue.maybe_finalize_async_calls(blocking=True)
+    queue.close()
     loads_back = True
     for iteration in range(1, 5):
         want = _values(iteration, rank)

@@ -1,6 +1,7 @@
 """--ckpt-assume-constant-structure (mcore_checkpoint.SaveStrategy): one writer for a run's saves, whose plan and
 fully parallel distribution are made over the first saves and then reused, with the sharding validated only at the
-first save; every checkpoint still loads back with its own values (2 ranks, gloo, the real Megatron-Core writer)."""
+first save; every checkpoint still loads back with its own values, the last two written in the background
+(--async-save) with the kept plan (2 ranks, gloo, the real Megatron-Core writer)."""
 
 from __future__ import annotations
 
