@@ -18,20 +18,14 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     import json
-    import os
 
     from megatron_esft.checkpoint.diff import diff_checkpoints, mismatch_with_expert_config
-    from megatron_esft.errors import RunStopped, UserError
+    from megatron_esft.errors import RunStopped
     from megatron_esft.esft.expert_config import ModelShape, load_expert_config
 
     ecfg = None
     if args.expert_config:  # read before the (long) comparison: a bad file fails at once
-        config = os.path.join(args.other, "config.json")
-        if not os.path.isfile(config):
-            raise UserError(f"{args.other}: no config.json (needed to check --expert-config against the model)")
-        with open(config, encoding="utf-8") as fh:
-            shape = ModelShape.from_hf_dict(json.load(fh), source=config)
-        ecfg = load_expert_config(args.expert_config, shape)
+        ecfg = load_expert_config(args.expert_config, ModelShape.from_hf_config(args.other))
     diff = diff_checkpoints(args.base, args.other)
     problem = mismatch_with_expert_config(diff, ecfg) if ecfg is not None else None
     if args.json:

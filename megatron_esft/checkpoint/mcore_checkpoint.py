@@ -127,11 +127,11 @@ class SaveStrategy:
 
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
                     rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None,
-                    fully_parallel: bool = False, retain_interval: int | None = None,
-                    protected: frozenset[int] = frozenset(), strategy: SaveStrategy | None = None) -> str:
+                    strategy: SaveStrategy | None = None, retain_interval: int | None = None,
+                    protected: frozenset[int] = frozenset()) -> str:
     """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
-    `fully_parallel`: Megatron-LM's --ckpt-fully-parallel-save, for this save alone; `strategy`: a run's
-    `SaveStrategy`, kept across its saves (it overrides `fully_parallel`); `retain_interval`, `protected`:
+    `strategy`: the run's `SaveStrategy`, kept across its saves (None: Megatron-Core's default writer, no fully
+    parallel save); `retain_interval`, `protected`:
     which earlier iteration goes once this one is published (--save-retain-interval, retention.py).
 
     With `async_queue` (Megatron-Core's `AsyncCallsQueue`, Megatron-LM's --async-save) the tensors are staged now and
@@ -157,7 +157,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
         if on_published is not None:
             on_published()
 
-    sharded_strategy, validate = (strategy or SaveStrategy(fully_parallel)).next_save()
+    sharded_strategy, validate = (strategy or SaveStrategy()).next_save()
     if async_queue is None:
         dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy, validate_access_integrity=validate)
         _barrier()
