@@ -106,12 +106,17 @@ def run_check(args, raw):
                     grads[(j, proj)] = getattr(layer, f"{proj}_{group}").grad[row].clone()
         return out.detach(), xi.grad, grads
 
+    from megatron_esft.experts import fp8, fp8_triton_gemm
+
     refs = {False: fwd_bwd(ref), True: fwd_bwd(ref, from_tokens=True)}
-    for backend, fused, from_tokens, device_counts in (
-            ("bf16", False, False, False), ("bf16", True, False, False), ("fp8", False, False, False),
-            ("bf16", False, True, False), ("bf16", True, True, False), ("fp8", False, True, False),
-            ("bf16", True, True, True), ("fp8", False, True, True)):
+    variants = [("bf16", False, False, False), ("bf16", True, False, False), ("fp8", False, False, False),
+                ("bf16", False, True, False), ("bf16", True, True, False), ("fp8", False, True, False),
+                ("bf16", True, True, True), ("fp8", False, True, True)]
+    if fp8_triton_gemm.usable(x):  # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) on the default path
+        variants.append(("fp8", False, True, True, "triton"))
+    for backend, fused, from_tokens, device_counts, *kernel in variants:
         # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU
+        fp8.set_fp8_gemm_kernel(kernel[0] if kernel else "torch")
         layer = _experts_layer(raw, trainable, backend, "frozen", fused_swiglu=fused)
         layer.load_state_dict(ref.state_dict())
         if device_counts:
@@ -123,9 +128,11 @@ def run_check(args, raw):
         nan = not (torch.isfinite(out).all() and torch.isfinite(dx).all())
         rows.append({"kind": "check", "backend": backend + (" fused SwiGLU" if fused else "")
                      + (", experts permute the tokens" if from_tokens else "")
-                     + (", token counts on the device" if device_counts else ""),
+                     + (", token counts on the device" if device_counts else "")
+                     + (", Triton GEMMs" if kernel and fp8_triton_gemm.launches else ""),
                      "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
                      "wgrad_rel_max": wgrad, "nan": bool(nan)})
+    fp8.set_fp8_gemm_kernel("torch")
     return rows
 
 

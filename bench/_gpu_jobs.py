@@ -1,5 +1,5 @@
-"""The jobs of bench/gpu_esft.py's plans: which keys each kind takes, and a memory cap that stands in for a smaller
-GPU."""
+"""The jobs of bench/gpu_esft.py's plans: the default plan, which keys each kind takes, and a memory cap that stands
+in for a smaller GPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 # the keys a job may have, per kind (a misspelt key would silently run the default on a scarce GPU machine)
 _JOB_KEYS = {
     "check": set(),
-    "experts": {"tokens", "sources"},
+    "gemm": {"tokens"},
+    "experts": {"tokens", "sources", "fp8_kernel"},
     "model": {"mode", "backend", "layers", "cache", "recompute", "mbs", "accum", "fusions", "doc_len", "permutation",
-              "offload", "token_counts", "cuda_graphs", "manual_gc", "memory_trace"},
+              "offload", "token_counts", "cuda_graphs", "manual_gc", "memory_trace", "fp8_kernel"},
 }
 _COMMON_KEYS = {"job", "profile", "memory_cap_gib"}
 
@@ -33,3 +34,27 @@ def cap_device_memory(gib) -> None:
     if gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+
+
+def default_plan(full_layers, fft_layers):
+    """Four parts, each one device command (`--part K/4`), most informative first (results are appended to
+    results.jsonl as they come); every row is compared only with rows of its own part, so each part carries its own
+    baseline (the default ESFT job at `fft_layers` layers)."""
+    esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
+    return [
+        # the fused kernels' and the permutations' effect: "auto" (the default) next to eager ("none"); the default
+        # "experts" permutation next to the dispatcher's gather and Megatron's own
+        [{"job": "check"}, {"job": "experts"}, dict(esft_small), dict(esft_small, fusions="none"),
+         dict(esft_small, permutation="gather"), dict(esft_small, permutation="megatron")],
+        # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
+        [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
+         dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "linear_cross_entropy", "flex_attention"])],
+        # the full V2-Lite depth: bf16 experts, FP8 without a weight cache, FP8 with the frozen experts' cache (fits
+        # only with their bf16 weights in host memory)
+        [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
+         dict(esft_small, layers=full_layers, backend="fp8", cache="frozen", offload=True)],
+        # FP8 against bf16 experts at 4 layers (and FP8 with the dispatcher's gather: the effect of quantizing before
+        # the gather)
+        [dict(esft_small), dict(esft_small, backend="fp8", cache="frozen"),
+         dict(esft_small, backend="fp8", cache="frozen", permutation="gather")],
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from _gpu_gemm import print_gemm_tables
+
 
 def print_tables(results, device):
     print(f"\n## device: {device}")
@@ -13,6 +15,7 @@ def print_tables(results, device):
         print("|---|---|---|---|---|")
         for r in checks:
             print(f"| {r['backend']} | {r['out_rel']:.2e} | {r['dgrad_rel']:.2e} | {r['wgrad_rel_max']:.2e} | {r['nan']} |")
+    print_gemm_tables(results)
     for rows in sorted({r["rows"] for r in results if r.get("kind") == "experts"}):  # one table per routed-row count
         exps = [r for r in results if r.get("kind") == "experts" and r["rows"] == rows]
         # speedups within one mode and one input kind (from permuted rows / from tokens, permutation included)
@@ -22,7 +25,8 @@ def print_tables(results, device):
         print("|---|---|---|---|---|")
         for r in exps:
             label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
-                     + (f" (weight cache: {r['cache']})" if r["cache"] else ""))
+                     + (f" (weight cache: {r['cache']})" if r["cache"] else "")
+                     + (", Triton GEMMs" if r["backend"] == "fp8" and r.get("fp8_kernel") == "triton" else ""))
             source = r.get("source", "rows")
             source_label = {"rows": "permuted rows", "tokens": "tokens (experts permute)"}.get(
                 source, f"{source} (experts permute)")
@@ -36,6 +40,8 @@ def print_tables(results, device):
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
+            if r["backend"] == "fp8" and r.get("fp8_kernel") == "triton":
+                exp += ", Triton GEMMs"
             if r.get("token_counts") == "device":
                 exp += ", token counts on the device"
             if r.get("cuda_graphs") == "full_iteration":

@@ -1,7 +1,8 @@
 """GPU benchmark: ESFT vs full fine-tuning of a DeepSeek-V2-Lite-shaped model, bf16 vs FP8 expert GEMMs.
 
     python bench/gpu_esft.py                      # correctness checks + expert and model benchmarks (one H100)
-    python bench/gpu_esft.py --only check,experts # a subset; --tiny runs the same code at toy size (CPU works)
+    python bench/gpu_esft.py --only check,experts # a subset (check, gemm, experts, model); --tiny runs the same
+                                                  # code at toy size (CPU works)
 
 Model: DeepSeek-V2-Lite's shapes (27 layers, hidden 2048, MLA with kv_lora_rank 512, 16 heads, 64 routed + 2 shared
 experts of ffn 1408, top-6, vocab 102400; layer 0 dense) with random weights, built by `models.provider.build_model`
@@ -38,6 +39,9 @@ so a job on a larger GPU says whether it fits on a smaller one: beyond the cap t
 then raises OOM, as on the smaller card (the graph's private pool included); no effect without CUDA.
 `"memory_trace": true` records torch's allocator history over one iteration (the graph's capture, or the last
 warm-up step) and reports what held the memory at its peak, by allocation site (bench/_gpu_memory.py).
+`"fp8_kernel": "triton"` (experts and model jobs) runs the FP8 experts' GEMMs through the Triton kernel of
+experts/fp8_triton_gemm.py instead of torch's `_scaled_grouped_mm`. The `gemm` job times the layer's grouped GEMMs
+alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup.
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -56,7 +60,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _gpu_experts import TRAINABLE_PER_LAYER, init_parallel, run_check, run_experts  # noqa: E402 (bench/ on sys.path)
-from _gpu_jobs import cap_device_memory, job_problem  # noqa: E402
+from _gpu_gemm import run_gemm  # noqa: E402
+from _gpu_jobs import cap_device_memory, default_plan, job_problem  # noqa: E402
 from _gpu_memory import record_iteration  # noqa: E402
 from _gpu_report import print_tables  # noqa: E402
 from _host_profile import format_host_profile, host_profile  # noqa: E402
@@ -346,39 +351,22 @@ def run_model(args, raw, mode, backend, layers, cache, recompute, mbs, accum=1, 
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
-def default_plan(full_layers, fft_layers):
-    """Four parts, each one device command (`--part K/4`), most informative first (results are appended to
-    results.jsonl as they come); every row is compared only with rows of its own part, so each part carries its own
-    baseline (the default ESFT job at `fft_layers` layers)."""
-    esft_small = {"job": "model", "mode": "esft", "backend": "bf16", "layers": fft_layers}
-    return [
-        # the fused kernels' and the permutations' effect: "auto" (the default) next to eager ("none"); the default
-        # "experts" permutation next to the dispatcher's gather and Megatron's own
-        [{"job": "check"}, {"job": "experts"}, dict(esft_small), dict(esft_small, fusions="none"),
-         dict(esft_small, permutation="gather"), dict(esft_small, permutation="megatron")],
-        # ESFT vs FFT; packed SFT batches as the trainer feeds them (per-document causal masks), SDPA / FlexAttention
-        [dict(esft_small), dict(esft_small, mode="fft"), dict(esft_small, doc_len=512),
-         dict(esft_small, doc_len=512, fusions=["swiglu", "rope", "linear_cross_entropy", "flex_attention"])],
-        # the full V2-Lite depth: bf16 experts, FP8 without a weight cache, FP8 with the frozen experts' cache (fits
-        # only with their bf16 weights in host memory)
-        [dict(esft_small, layers=full_layers), dict(esft_small, layers=full_layers, backend="fp8", cache="none"),
-         dict(esft_small, layers=full_layers, backend="fp8", cache="frozen", offload=True)],
-        # FP8 against bf16 experts at 4 layers (and FP8 with the dispatcher's gather: the effect of quantizing before
-        # the gather)
-        [dict(esft_small), dict(esft_small, backend="fp8", cache="frozen"),
-         dict(esft_small, backend="fp8", cache="frozen", permutation="gather")],
-    ]
-
-
 def run_job(args, job):
     raw = TINY if args.tiny else V2_LITE
     cap_device_memory(job.get("memory_cap_gib"))
     if job["job"] == "check":
         return run_check(args, raw)
+    if job["job"] == "gemm":  # the layer's grouped GEMMs alone: bf16 against torch's and the Triton FP8 kernel
+        return run_gemm(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw)
+    if job.get("fp8_kernel"):  # "triton": the FP8 experts' GEMMs through experts/fp8_triton_gemm.py
+        from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
+
+        set_fp8_gemm_kernel(job["fp8_kernel"])
     if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows);
         # "sources": [...] keeps the variants of those inputs only (e.g. ["tokens, device counts"] with "profile")
-        return run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw,
+        rows = run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw,
                            job.get("sources"))
+        return _with_fp8_kernel(rows)
     rows = run_model(args, raw, job["mode"], job["backend"], job["layers"], job.get("cache", "none"),
                      job.get("recompute", args.recompute), job.get("mbs", args.micro_batch_size), job.get("accum", 1),
                      job.get("fusions", "auto"), job.get("doc_len", 0), job.get("permutation", "experts"),
@@ -386,6 +374,16 @@ def run_job(args, job):
                      job.get("manual_gc", False), job.get("memory_trace", False))
     for row in rows:
         row["memory_cap_gib"] = job.get("memory_cap_gib")
+    return _with_fp8_kernel(rows)
+
+
+def _with_fp8_kernel(rows):
+    """Rows labelled with the FP8 GEMM kernel that really ran: "triton" only if the Triton kernel launched (where
+    Triton cannot run it, torch's kernel or the CPU emulation stands in)."""
+    from megatron_esft.experts import fp8_triton_gemm
+
+    for row in rows:
+        row["fp8_kernel"] = "triton" if fp8_triton_gemm.launches else "torch"
     return rows
 
 
@@ -397,7 +395,8 @@ def _last_result(stdout: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="check,experts,model", help="comma list of job kinds: check, experts, model")
+    p.add_argument("--only", default="check,gemm,experts,model",
+                   help="comma list of job kinds: check, gemm, experts, model")
     p.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test of the script itself)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=1)

@@ -134,7 +134,33 @@ def _emulated_scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs):
     return torch._grouped_mm(a, b, offs=offs).to(torch.bfloat16)
 
 
+FP8_GEMM_KERNELS = ("torch", "triton")
+_gemm_kernel = "torch"
+
+
+def set_fp8_gemm_kernel(kernel: str) -> None:
+    """Which kernel runs the FP8 grouped GEMMs: "torch" (`torch._scaled_grouped_mm`, the default) or "triton"
+    (experts/fp8_triton_gemm.py; where Triton cannot run it, torch's kernel or the CPU emulation). Process-wide, like
+    torch's own backend switches: set it before the first step (a CUDA graph keeps the kernel it captured)."""
+    global _gemm_kernel
+    if kernel not in FP8_GEMM_KERNELS:
+        raise ValueError(f"fp8 GEMM kernel {kernel!r}: choose from {', '.join(FP8_GEMM_KERNELS)}")
+    _gemm_kernel = kernel
+
+
+def fp8_gemm_kernel() -> str:
+    return _gemm_kernel
+
+
 def _scaled_mm(a_q, b_q_t, scale_a, scale_b, offs):
+    if _gemm_kernel == "triton":
+        from megatron_esft.experts import fp8_triton_gemm
+
+        if fp8_triton_gemm.usable(a_q):
+            _check_kernel_contract(a_q, b_q_t, scale_a, scale_b, offs)  # the same operands as torch's kernel
+            out = fp8_triton_gemm.scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs)
+            if out is not None:
+                return out
     if a_q.device.type == "cuda":
         return torch._scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16,
                                         use_fast_accum=True)

@@ -15,10 +15,11 @@ on a GPU: bench/bench_permutation.py times it next to embedding_bag and a gather
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
+
+from megatron_esft.experts.triton_support import triton_can_run
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _failed = False
@@ -45,23 +46,12 @@ def _kernel():
     return pair_sum_kernel, triton.next_power_of_2
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def usable(rows: torch.Tensor, row_of_pair: torch.Tensor, topk: int) -> bool:
     """Whether `pair_sum` runs these inputs (else the caller keeps embedding_bag)."""
     if _failed or topk < 2 or rows.dim() != 2 or rows.dtype not in _DTYPES or rows.stride(1) != 1 \
             or row_of_pair.dtype not in (torch.int64, torch.int32) or not row_of_pair.is_contiguous():
         return False
-    if not (rows.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _triton_importable()
+    return triton_can_run(rows)
 
 
 def pair_sum(rows: torch.Tensor, row_of_pair: torch.Tensor, topk: int) -> torch.Tensor | None:

@@ -46,8 +46,8 @@ def test_the_session_plan_and_the_default_plan_hold_known_jobs_only(gpu_esft):
     assert '"job" must be one of' in gpu_esft.job_problem({"job": "nodel"})
 
 
-def _bench(*args, out):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+def _bench(*args, out, **env_extra):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2", **env_extra)
     return subprocess.run([sys.executable, str(BENCH / "gpu_esft.py"), *args, "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
 
@@ -70,6 +70,7 @@ def test_a_graph_job_and_an_experts_job_run_on_the_cpu_and_report(tmp_path):
     experts = [r for r in rows if r["kind"] == "experts"]
     assert [(r["backend"], r["source"]) for r in experts] == [("bf16", "tokens, device counts"),
                                                                ("fp8", "tokens, device counts")]
+    assert {r["fp8_kernel"] for r in rows} == {"torch"}
     report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "the whole iteration in a CUDA graph (not captured), GPU memory capped at 78.5 GiB" in report.stdout
@@ -81,3 +82,29 @@ def test_a_plan_with_an_unknown_key_stops_before_any_job(tmp_path):
     proc = _bench("--tiny", "--plan", json.dumps(plan), out=tmp_path)
     assert proc.returncode == 2 and "unknown key(s) ['token_count'] for a model job" in proc.stderr
     assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.timeout(300)
+def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_path):
+    """Triton's CPU interpreter stands in for a GPU: the gemm job times the Triton FP8 kernel next to bf16 and the
+    emulation of torch's FP8 kernel, and an experts job with "fp8_kernel": "triton" runs its GEMMs through it."""
+    plan = [{"job": "gemm", "tokens": 64},
+            {"job": "experts", "sources": ["tokens, device counts"], "fp8_kernel": "triton", "tokens": 64}]
+    proc = _bench("--tiny", "--warmup", "1", "--iters", "1", "--plan", json.dumps(plan), out=tmp_path,
+                  TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "error" in r], rows
+    gemms = [r for r in rows if r["kind"] == "gemm"]
+    assert {(r["gemm"], r["kernel"]) for r in gemms} == {
+        (gemm, kernel) for gemm in ("fc1 forward", "fc2 forward", "fc2 input gradient", "fc1 input gradient")
+        for kernel in ("bf16", "fp8 emulated", "fp8 triton")}
+    for r in gemms:
+        assert r["rows"] == 256 and r["ms"] > 0
+        if r["kernel"] == "fp8 triton":  # the interpreter truncates to bf16 where the emulation rounds
+            assert 0 < r["rel_vs_fp8_torch"] < 2.0 ** -7, r
+    experts = [r for r in rows if r["kind"] == "experts"]
+    assert [r["backend"] for r in experts] == ["bf16", "fp8"] and {r["fp8_kernel"] for r in experts} == {"triton"}
+    report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
+    assert "| all four (forward + input gradient) | fp8 triton |" in report.stdout, report.stdout
+    assert "(weight cache: frozen), Triton GEMMs | tokens, device counts" in report.stdout, report.stdout

@@ -3,31 +3,19 @@ interpreter (a subprocess: the interpreter is chosen when the kernel is defined)
 loop (embedding_bag's order) and as embedding_bag, where it applies; a kernel that fails to build falls back to
 embedding_bag with one warning; on a GPU, bit for bit the sequential sum rounded once."""
 
-import json
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import break_kernel, run_under_interpreter
 import torch.nn.functional as F
 
 from megatron_esft.experts import pair_sum
 from megatron_esft.experts.permutation import sum_pairs
 
-HERE = Path(__file__).resolve().parent
-
 
 def test_kernel_sums_like_a_sequential_fp32_loop_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2", PYTHONPATH=str(HERE.parents[1]),
-               PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(HERE / "pair_sum_main.py")], capture_output=True, text=True,
-                          timeout=300, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_under_interpreter("pair_sum_main.py")
     for name in ("fp32", "fp16", "bf16", "two column blocks, int32 indices, strided rows"):
         assert result[name]["equal_sequential"], (name, result[name])
     # embedding_bag's own CPU kernel sums bf16 differently, and the interpreter truncates to bf16 (a GPU rounds)
@@ -39,13 +27,7 @@ def test_kernel_sums_like_a_sequential_fp32_loop_under_the_interpreter():
 
 
 def test_a_kernel_that_fails_falls_back_to_embedding_bag_once(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets `usable` say yes on a CPU
-
-    def broken():
-        raise RuntimeError("no kernel today")
-
-    monkeypatch.setattr(pair_sum, "_kernel", broken)
-    monkeypatch.setattr(pair_sum, "_failed", False)
+    break_kernel(monkeypatch, pair_sum)
     rows, row_of_pair = torch.randn(12, 8), torch.randperm(12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -1,0 +1,101 @@
+"""Run under TRITON_INTERPRET=1 (Triton's CPU interpreter; set before the kernel is defined): the Triton FP8 grouped
+GEMM of experts/fp8_triton_gemm.py against float64 and against the float32 emulation of torch's kernel, alone and as
+the FP8 experts' GEMM (fp8.set_fp8_gemm_kernel("triton")), printed as `RESULT {json}` for
+tests/experts/test_fp8_triton_gemm.py."""
+
+import json
+
+import torch
+
+from megatron_esft.experts import fp8, fp8_triton_gemm
+from megatron_esft.experts.fp8_swiglu import fp8_swiglu_mlp
+
+BF16_TRUNCATION = 2.0 ** -7  # the interpreter truncates fp32 -> bf16: relative error below one bf16 ulp (2^-7)
+
+
+def operands(counts, k, n, extra_rows=0, seed=0):
+    """e4m3 rows [M, K] (M = sum(counts) + extra_rows), weights in the experts' layout (a [G, K, N] view of
+    [G, N, K]), decode scales spanning several binades, offs."""
+    g = torch.Generator().manual_seed(seed)
+    m = sum(counts) + extra_rows
+    a_q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w_q = (torch.randn(len(counts), n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale_a = torch.rand(m, generator=g) * 2.0 ** torch.randint(-12, -4, (m,), generator=g)
+    scale_b = torch.rand(len(counts), n, generator=g) * 2.0 ** -8
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    return a_q, w_q.transpose(-2, -1), scale_a, scale_b, offs
+
+
+def float64_reference(a_q, b_q_t, scale_a, scale_b, offs):
+    out = torch.zeros(a_q.shape[0], b_q_t.shape[2], dtype=torch.float64)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        out[start:end] = (a_q[start:end].double() @ b_q_t[g].double()) * scale_a[start:end, None].double() \
+            * scale_b[g].double()
+        start = end
+    return out
+
+
+def gemm_case(counts, k, n, extra_rows=0, seed=0):
+    args = operands(counts, k, n, extra_rows, seed)
+    assert fp8_triton_gemm.usable(args[0])
+    fp8._check_kernel_contract(*args)  # the operands torch's kernel accepts
+    out = fp8_triton_gemm.scaled_grouped_mm(*args)
+    rows = int(args[4][-1]) if len(counts) else 0
+    ref = float64_reference(*args)[:rows]
+    got = out[:rows].double()
+    emulated = fp8._emulated_scaled_grouped_mm(*args)[:rows].double()
+    bound = BF16_TRUNCATION * ref.abs() + 1e-30
+    return {"shape": list(out.shape), "dtype": str(out.dtype),
+            "within_truncation_of_float64": bool(((got - ref).abs() <= bound * (1 + 1e-6)).all()),
+            "truncated_toward_zero": bool((got.abs() <= ref.abs() * (1 + 2.0 ** -20)).all()),
+            "max_rel_vs_emulation": ((got - emulated).abs() / emulated.abs().clamp_min(1e-30)).max().item()
+            if rows else 0.0}
+
+
+def mlp_case():
+    """The fused FP8 expert MLP, forward + backward, through the Triton kernel and through the emulation."""
+    g = torch.Generator().manual_seed(5)
+    counts, h, ffn = [7, 0, 37, 20], 64, 48
+    m = sum(counts)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    inputs = (torch.randn(m, h, generator=g).bfloat16(), torch.rand(m, generator=g),
+              (torch.randn(len(counts), 2 * ffn, h, generator=g) * 0.1).bfloat16(),
+              (torch.randn(len(counts), h, ffn, generator=g) * 0.1).bfloat16())
+    dy = torch.randn(m, h, generator=g).bfloat16()
+    results = {}
+    for kernel in ("torch", "triton"):
+        fp8.set_fp8_gemm_kernel(kernel)
+        x, probs, fc1, fc2 = (t.clone().requires_grad_(True) for t in inputs)
+        calls = []
+        original = fp8_triton_gemm.scaled_grouped_mm
+        fp8_triton_gemm.scaled_grouped_mm = lambda *a: calls.append(1) or original(*a)
+        try:
+            y = fp8_swiglu_mlp(x, probs, fc1, fc2, offs, fp8.FP8WeightCache("none"))
+            y.backward(dy)
+        finally:
+            fp8_triton_gemm.scaled_grouped_mm = original
+            fp8.set_fp8_gemm_kernel("torch")
+        results[kernel] = {"calls": len(calls), "tensors": [y, x.grad, probs.grad, fc1.grad, fc2.grad]}
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    return {"triton_calls": results["triton"]["calls"], "torch_calls": results["torch"]["calls"],
+            "rel": [rel(a, b) for a, b in zip(results["triton"]["tensors"], results["torch"]["tensors"])]}
+
+
+def main():
+    results = {
+        "three column tiles, two K steps, empty and 1-row groups": gemm_case([0, 5, 17, 33, 0, 1], 64, 80),
+        "K not a multiple of the K tile": gemm_case([9, 30], 48, 32, seed=1),
+        "rows after the last group": gemm_case([16, 3], 32, 16, extra_rows=7, seed=2),
+        "one group over many row tiles": gemm_case([70], 32, 48, seed=3),
+        "all groups empty": gemm_case([0, 0], 32, 16, extra_rows=5, seed=4),
+        "fused FP8 MLP": mlp_case(),
+    }
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

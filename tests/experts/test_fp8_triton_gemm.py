@@ -1,0 +1,131 @@
+"""The Triton FP8 grouped GEMM (experts/fp8_triton_gemm.py), the second kernel behind the FP8 experts: on the CPU
+under Triton's interpreter (a subprocess: the interpreter is chosen when the kernel is defined) against float64 and
+the emulation of torch's kernel, alone and inside the fused FP8 expert MLP; a kernel that fails to build falls back
+with one warning; on a Hopper GPU, against torch._scaled_grouped_mm."""
+
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from interpreter import break_kernel, run_under_interpreter
+
+from megatron_esft.experts import fp8, fp8_triton_gemm
+from megatron_esft.experts.fp8 import quantize_lastdim_reference, scaled_grouped_mm_supported
+
+
+def test_kernel_matches_float64_under_the_interpreter():
+    result = run_under_interpreter("fp8_triton_gemm_main.py")
+    mlp = result.pop("fused FP8 MLP")
+    for name, case in result.items():
+        # fp32 accumulation of exact e4m3 products, the scales applied once, then the interpreter's truncation
+        assert case["within_truncation_of_float64"] and case["truncated_toward_zero"], (name, case)
+        assert case["dtype"] == "torch.bfloat16", (name, case)
+        # against torch's kernel as emulated (rounded to nearest): one bf16 step at most
+        assert case["max_rel_vs_emulation"] <= 2.0 ** -7 + 1e-6, (name, case)
+    assert result["three column tiles, two K steps, empty and 1-row groups"]["shape"] == [56, 80]
+    assert result["rows after the last group"]["shape"] == [26, 16]
+    # forward (fc1, fc2) and input gradient (fc2, fc1) through the Triton kernel; wgrad stays bf16
+    assert mlp["triton_calls"] == 4 and mlp["torch_calls"] == 0, mlp
+    # output, d(input), d(probs), d(fc1), d(fc2): differences from the bf16 truncation flipping e4m3 roundings only
+    assert max(mlp["rel"]) < 0.05, mlp
+
+
+def _compile_for_hopper(config, k, groups=64):
+    """The kernel compiled ahead of time for sm_90a (no GPU needed: Triton's own ptxas), specialised as the JIT
+    specialises it at run time: the operand pointers 16-byte aligned, the sizes and strides multiples of 16 (what
+    experts/fp8.py's contract guarantees). Returns (PTX, ptxas's resource report, shared memory bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, _ = fp8_triton_gemm._kernel.__wrapped__()  # a fresh definition: the compiled kind, not a cached one
+    fn = kernel.fn
+    pointers = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32",
+                "offs": "*i32"}
+    constexprs = dict(K=k, G=groups, **config.kwargs)
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
+    runtime = [name for name in fn.arg_names if name not in constexprs]
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in runtime})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptx = compiled.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(Path(tmp) / "k.ptx"), "-o",
+                                 str(Path(tmp) / "k.cubin")], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    return ptx, report.stderr, compiled.metadata.shared
+
+
+@pytest.mark.timeout(300)
+def test_every_autotuned_config_compiles_for_hopper_to_pipelined_fp8_tensor_core_code(monkeypatch):
+    """What the kernel's speed rests on, checked without a GPU for each autotuning candidate at V2-Lite's K: FP8
+    wgmma instructions, tile loads pipelined through shared memory (cp.async), no register spills, and shared memory
+    within an H100's 227 KiB. (A strided K operand made every config spill and lose its pipelining.)"""
+    import triton
+
+    pytest.importorskip("triton.backends.nvidia")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for config in fp8_triton_gemm._configs(triton):
+        for k in (2048, 1408):
+            ptx, report, shared = _compile_for_hopper(config, k)
+            label = (config.kwargs, config.num_warps, config.num_stages, k)
+            assert "wgmma.mma_async.sync.aligned" in ptx and ".e4m3.e4m3" in ptx, label
+            assert "cp.async" in ptx, label
+            assert "0 bytes spill stores, 0 bytes spill loads" in report, (label, report)
+            assert 0 < shared <= 227 * 1024, (label, shared)
+
+
+def test_the_kernel_choice_is_checked():
+    with pytest.raises(ValueError, match="choose from torch, triton"):
+        fp8.set_fp8_gemm_kernel("cutlass")
+    assert fp8.fp8_gemm_kernel() == "torch"
+
+
+def test_a_kernel_that_fails_falls_back_to_torch_once(monkeypatch):
+    break_kernel(monkeypatch, fp8_triton_gemm)
+    g = torch.Generator().manual_seed(0)
+    x_q, x_s = quantize_lastdim_reference(torch.randn(20, 32, generator=g).bfloat16())
+    w_q, w_s = quantize_lastdim_reference(torch.randn(2, 16, 32, generator=g).bfloat16())
+    offs = torch.tensor([8, 20], dtype=torch.int32)
+    args = (x_q, w_q.transpose(-2, -1), x_s, w_s, offs)
+    fp8.set_fp8_gemm_kernel("triton")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = fp8._scaled_mm(*args)
+            second = fp8._scaled_mm(*args)
+    finally:
+        fp8.set_fp8_gemm_kernel("torch")
+    messages = [str(w.message) for w in caught if "Triton FP8 grouped GEMM" in str(w.message)]
+    assert len(messages) == 1 and "no kernel today" in messages[0], messages
+    assert torch.equal(first, fp8._emulated_scaled_grouped_mm(*args)) and torch.equal(first, second)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and scaled_grouped_mm_supported(torch.device("cuda"))),
+                    reason="compared with torch._scaled_grouped_mm, which needs a CUDA sm90/sm100 GPU")
+def test_cuda_triton_kernel_matches_torch_kernel():
+    """The V2-Lite expert shapes (forward of fc1 and the input gradient of fc2's layout), empty groups included."""
+    counts = [5, 0, 130, 61, 0, 389]
+    g = torch.Generator().manual_seed(0)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    for k, n in ((2048, 2816), (1408, 2048)):
+        x_q, x_s = fp8.quantize_lastdim((torch.randn(sum(counts), k, generator=g)).bfloat16().cuda())
+        w_q, w_s = fp8.quantize_lastdim((torch.randn(len(counts), n, k, generator=g) * 0.05).bfloat16().cuda())
+        args = (x_q, w_q.transpose(-2, -1), x_s, w_s, offs)
+        ours = fp8_triton_gemm.scaled_grouped_mm(*args)
+        assert ours is not None and not fp8_triton_gemm._failed
+        theirs = torch._scaled_grouped_mm(*args[:4], offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True)
+        rel = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+        assert rel < 1e-2, (k, n, rel)
+        # nothing in the kernel synchronizes with the host (a CUDA graph can hold it)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fp8_triton_gemm.scaled_grouped_mm(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
