@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --expert-gemm fp8: keep e4m3 copies of frozen expert weights (frozen: fastest, +2 bytes "
                         "per frozen expert parameter of GPU memory), re-quantize every step (none), or also cache "
                         "trainable ones between optimizer steps (all)")
+    g.add_argument("--expert-fp8-gemm-kernel", choices=["torch", "triton"], default="torch",
+                   help="with --expert-gemm fp8: the FP8 grouped GEMM kernel, torch._scaled_grouped_mm (torch) or "
+                        "megatron_esft's Triton kernel (triton: autotuned for ESFT's small expert groups; not yet "
+                        "measured on a GPU, docs/gpu.md)")
     g.add_argument("--offload-frozen-experts", action="store_true",
                    help="with --expert-gemm fp8 and a weight cache: keep the frozen experts' bf16 weights in pinned "
                         "host memory (read only by checkpoints) and only their FP8 copies on the GPU, so the cache "
@@ -300,6 +304,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     weight_checks.validate(args)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
+    if args.expert_fp8_gemm_kernel != "torch":
+        from megatron_esft.experts import triton_support
+
+        if args.expert_gemm != "fp8":
+            raise UserError("--expert-fp8-gemm-kernel needs --expert-gemm fp8")
+        if not triton_support.triton_importable():
+            raise UserError("--expert-fp8-gemm-kernel triton needs Triton (pip install triton; PyTorch's CUDA wheels "
+                            "bring it)")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):
         raise UserError("--offload-frozen-experts needs --expert-gemm fp8 with --expert-fp8-weight-cache frozen or all "
                         "(the GEMMs then read only the FP8 copies of frozen experts)")

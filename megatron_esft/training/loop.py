@@ -198,6 +198,10 @@ def pretrain(argv=None) -> int:
         from megatron_esft.experts.spec import set_expert_gemm_backend
 
         set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
+        if args.expert_gemm == "fp8":
+            from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
+
+            set_fp8_gemm_kernel(args.expert_fp8_gemm_kernel)
     if args.moe_token_counts != "host":
         from megatron_esft.experts.spec import device_counts_copy_bytes, set_expert_token_counts
 

@@ -1,5 +1,6 @@
 """GPU-only (skipped on CPU): the trainer with bf16 parameters and FP8 experts, the frozen experts' weights kept in host
-memory (--offload-frozen-experts) or on the device. Frozen experts stay bit-identical to the base checkpoint; losses and
+memory (--offload-frozen-experts) or on the device, the FP8 GEMMs in torch's kernel or the Triton one
+(--expert-fp8-gemm-kernel triton). Frozen experts stay bit-identical to the base checkpoint; losses and
 trained experts agree with the resident run (the trainer offloads after loading the base checkpoint, as after a resume).
 Two GPU runs are compared with a tolerance, not bit for bit: the SDPA attention backward may accumulate with atomics."""
 
@@ -32,11 +33,12 @@ def _assert_close_runs(got_losses, want_losses, got, want):
         assert _rel(got[key], value) < 1e-2, key
 
 
-@pytest.mark.timeout(400)  # two trainer processes
-def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_path):
+@pytest.mark.timeout(500)  # three trainer processes
+def test_offloaded_frozen_experts_and_the_triton_gemms_train_like_resident_ones(training_env, tmp_path):
     env = training_env
     runs = {}
-    for name, extra in (("resident", []), ("offloaded", ["--offload-frozen-experts"])):
+    for name, extra in (("resident", []), ("offloaded", ["--offload-frozen-experts"]),
+                        ("triton", ["--expert-fp8-gemm-kernel", "triton"])):
         save = str(tmp_path / name)
         proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *FP8, *extra, data=env["data"])
         runs[name] = (save, proc, load_mcore(save, 4))
@@ -45,6 +47,8 @@ def test_offloaded_frozen_experts_train_like_resident_ones(training_env, tmp_pat
     assert len(re.findall(r"^\[Rank 0\] \(after 1 iterations\) memory \(MB\) \| allocated: ", out, re.M)) == 1
     _assert_close_runs(losses(runs["offloaded"][1]), losses(runs["resident"][1]), runs["offloaded"][2],
                        runs["resident"][2])
+    # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) against torch's: the same e4m3 math, other rounding ties
+    _assert_close_runs(losses(runs["triton"][1]), losses(runs["resident"][1]), runs["triton"][2], runs["resident"][2])
     base, offloaded = load_mcore(env["base"], 0), runs["offloaded"][2]
     for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (training_helpers.ECFG)
         key = ROUTED.format(3, proj)
