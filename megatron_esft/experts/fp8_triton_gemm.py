@@ -6,13 +6,15 @@ Why: the FP8 experts target (1.4x the bf16 experts) is out of reach with torch's
 GEMMs were only ~1.4x the bf16 grouped GEMMs on ESFT's shapes (~400-800 rows per expert), and by Amdahl's law over
 the layer's GEMMs that caps the layer below 1.35x (docs/gpu.md). Hopper's FP8 peak is 2x bf16's, so the layer's
 ceiling is set by how well the kernel handles these small groups. This kernel is tiled for them and autotuned on the
-layer's (N, K, rows per group). It is selected with `fp8.set_fp8_gemm_kernel("triton")` (bench/gpu_esft.py's
-`"fp8_kernel"`). The `gemm` job times it next to torch's FP8 and bf16 kernels.
+layer's (N, K, rows per group). It is selected with `fp8.set_fp8_gemm_kernel("triton")` (the trainer's
+`--expert-fp8-gemm-kernel triton`, bench/gpu_esft.py's `"fp8_kernel"`). The bench's `gemm` job times it next to
+torch's FP8 and bf16 kernels.
 
 The kernel: one program per (row tile of one group, column tile). Row tiles never cross a group boundary. A program
 finds its group by scanning `offs` on the device, so no host sync is needed and the launch can be captured in a CUDA
 graph. The grid is sized for the worst case (cdiv(M, BM) + G row tiles), and programs past the last group's tiles
-exit at once. Each program accumulates e4m3 x e4m3 products in fp32 (`tl.dot`: Hopper's FP8 tensor cores) over K.
+exit at once. Each program accumulates e4m3 x e4m3 products in fp32 over K (`tl.dot`: Hopper's FP8 wgmma, with
+Triton's Hopper default of fast accumulation, like torch's `use_fast_accum=True`; Blackwell's tcgen05).
 It then applies the row-wise decode scales, `acc * scale_a[row] * scale_b[group, column]` as torch's kernel does,
 and rounds once to bf16. Rows after `offs[-1]` are not written.
 
