@@ -146,3 +146,23 @@ def scaled_grouped_mm(a_q: torch.Tensor, b_q_t: torch.Tensor, scale_a: torch.Ten
         return None
     launches += 1
     return out
+
+
+def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90):
+    """The kernel with one autotuning `config` compiled for compute capability 9.0 or 10.0 at contraction `k`,
+    specialised as the JIT specialises it at run time (experts/fp8.py's contract: 16-byte aligned operands, sizes and
+    strides multiples of 16): a triton_aot.CompiledKernel. No GPU needed."""
+    from unittest import mock
+
+    from megatron_esft.experts.triton_aot import compile_for
+
+    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "0"}):
+        kernel, _ = _kernel.__wrapped__()  # a fresh definition of the compiled kind (never the interpreter's)
+    fn = kernel.fn
+    pointers = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32",
+                "offs": "*i32"}
+    constexprs = dict(K=k, G=groups, **config.kwargs)
+    runtime = [name for name in fn.arg_names if name not in constexprs]
+    return compile_for(fn, {name: pointers.get(name, "i32") for name in runtime}, constexprs,
+                       divisible_by_16=runtime, num_warps=config.num_warps, num_stages=config.num_stages,
+                       capability=capability)

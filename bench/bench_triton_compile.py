@@ -1,0 +1,47 @@
+"""The Triton FP8 grouped GEMM (megatron_esft/experts/fp8_triton_gemm.py) compiled ahead of time for Hopper and
+Blackwell, on any machine (no GPU): per autotuning candidate and V2-Lite contraction size, the resources of the
+machine code that ptxas reports, and whether the code has what the kernel's speed rests on (FP8 tensor-core MMA,
+tile loads pipelined through shared memory, no spills). Static facts, not timings: bench/gpu_esft.py's `gemm` job
+times the kernel on a GPU.
+
+    .venv/bin/python bench/bench_triton_compile.py [--capability 90 100] [--k 2048 1408 2816]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernel, not the interpreter's
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--capability", type=int, nargs="+", default=[90, 100], choices=[90, 100],
+                   help="compute capabilities to compile for (90: H100/H200, 100: B200)")
+    p.add_argument("--k", type=int, nargs="+", default=[2048, 1408, 2816],
+                   help="contraction sizes (V2-Lite: hidden 2048, expert ffn 1408, fc1's 2 x 1408)")
+    args = p.parse_args(argv)
+    import triton
+
+    from megatron_esft.experts.fp8_triton_gemm import _configs, compile_ahead_of_time
+    from megatron_esft.experts.triton_aot import MAX_SHARED_BYTES
+
+    print(f"triton {triton.__version__}; one row per (target, autotuning candidate, K); 64 expert groups")
+    print("\n| target | BM x BN x BK | warps | stages | K | registers | spill bytes | shared KiB (of max) | "
+          "FP8 MMA instructions | async copies |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for capability in args.capability:
+        for config in _configs(triton):
+            tile = "{BM} x {BN} x {BK}".format(**config.kwargs)
+            for k in args.k:
+                c = compile_ahead_of_time(config, k, capability=capability)
+                print(f"| sm_{capability}a | {tile} | {config.num_warps} | {config.num_stages} | {k} | {c.registers} | "
+                      f"{c.spill_bytes} | {c.shared_bytes / 1024:.0f} ({MAX_SHARED_BYTES[capability] // 1024}) | "
+                      f"{c.fp8_mma} | {c.pipelined_loads} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""bench/bench_triton_compile.py prints, without a GPU, one row per autotuning candidate of the Triton FP8 grouped
+GEMM with the resources ptxas reports (docs/benchmarks.md quotes the table)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.timeout(300)
+def test_the_table_has_a_spill_free_fp8_row_per_candidate():
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_triton_compile.py"), "--capability", "90",
+                           "--k", "1408"], cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| sm_90a |")]
+    assert len(rows) == 6, proc.stdout  # the six candidates, compiled (not interpreted, whatever the environment)
+    for cells in rows:
+        registers, spills, mma, copies = int(cells[5]), int(cells[6]), int(cells[8]), int(cells[9].rstrip(" |"))
+        assert 0 < registers <= 255 and spills == 0 and mma > 0 and copies > 0, cells
