@@ -152,12 +152,14 @@ def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90
     """The kernel with one autotuning `config` compiled for compute capability 9.0 or 10.0 at contraction `k`,
     specialised as the JIT specialises it at run time (experts/fp8.py's contract: 16-byte aligned operands, sizes and
     strides multiples of 16): a triton_aot.CompiledKernel. No GPU needed."""
-    from unittest import mock
-
     from megatron_esft.experts.triton_aot import compile_for
 
-    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "0"}):
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
         kernel, _ = _kernel.__wrapped__()  # a fresh definition of the compiled kind (never the interpreter's)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     fn = kernel.fn
     pointers = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32",
                 "offs": "*i32"}
