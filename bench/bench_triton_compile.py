@@ -14,7 +14,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernel, not the interpreter's
 
 
 def main(argv=None):

@@ -38,6 +38,7 @@ import weakref
 
 import torch
 
+from megatron_esft.experts import fp8_triton_gemm
 from megatron_esft.experts.grouped_mm import cuda_capability, zero_empty_groups
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,6 @@ def fp8_gemm_kernel() -> str:
 
 def _scaled_mm(a_q, b_q_t, scale_a, scale_b, offs):
     if _gemm_kernel == "triton":
-        from megatron_esft.experts import fp8_triton_gemm
-
         if fp8_triton_gemm.usable(a_q):
             _check_kernel_contract(a_q, b_q_t, scale_a, scale_b, offs)  # the same operands as torch's kernel
             out = fp8_triton_gemm.scaled_grouped_mm(a_q, b_q_t, scale_a, scale_b, offs)

@@ -2,7 +2,7 @@
 a given target (sm_90a Hopper, sm_100a Blackwell) without a driver, and its own ptxas reports the machine code's
 resources. This is how a CPU-only machine (CI, or a session without a GPU) checks what a kernel's speed rests on:
 tensor-core MMA instructions, tile loads pipelined through shared memory, no register spills, shared memory within
-the SM's limit (tests/experts/test_fp8_triton_gemm.py, bench/bench_triton_kernels.py)."""
+the SM's limit (tests/experts/test_fp8_triton_gemm.py, bench/bench_triton_compile.py)."""
 
 from __future__ import annotations
 
