@@ -63,6 +63,9 @@ def run_gemm(args, raw):
             ms = timer.median_ms()
             results.append({"kind": "gemm", "gemm": name, "kernel": kernel, "rows": rows, "k": k, "n": n,
                             "groups": len(counts), "ms": ms, "tflops": 2 * rows * k * n / ms / 1e9})
+            chosen = fp8_triton_gemm.autotuned_config() if kernel == "fp8 triton" else None
+            if chosen is not None:  # which candidate won: tiles by pointer or by TMA, and their sizes
+                results[-1]["config"] = fp8_triton_gemm.config_label(chosen)
         fp8_ref = next((outputs[key] for key in ("fp8 torch", "fp8 emulated") if key in outputs), None)
         for r in results[-len(outputs):]:  # agreement with torch's FP8 kernel (the same e4m3 operands)
             out = outputs[r["kernel"]]
@@ -79,16 +82,17 @@ def print_gemm_tables(results):
         table = [r for r in gemms if r["rows"] == rows]
         groups = table[0]["groups"]
         print(f"\n| grouped GEMM ({rows} rows, {groups} groups: {rows // groups} rows per group on average) | kernel | "
-              "ms | TFLOP/s | speedup vs bf16 | rel. diff vs torch FP8 |")
-        print("|---|---|---|---|---|---|")
+              "ms | TFLOP/s | speedup vs bf16 | rel. diff vs torch FP8 | Triton's autotuned candidate |")
+        print("|---|---|---|---|---|---|---|")
         bf16 = {r["gemm"]: r["ms"] for r in table if r["kernel"] == "bf16"}
         for r in table:
             print(f"| {r['gemm']} (K {r['k']}, N {r['n']}) | {r['kernel']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
-                  f"{bf16.get(r['gemm'], float('nan')) / r['ms']:.2f}x | {r['rel_vs_fp8_torch']:.1e} |")
+                  f"{bf16.get(r['gemm'], float('nan')) / r['ms']:.2f}x | {r['rel_vs_fp8_torch']:.1e} | "
+                  f"{r.get('config', '')} |")
         kernels = dict.fromkeys(r["kernel"] for r in table)
         totals = {kernel: sum(r["ms"] for r in table if r["kernel"] == kernel) for kernel in kernels
                   if sum(r["kernel"] == kernel for r in table) == len(_SHAPES)}
         for kernel, ms in totals.items():
             print(f"| all four (forward + input gradient) | {kernel} | {ms:.3f} | "
                   f"{sum(2 * r['rows'] * r['k'] * r['n'] for r in table if r['kernel'] == kernel) / ms / 1e9:.0f} | "
-                  f"{totals.get('bf16', float('nan')) / ms:.2f}x | |")
+                  f"{totals.get('bf16', float('nan')) / ms:.2f}x | | |")

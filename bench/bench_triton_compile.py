@@ -29,17 +29,18 @@ def main(argv=None):
     from megatron_esft.experts.triton_aot import MAX_SHARED_BYTES
 
     print(f"triton {triton.__version__}; one row per (target, autotuning candidate, K); 64 expert groups")
-    print("\n| target | BM x BN x BK | warps | stages | K | registers | spill bytes | shared KiB (of max) | "
-          "FP8 MMA instructions | async copies |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| target | tile loads | BM x BN x BK | warps | stages | K | registers | spill bytes | "
+          "shared KiB (of max) | FP8 MMA instructions | async copies | of them TMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for capability in args.capability:
         for config in _configs(triton):
             tile = "{BM} x {BN} x {BK}".format(**config.kwargs)
+            loads = "TMA" if config.kwargs["TMA"] else "pointer"
             for k in args.k:
                 c = compile_ahead_of_time(config, k, capability=capability)
-                print(f"| sm_{capability}a | {tile} | {config.num_warps} | {config.num_stages} | {k} | {c.registers} | "
-                      f"{c.spill_bytes} | {c.shared_bytes / 1024:.0f} ({MAX_SHARED_BYTES[capability] // 1024}) | "
-                      f"{c.fp8_mma} | {c.pipelined_loads} |", flush=True)
+                print(f"| sm_{capability}a | {loads} | {tile} | {config.num_warps} | {config.num_stages} | {k} | "
+                      f"{c.registers} | {c.spill_bytes} | {c.shared_bytes / 1024:.0f} ({MAX_SHARED_BYTES[capability] // 1024}) | "
+                      f"{c.fp8_mma} | {c.pipelined_loads} | {c.tma_loads} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,20 @@ layer's (N, K, rows per group). It is selected with `fp8.set_fp8_gemm_kernel("tr
 `--expert-fp8-gemm-kernel triton`, bench/gpu_esft.py's `"fp8_kernel"`). The bench's `gemm` job times it next to
 torch's FP8 and bf16 kernels.
 
-The kernel: one program per (row tile of one group, column tile). Row tiles never cross a group boundary. A program
-finds its group by scanning `offs` on the device, so no host sync is needed and the launch can be captured in a CUDA
-graph. The grid is sized for the worst case (cdiv(M, BM) + G row tiles), and programs past the last group's tiles
-exit at once. Each program accumulates e4m3 x e4m3 products in fp32 over K (`tl.dot`: Hopper's FP8 wgmma, with
-Triton's Hopper default of fast accumulation, like torch's `use_fast_accum=True`; Blackwell's tcgen05).
-It then applies the row-wise decode scales, `acc * scale_a[row] * scale_b[group, column]` as torch's kernel does,
-and rounds once to bf16. Rows after `offs[-1]` are not written.
+The kernel: one program per (row tile of one group, column tile). Row tiles never start in one group and end in the
+next: a tile's rows past its group's end are not stored. A program finds its group from `offs` on the device (one
+vector load of all the offsets and a prefix sum of the groups' tile counts), so no host sync is needed and the
+launch can be captured in a CUDA graph. The grid is sized for the worst case (cdiv(M, BM) + G row tiles), and
+programs past the last group's tiles exit at once. Each program accumulates e4m3 x e4m3 products in fp32 over K
+(`tl.dot`: Hopper's FP8 wgmma, with Triton's Hopper default of fast accumulation, like torch's
+`use_fast_accum=True`; Blackwell's tcgen05). It then applies the row-wise decode scales,
+`acc * scale_a[row] * scale_b[group, column]` as torch's kernel does, and rounds once to bf16. Rows after
+`offs[-1]` are not written. Half the autotuning candidates load their tiles by pointer (cp.async), half through
+host-made TMA descriptors of the rows [M, K] and of the weights [G, N, K]; boxes past a tensor's end read zeros.
 
 On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, tests only; its fp32 -> bf16 conversion
 truncates where a GPU rounds to nearest even). Elsewhere, or if the kernel fails to build (warned once), the caller
-keeps torch's kernel.
+keeps torch's kernel. If only the TMA candidates fail, the pointer candidates go on (warned once).
 """
 
 from __future__ import annotations
@@ -34,78 +37,113 @@ import torch
 from megatron_esft.experts.triton_support import triton_can_run
 
 _failed = False
+_tma = True  # False once a TMA candidate failed: the pointer candidates alone from then on
 launches = 0  # kernel launches so far (benchmarks report whether the kernel really ran)
 
 
-def _configs(triton):
+def _configs(triton, tma=(False, True)):
     """Autotuning candidates on a GPU: the usual Hopper FP8 tiles, and smaller row tiles for groups of a few hundred
-    rows (a 128-row tile wastes up to half its work on a group's last, partial tile)."""
+    rows (a 128-row tile wastes up to half its work on a group's last, partial tile), each with the tiles loaded by
+    pointer (cp.async) and by the Tensor Memory Accelerator (TMA: one bulk copy per tile, no address arithmetic or
+    masks in the main loop)."""
     shapes = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
               (128, 128, 64, 4, 4), (64, 64, 128, 4, 4)]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-            for bm, bn, bk, warps, stages in shapes]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": tma}, num_warps=warps, num_stages=stages,
+                          pre_hook=_set_descriptor_blocks)
+            for tma in tma for bm, bn, bk, warps, stages in shapes]
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    """The jitted (on a GPU: autotuned) kernel, made on first use (Triton reads TRITON_INTERPRET when a kernel is
-    defined)."""
+# the interpreter's fixed tiles (small: the tests' shapes span several of each); tests/experts run it with TMA too
+INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "TMA": False}
+
+
+def _set_descriptor_blocks(nargs) -> None:
+    """The TMA descriptors' boxes are one tile of the config about to run (an autotuning pre-hook)."""
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["b_desc"].block_shape = [1, nargs["BN"], nargs["BK"]]
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(tma: bool = True):
+    """The jitted (on a GPU: autotuned over `_configs`, without the TMA candidates if not `tma`) kernel, made on first
+    use (Triton reads TRITON_INTERPRET when a kernel is defined)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def scaled_grouped_mm_kernel(a, b, out, scale_a, scale_b, offs, N, stride_am, stride_bg, stride_bn, stride_sg,
-                                 stride_om, ROWS_HINT, K: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-                                 BN: tl.constexpr, BK: tl.constexpr):
+    def scaled_grouped_mm_kernel(a, b, a_desc, b_desc, out, scale_a, scale_b, offs, N, stride_am, stride_bg,
+                                 stride_bn, stride_sg, stride_om, ROWS_HINT, K: tl.constexpr, G: tl.constexpr,
+                                 GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                 TMA: tl.constexpr):
         # both operands are K-contiguous (the kernel contract of experts/fp8.py): unit strides over K, so the tile
         # loads are contiguous 16-byte vectors that Triton can pipeline into shared memory
         pid = tl.program_id(0)
         column_tiles = tl.cdiv(N, BN)
         row_tile = pid // column_tiles
         column_tile = pid % column_tiles
-        # which group's tile `row_tile` is: the groups' row tiles are numbered in group order
-        zero = pid * 0
-        group, row_start, row_end, before, start = zero - 1, zero, zero, zero, zero
-        for g in range(G):
-            end = tl.load(offs + g)
-            tiles = tl.cdiv(end - start, BM)
-            inside = (row_tile >= before) & (row_tile < before + tiles)
-            group = tl.where(inside, g, group)
-            row_start = tl.where(inside, start + (row_tile - before) * BM, row_start)
-            row_end = tl.where(inside, end, row_end)
-            before += tiles
-            start = end
-        if group < 0:  # past the last group's tiles (the grid is sized for the worst case)
+        # which group's tile `row_tile` is (the groups' row tiles are numbered in group order): all the offsets in
+        # one vector load and a prefix sum, not a loop of G dependent loads (a global-memory latency each)
+        gs = tl.arange(0, GP)
+        real = gs < G
+        ends = tl.load(offs + gs, mask=real, other=0)
+        starts = tl.load(offs + gs - 1, mask=real & (gs > 0), other=0)
+        tiles = tl.where(real, tl.cdiv(ends - starts, BM), 0)
+        tiles_through = tl.cumsum(tiles, 0)  # row tiles of groups 0..g
+        group = tl.sum((tiles_through <= row_tile).to(tl.int32), 0)  # groups whose tiles all come before
+        if group >= G:  # past the last group's tiles (the grid is sized for the worst case)
             return
+        chosen = gs == group
+        row_start = tl.sum(tl.where(chosen, starts + (row_tile - tiles_through + tiles) * BM, 0), 0)
+        row_end = tl.sum(tl.where(chosen, ends, 0), 0)
         rows = row_start + tl.arange(0, BM)
         columns = column_tile * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
         row_ok = rows < row_end
         column_ok = columns < N
-        a_ptrs = a + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
-        b_ptrs = b + group.to(tl.int64) * stride_bg + columns.to(tl.int64)[None, :] * stride_bn + ks[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            if K % BK == 0:  # decided at compile time: V2-Lite's K (2048, 1408, 2816) need no mask over K
-                x = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                w = tl.load(b_ptrs, mask=column_ok[None, :], other=0.0)
-            else:
-                k_ok = k0 + ks < K
-                x = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(b_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
-            acc = tl.dot(x, w, acc)
-            a_ptrs += BK
-            b_ptrs += BK
+        if TMA:
+            # boxes past the tensors' ends read zeros (K, N, M); rows of the next group are multiplied but never
+            # stored
+            for k0 in range(0, K, BK):
+                x = a_desc.load([row_start, k0])
+                w = b_desc.load([group, column_tile * BN, k0]).reshape(BN, BK)
+                acc = tl.dot(x, w.T, acc)
+        else:
+            ks = tl.arange(0, BK)
+            a_ptrs = a + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
+            b_ptrs = b + group.to(tl.int64) * stride_bg + columns.to(tl.int64)[None, :] * stride_bn + ks[:, None]
+            for k0 in range(0, K, BK):
+                if K % BK == 0:  # decided at compile time: V2-Lite's K (2048, 1408, 2816) need no mask over K
+                    x = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    w = tl.load(b_ptrs, mask=column_ok[None, :], other=0.0)
+                else:
+                    k_ok = k0 + ks < K
+                    x = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(b_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+                acc = tl.dot(x, w, acc)
+                a_ptrs += BK
+                b_ptrs += BK
         sa = tl.load(scale_a + rows, mask=row_ok, other=0.0)
         sb = tl.load(scale_b + group * stride_sg + columns, mask=column_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
         tl.store(out + rows.to(tl.int64)[:, None] * stride_om + columns[None, :], acc.to(tl.bfloat16),
                  mask=row_ok[:, None] & column_ok[None, :])
 
-    if os.environ.get("TRITON_INTERPRET") == "1":  # small fixed tiles: the tests' shapes span several of each
-        return scaled_grouped_mm_kernel, {"BM": 16, "BN": 32, "BK": 32}
-    tuned = triton.autotune(configs=_configs(triton), key=["N", "K", "ROWS_HINT"])(scaled_grouped_mm_kernel)
-    return tuned, None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return scaled_grouped_mm_kernel, True
+    tuned = triton.autotune(configs=_configs(triton, (False, True) if tma else (False,)),
+                            key=["N", "K", "ROWS_HINT"])(scaled_grouped_mm_kernel)
+    return tuned, False
+
+
+def _descriptors(a_q, b_q_t):
+    """Host-side TMA descriptors of a_q [M, K] and of the weights as [G, N, K] (K contiguous); their boxes are set
+    per config (`_set_descriptor_blocks`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (m, k), (g, _, n) = a_q.shape, b_q_t.shape
+    a_desc = TensorDescriptor(a_q, [m, k], [a_q.stride(0), 1], [16, 16])
+    b_desc = TensorDescriptor(b_q_t, [g, n, k], [b_q_t.stride(0), b_q_t.stride(2), 1], [1, 16, 16])
+    return a_desc, b_desc
 
 
 def usable(a_q: torch.Tensor) -> bool:
@@ -114,38 +152,77 @@ def usable(a_q: torch.Tensor) -> bool:
 
 
 def scaled_grouped_mm(a_q: torch.Tensor, b_q_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                      offs: torch.Tensor) -> torch.Tensor | None:
+                      offs: torch.Tensor, config=None) -> torch.Tensor | None:
     """[M, N] bf16 with rows offs[g-1]:offs[g] = (a_q rows @ b_q_t[g]) * scale_a[rows, None] * scale_b[g]: a_q [M, K]
     e4m3 row-major, b_q_t [G, K, N] e4m3 with K contiguous, scale_a [M] and scale_b [G, N] float32 decode scales,
     offs int32 [G] group ends (experts/fp8.py checks the operands first). None if the kernel failed to build (warned
-    once)."""
-    global _failed, launches
+    once). `config`: one of `_configs`' candidates instead of the autotuned choice (tests, benchmarks)."""
+    global _failed, _tma, launches
     m, k = a_q.shape
     g, _, n = b_q_t.shape
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a_q.device)
     if m == 0 or n == 0 or g == 0:
         return out
     try:
-        kernel, fixed = _kernel()
-        # the autotuning key's row count per group, rounded to a power of two (shapes only: no host sync)
-        rows_hint = 1 << max(0, (m // g).bit_length() - 1)
-        args = (a_q, b_q_t, out, scale_a, scale_b, offs, n, a_q.stride(0), b_q_t.stride(0), b_q_t.stride(2),
-                scale_b.stride(0), out.stride(0), rows_hint)
-
-        def grid(meta):
-            return ((-(-m // meta["BM"]) + g) * -(-n // meta["BN"]),)
-
-        if fixed is None:
-            kernel[grid](*args, K=k, G=g)
-        else:
-            kernel[grid(fixed)](*args, K=k, G=g, **fixed)
+        try:
+            _launch(a_q, b_q_t, scale_a, scale_b, offs, out, config)
+        except Exception as exc:  # noqa: BLE001 (TMA needs the most from the driver and Triton: keep the rest)
+            if not _tma or config is not None:  # an explicit candidate is not replaced by another
+                raise
+            _tma = False
+            warnings.warn(f"the Triton FP8 grouped GEMM's TMA candidates failed ({_describe(exc)}); its pointer "
+                          "candidates alone from now on", RuntimeWarning, stacklevel=2)
+            _launch(a_q, b_q_t, scale_a, scale_b, offs, out, None)
     except Exception as exc:  # noqa: BLE001 (a Triton build or launch failure: fall back, once, loudly)
         _failed = True
-        warnings.warn(f"the Triton FP8 grouped GEMM failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]});"
-                      " the FP8 experts use torch._scaled_grouped_mm", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the Triton FP8 grouped GEMM failed ({_describe(exc)}); the FP8 experts use "
+                      "torch._scaled_grouped_mm", RuntimeWarning, stacklevel=2)
         return None
     launches += 1
     return out
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _launch(a_q, b_q_t, scale_a, scale_b, offs, out, config) -> None:
+    (m, k), (g, _, n) = a_q.shape, b_q_t.shape
+    kernel, interpreted = _kernel(_tma)
+    # the autotuning key's row count per group, rounded to a power of two (shapes only: no host sync)
+    rows_hint = 1 << max(0, (m // g).bit_length() - 1)
+    a_desc, b_desc = _descriptors(a_q, b_q_t)
+    args = (a_q, b_q_t, a_desc, b_desc, out, scale_a, scale_b, offs, n, a_q.stride(0), b_q_t.stride(0),
+            b_q_t.stride(2), scale_b.stride(0), out.stride(0), rows_hint)
+    sizes = {"K": k, "G": g, "GP": 1 << (g - 1).bit_length()}
+
+    def grid(meta):
+        return ((-(-m // meta["BM"]) + g) * -(-n // meta["BN"]),)
+
+    if interpreted or config is not None:
+        tiles = dict(INTERPRETER_CONFIG, TMA=INTERPRETER_CONFIG["TMA"] and _tma) if config is None else \
+            dict(config.kwargs)
+        _set_descriptor_blocks({"a_desc": a_desc, "b_desc": b_desc, **tiles})
+        launch = kernel if interpreted else kernel.fn  # the autotuner's own kernel, for a chosen config
+        options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        launch[grid(tiles)](*args, **sizes, **tiles, **options)
+    else:
+        kernel[grid](*args, **sizes)
+
+
+def config_label(config) -> str:
+    """'TMA 64x128x128 w4 s4': how a table names an autotuning candidate."""
+    kw = config.kwargs
+    return (f"{'TMA' if kw['TMA'] else 'pointer'} {kw['BM']}x{kw['BN']}x{kw['BK']} "
+            f"w{config.num_warps} s{config.num_stages}")
+
+
+def autotuned_config():
+    """The candidate the autotuner chose for the last launch (None before any, or under the interpreter)."""
+    if not _kernel.cache_info().currsize:
+        return None
+    kernel, interpreted = _kernel(_tma)
+    return None if interpreted else getattr(kernel, "best_config", None)
 
 
 def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90):
@@ -161,10 +238,12 @@ def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
     fn = kernel.fn
-    pointers = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32",
-                "offs": "*i32"}
-    constexprs = dict(K=k, G=groups, **config.kwargs)
+    kw = config.kwargs
+    types = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32", "offs": "*i32",
+             "a_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>",
+             "b_desc": f"tensordesc<fp8e4nv[1, {kw['BN']}, {kw['BK']}]>"}
+    constexprs = dict(K=k, G=groups, GP=1 << (groups - 1).bit_length(), **kw)
     runtime = [name for name in fn.arg_names if name not in constexprs]
-    return compile_for(fn, {name: pointers.get(name, "i32") for name in runtime}, constexprs,
-                       divisible_by_16=runtime, num_warps=config.num_warps, num_stages=config.num_stages,
-                       capability=capability)
+    return compile_for(fn, {name: types.get(name, "i32") for name in runtime}, constexprs,
+                       divisible_by_16=[name for name in runtime if not name.endswith("_desc")],
+                       num_warps=config.num_warps, num_stages=config.num_stages, capability=capability)

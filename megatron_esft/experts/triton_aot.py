@@ -42,6 +42,11 @@ class CompiledKernel:
         """Asynchronous global -> shared copies (cp.async, or TMA's bulk tensor copies)."""
         return self.count("cp.async")
 
+    @property
+    def tma_loads(self) -> int:
+        """The Tensor Memory Accelerator's bulk tensor copies (global -> shared) among them."""
+        return self.count("cp.async.bulk.tensor")
+
 
 def compile_for(fn, signature: dict, constexprs: dict, *, divisible_by_16=(), num_warps=4, num_stages=3,
                 capability=90) -> CompiledKernel:

@@ -13,13 +13,14 @@ from megatron_esft.experts.fp8_swiglu import fp8_swiglu_mlp
 BF16_TRUNCATION = 2.0 ** -7  # the interpreter truncates fp32 -> bf16: relative error below one bf16 ulp (2^-7)
 
 
-def operands(counts, k, n, extra_rows=0, seed=0):
+def operands(counts, k, n, extra_rows=0, seed=0, stacked=0):
     """e4m3 rows [M, K] (M = sum(counts) + extra_rows), weights in the experts' layout (a [G, K, N] view of
     [G, N, K]), decode scales spanning several binades, offs."""
     g = torch.Generator().manual_seed(seed)
     m = sum(counts) + extra_rows
     a_q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    w_q = (torch.randn(len(counts), n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w_q = (torch.randn(len(counts) + stacked, n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w_q = w_q[stacked // 2:stacked // 2 + len(counts)]  # groups of a larger stack when stacked > 0
     scale_a = torch.rand(m, generator=g) * 2.0 ** torch.randint(-12, -4, (m,), generator=g)
     scale_b = torch.rand(len(counts), n, generator=g) * 2.0 ** -8
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -36,11 +37,11 @@ def float64_reference(a_q, b_q_t, scale_a, scale_b, offs):
     return out
 
 
-def gemm_case(counts, k, n, extra_rows=0, seed=0):
-    args = operands(counts, k, n, extra_rows, seed)
+def gemm_case(counts, k, n, extra_rows=0, seed=0, stacked=0, config=None):
+    args = operands(counts, k, n, extra_rows, seed, stacked)
     assert fp8_triton_gemm.usable(args[0])
     fp8._check_kernel_contract(*args)  # the operands torch's kernel accepts
-    out = fp8_triton_gemm.scaled_grouped_mm(*args)
+    out = fp8_triton_gemm.scaled_grouped_mm(*args, config=config)
     rows = int(args[4][-1]) if len(counts) else 0
     ref = float64_reference(*args)[:rows]
     got = out[:rows].double()
@@ -85,15 +86,51 @@ def mlp_case():
             "rel": [rel(a, b) for a, b in zip(results["triton"]["tensors"], results["torch"]["tensors"])]}
 
 
+def tma_failing_case():
+    """The TMA candidates fail (their descriptors cannot be set up): the pointer candidates go on."""
+    import warnings
+
+    real = fp8_triton_gemm._set_descriptor_blocks
+
+    def no_tma(nargs):
+        if nargs["TMA"]:
+            raise RuntimeError("no TMA today")
+        real(nargs)
+
+    fp8_triton_gemm._set_descriptor_blocks = no_tma
+    fp8_triton_gemm.INTERPRETER_CONFIG["TMA"] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        case = gemm_case([9, 30], 48, 32, seed=8)
+        case["calls"] = 1 + (fp8_triton_gemm.scaled_grouped_mm(*operands([9, 30], 48, 32, seed=8)) is not None)
+    fp8_triton_gemm._set_descriptor_blocks = real
+    messages = [str(w.message).split("GEMM's ", 1)[-1] for w in caught if "Triton FP8" in str(w.message)]
+    return {"warnings": messages, "case": case, "usable": fp8_triton_gemm.usable(torch.zeros(1)),
+            "tma": fp8_triton_gemm._tma}
+
+
 def main():
-    results = {
-        "three column tiles, two K steps, empty and 1-row groups": gemm_case([0, 5, 17, 33, 0, 1], 64, 80),
-        "K not a multiple of the K tile": gemm_case([9, 30], 48, 32, seed=1),
-        "rows after the last group": gemm_case([16, 3], 32, 16, extra_rows=7, seed=2),
-        "one group over many row tiles": gemm_case([70], 32, 48, seed=3),
-        "all groups empty": gemm_case([0, 0], 32, 16, extra_rows=5, seed=4),
-        "fused FP8 MLP": mlp_case(),
-    }
+    results = {}
+    for tma in (False, True):  # tiles loaded by pointer, and through TMA descriptors
+        fp8_triton_gemm.INTERPRETER_CONFIG["TMA"] = tma
+        suffix = " (TMA)" if tma else ""
+        results.update({name + suffix: case for name, case in {
+            "three column tiles, two K steps, empty and 1-row groups": gemm_case([0, 5, 17, 33, 0, 1], 64, 80),
+            "K not a multiple of the K tile": gemm_case([9, 30], 48, 32, seed=1),
+            "rows after the last group": gemm_case([16, 3], 32, 16, extra_rows=7, seed=2),
+            "one group over many row tiles": gemm_case([70], 32, 48, seed=3),
+            "all groups empty": gemm_case([0, 0], 32, 16, extra_rows=5, seed=4),
+            "weights a slice of a larger stack": gemm_case([11, 6, 20], 48, 32, seed=6, stacked=5),
+        }.items()})
+    fp8_triton_gemm.INTERPRETER_CONFIG["TMA"] = False
+    import triton
+
+    for config in fp8_triton_gemm._configs(triton):  # a GPU candidate's own tiles, chosen explicitly
+        if config.kwargs["BM"] == config.kwargs["BN"] == 64:
+            results["candidate " + fp8_triton_gemm.config_label(config)] = gemm_case([70, 0, 90], 160, 80, seed=7,
+                                                                                      config=config)
+    results["fused FP8 MLP"] = mlp_case()
+    results["TMA candidates failing"] = tma_failing_case()
     print("RESULT " + json.dumps(results))
 
 

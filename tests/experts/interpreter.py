@@ -23,7 +23,7 @@ def break_kernel(monkeypatch, module) -> None:
     """Let `module`'s Triton kernel (pair_sum, fp8_triton_gemm) fail to build on its next use, on a CPU too."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets `usable` say yes on a CPU
 
-    def broken():
+    def broken(*_):
         raise RuntimeError("no kernel today")
 
     monkeypatch.setattr(module, "_kernel", broken)
