@@ -51,6 +51,8 @@ def run_gemm(args, raw):
             kernels["fp8 emulated"] = lambda: fp8._emulated_scaled_grouped_mm(*scaled)
         if fp8_triton_gemm.usable(x):
             kernels["fp8 triton"] = lambda: fp8_triton_gemm.scaled_grouped_mm(*scaled)
+        if getattr(args, "candidates", False) and fp8_triton_gemm.usable(x):
+            results += _time_candidates(args, name, rows, k, n, len(counts), scaled)
         outputs = {}
         for kernel, call in kernels.items():
             timer = Timer()
@@ -72,6 +74,49 @@ def run_gemm(args, raw):
             r["rel_vs_fp8_torch"] = ((out.float() - fp8_ref.float()).norm() / fp8_ref.float().norm()).item()
         del x, w, scaled, outputs
     return results
+
+
+def _time_candidates(args, name, rows, k, n, groups, scaled):
+    """One row per autotuning candidate of the Triton kernel (all, or those `args.candidates` names), each launched
+    explicitly: which tiles and which loads (pointer or TMA) suit ESFT's groups (the autotuner keeps only its
+    winner)."""
+    import triton
+
+    from megatron_esft.experts import fp8_triton_gemm
+
+    out = []
+    configs = fp8_triton_gemm._configs(triton)
+    if isinstance(args.candidates, list):  # the named ones only (bench/_gpu_jobs.py checked the names)
+        configs = [c for c in configs if fp8_triton_gemm.config_label(c) in args.candidates]
+    for config in configs:
+        timer, result = Timer(), None
+        for it in range(args.warmup + args.iters):
+            with (timer if it >= args.warmup else NullCtx()):
+                result = fp8_triton_gemm.scaled_grouped_mm(*scaled, config=config)
+        if result is None:  # this candidate failed (warned); the kernel is off from here on
+            break
+        ms = timer.median_ms()
+        out.append({"kind": "gemm_candidate", "gemm": name, "config": fp8_triton_gemm.config_label(config),
+                    "rows": rows, "k": k, "n": n, "groups": groups, "ms": ms, "tflops": 2 * rows * k * n / ms / 1e9})
+    return out
+
+
+def print_candidate_tables(results):
+    """Per row count: each Triton candidate's ms per GEMM and the four summed, against bf16's sum."""
+    candidates = [r for r in results if r.get("kind") == "gemm_candidate"]
+    for rows in sorted({r["rows"] for r in candidates}):
+        table = [r for r in candidates if r["rows"] == rows]
+        gemms = list(dict.fromkeys(r["gemm"] for r in table))
+        bf16 = sum(r["ms"] for r in results if r.get("kind") == "gemm" and r["rows"] == rows
+                   and r["kernel"] == "bf16")
+        print(f"\n| Triton FP8 candidate ({rows} rows) | " + " | ".join(f"{g} ms" for g in gemms)
+              + " | all four ms | speedup vs bf16 |")
+        print("|---" * (len(gemms) + 3) + "|")
+        for label in dict.fromkeys(r["config"] for r in table):
+            ms = {r["gemm"]: r["ms"] for r in table if r["config"] == label}
+            total = sum(ms.values()) if len(ms) == len(gemms) else float("nan")
+            print(f"| {label} | " + " | ".join(f"{ms[g]:.3f}" if g in ms else "-" for g in gemms)
+                  + f" | {total:.3f} | {bf16 / total if bf16 else float('nan'):.2f}x |")
 
 
 def print_gemm_tables(results):
@@ -96,3 +141,4 @@ def print_gemm_tables(results):
             print(f"| all four (forward + input gradient) | {kernel} | {ms:.3f} | "
                   f"{sum(2 * r['rows'] * r['k'] * r['n'] for r in table if r['kernel'] == kernel) / ms / 1e9:.0f} | "
                   f"{totals.get('bf16', float('nan')) / ms:.2f}x | | |")
+    print_candidate_tables(results)

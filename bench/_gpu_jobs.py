@@ -8,7 +8,7 @@ import json
 # the keys a job may have, per kind (a misspelt key would silently run the default on a scarce GPU machine)
 _JOB_KEYS = {
     "check": set(),
-    "gemm": {"tokens"},
+    "gemm": {"tokens", "candidates"},
     "experts": {"tokens", "sources", "fp8_kernel"},
     "model": {"mode", "backend", "layers", "cache", "recompute", "mbs", "accum", "fusions", "doc_len", "permutation",
               "offload", "token_counts", "cuda_graphs", "manual_gc", "memory_trace", "fp8_kernel"},
@@ -24,7 +24,26 @@ def job_problem(job) -> str | None:
     if unknown:
         return f"{json.dumps(job)}: unknown key(s) {sorted(unknown)} for a {job['job']} job"
     missing = {"mode", "backend", "layers"} - set(job) if job["job"] == "model" else set()
-    return f"{json.dumps(job)}: a model job needs {sorted(missing)}" if missing else None
+    if missing:
+        return f"{json.dumps(job)}: a model job needs {sorted(missing)}"
+    return _candidates_problem(job)
+
+
+def _candidates_problem(job) -> str | None:
+    """A gemm job's "candidates": true, or a list of the Triton kernel's candidate labels."""
+    names = job.get("candidates", False)
+    if isinstance(names, bool):
+        return None
+    try:
+        import triton
+
+        from megatron_esft.experts.fp8_triton_gemm import _configs, config_label
+    except ImportError:  # no Triton here: the job times no candidates anyway
+        return None
+    labels = [config_label(c) for c in _configs(triton)]
+    if not isinstance(names, list) or set(names) - set(labels):
+        return f"{json.dumps(job)}: \"candidates\" must be true or a list of {labels}"
+    return None
 
 
 def cap_device_memory(gib) -> None:

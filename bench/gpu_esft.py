@@ -41,7 +41,9 @@ then raises OOM, as on the smaller card (the graph's private pool included); no 
 warm-up step) and reports what held the memory at its peak, by allocation site (bench/_gpu_memory.py).
 `"fp8_kernel": "triton"` (experts and model jobs) runs the FP8 experts' GEMMs through the Triton kernel of
 experts/fp8_triton_gemm.py instead of torch's `_scaled_grouped_mm`. The `gemm` job times the layer's grouped GEMMs
-alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup.
+alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup, and with
+`"candidates": true` each of the Triton kernel's autotuning candidates launched explicitly (tiles, pointer or TMA
+loads; a list of labels such as "TMA 64x128x128 w4 s4" times those only).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -357,7 +359,8 @@ def run_job(args, job):
     if job["job"] == "check":
         return run_check(args, raw)
     if job["job"] == "gemm":  # the layer's grouped GEMMs alone: bf16 against torch's and the Triton FP8 kernel
-        return run_gemm(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw)
+        return run_gemm(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens),
+                                                  candidates=job.get("candidates", False))), raw)
     if job.get("fp8_kernel"):  # "triton": the FP8 experts' GEMMs through experts/fp8_triton_gemm.py
         from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
 

@@ -82,13 +82,17 @@ def test_a_plan_with_an_unknown_key_stops_before_any_job(tmp_path):
     proc = _bench("--tiny", "--plan", json.dumps(plan), out=tmp_path)
     assert proc.returncode == 2 and "unknown key(s) ['token_count'] for a model job" in proc.stderr
     assert not (tmp_path / "results.jsonl").exists()
+    plan = [{"job": "gemm", "candidates": ["TMA 64x64x128 w4 s5"]}]
+    proc = _bench("--tiny", "--plan", json.dumps(plan), out=tmp_path)
+    assert proc.returncode == 2 and '"candidates" must be true or a list of [\'pointer 128x128x128 w8 s3\'' in proc.stderr
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 @pytest.mark.timeout(300)
 def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_path):
     """Triton's CPU interpreter stands in for a GPU: the gemm job times the Triton FP8 kernel next to bf16 and the
     emulation of torch's FP8 kernel, and an experts job with "fp8_kernel": "triton" runs its GEMMs through it."""
-    plan = [{"job": "gemm", "tokens": 16},
+    plan = [{"job": "gemm", "tokens": 16, "candidates": ["TMA 64x64x128 w4 s4", "pointer 64x64x128 w4 s4"]},
             {"job": "experts", "sources": ["tokens, device counts"], "fp8_kernel": "triton", "tokens": 16}]
     proc = _bench("--tiny", "--warmup", "1", "--iters", "1", "--plan", json.dumps(plan), out=tmp_path,
                   TRITON_INTERPRET="1")
@@ -96,6 +100,10 @@ def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert not [r for r in rows if "error" in r], rows
     gemms = [r for r in rows if r["kind"] == "gemm"]
+    # each autotuning candidate launched alone, for each of the four GEMMs
+    candidates = [r for r in rows if r["kind"] == "gemm_candidate"]
+    assert len(candidates) == 4 * 2 and all(r["ms"] > 0 for r in candidates), candidates
+    assert {r["config"] for r in candidates} == {"TMA 64x64x128 w4 s4", "pointer 64x64x128 w4 s4"}
     assert {(r["gemm"], r["kernel"]) for r in gemms} == {
         (gemm, kernel) for gemm in ("fc1 forward", "fc2 forward", "fc2 input gradient", "fc1 input gradient")
         for kernel in ("bf16", "fp8 emulated", "fp8 triton")}
@@ -107,4 +115,5 @@ def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_pa
     assert [r["backend"] for r in experts] == ["bf16", "fp8"] and {r["fp8_kernel"] for r in experts} == {"triton"}
     report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
     assert "| all four (forward + input gradient) | fp8 triton |" in report.stdout, report.stdout
+    assert "| Triton FP8 candidate (64 rows) | fc1 forward ms |" in report.stdout, report.stdout
     assert "(weight cache: frozen), Triton GEMMs | tokens, device counts" in report.stdout, report.stdout
