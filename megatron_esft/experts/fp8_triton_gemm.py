@@ -41,16 +41,16 @@ _tma = True  # False once a TMA candidate failed: the pointer candidates alone f
 launches = 0  # kernel launches so far (benchmarks report whether the kernel really ran)
 
 
-def _configs(triton, tma=(False, True)):
+def _configs(triton, loads=(False, True)):
     """Autotuning candidates on a GPU: the usual Hopper FP8 tiles, and smaller row tiles for groups of a few hundred
     rows (a 128-row tile wastes up to half its work on a group's last, partial tile), each with the tiles loaded by
     pointer (cp.async) and by the Tensor Memory Accelerator (TMA: one bulk copy per tile, no address arithmetic or
-    masks in the main loop)."""
+    masks in the main loop); `loads`: which of the two (TMA False / True) to include."""
     shapes = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
               (128, 128, 64, 4, 4), (64, 64, 128, 4, 4)]
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": tma}, num_warps=warps, num_stages=stages,
                           pre_hook=_set_descriptor_blocks)
-            for tma in tma for bm, bn, bk, warps, stages in shapes]
+            for tma in loads for bm, bn, bk, warps, stages in shapes]
 
 
 # the interpreter's fixed tiles (small: the tests' shapes span several of each); tests/experts run it with TMA too
