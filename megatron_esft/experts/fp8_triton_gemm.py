@@ -38,6 +38,7 @@ from megatron_esft.experts.triton_support import triton_can_run
 
 _failed = False
 _tma = True  # False once a TMA candidate failed: the pointer candidates alone from then on
+_pinned = None  # the candidate every launch uses instead of the autotuned one (`pin_config`)
 launches = 0  # kernel launches so far (benchmarks report whether the kernel really ran)
 
 
@@ -156,8 +157,9 @@ def scaled_grouped_mm(a_q: torch.Tensor, b_q_t: torch.Tensor, scale_a: torch.Ten
     """[M, N] bf16 with rows offs[g-1]:offs[g] = (a_q rows @ b_q_t[g]) * scale_a[rows, None] * scale_b[g]: a_q [M, K]
     e4m3 row-major, b_q_t [G, K, N] e4m3 with K contiguous, scale_a [M] and scale_b [G, N] float32 decode scales,
     offs int32 [G] group ends (experts/fp8.py checks the operands first). None if the kernel failed to build (warned
-    once). `config`: one of `_configs`' candidates instead of the autotuned choice (tests, benchmarks)."""
+    once). `config`: one of `_configs`' candidates instead of the autotuned (or pinned) one (tests, benchmarks)."""
     global _failed, _tma, launches
+    config = _pinned if config is None else config
     m, k = a_q.shape
     g, _, n = b_q_t.shape
     out = torch.empty((m, n), dtype=torch.bfloat16, device=a_q.device)
@@ -215,6 +217,38 @@ def config_label(config) -> str:
     kw = config.kwargs
     return (f"{'TMA' if kw['TMA'] else 'pointer'} {kw['BM']}x{kw['BN']}x{kw['BK']} "
             f"w{config.num_warps} s{config.num_stages}")
+
+
+def candidate_labels() -> list[str]:
+    import triton
+
+    return [config_label(c) for c in _configs(triton)]
+
+
+def pin_config(label: str | None) -> None:
+    """Launch the candidate named `label` (`config_label`) every time instead of autotuning; None autotunes again.
+    The candidates' tiles round differently (their fp32 sums over K run in other orders), and the autotuner may
+    choose another candidate in each process: pinning one makes runs, and a resumed run, bit-identical."""
+    global _pinned
+    if label is None:
+        _pinned = None
+        return
+    import triton
+
+    by_label = {config_label(c): c for c in _configs(triton)}
+    if label not in by_label:
+        raise ValueError(f"Triton FP8 GEMM candidate {label!r}: choose from {', '.join(map(repr, by_label))}")
+    _pinned = by_label[label]
+
+
+def autotuned_choices() -> dict[tuple, str]:
+    """{(N, K, rows per group rounded to a power of two): the candidate's label} of every shape autotuned so far."""
+    if not _kernel.cache_info().currsize:
+        return {}
+    kernel, interpreted = _kernel(_tma)
+    if interpreted:
+        return {}
+    return {tuple(key[:3]): config_label(c) for key, c in getattr(kernel, "cache", {}).items()}
 
 
 def autotuned_config():

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --expert-gemm fp8: the FP8 grouped GEMM kernel, torch._scaled_grouped_mm (torch) or "
                         "megatron_esft's Triton kernel (triton: autotuned for ESFT's small expert groups; not yet "
                         "measured on a GPU, docs/gpu.md)")
+    g.add_argument("--expert-fp8-gemm-config", default=None, metavar="CANDIDATE",
+                   help="with --expert-fp8-gemm-kernel triton: always launch this autotuning candidate, e.g. "
+                        "'TMA 64x128x128 w4 s4' (the first iteration's log names the autotuned ones), instead of "
+                        "autotuning in every process: bit-identical runs and resumes")
     g.add_argument("--offload-frozen-experts", action="store_true",
                    help="with --expert-gemm fp8 and a weight cache: keep the frozen experts' bf16 weights in pinned "
                         "host memory (read only by checkpoints) and only their FP8 copies on the GPU, so the cache "
@@ -312,6 +316,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         if not triton_support.triton_importable():
             raise UserError("--expert-fp8-gemm-kernel triton needs Triton (pip install triton; PyTorch's CUDA wheels "
                             "bring it)")
+    if args.expert_fp8_gemm_config is not None:
+        if args.expert_fp8_gemm_kernel != "triton":
+            raise UserError("--expert-fp8-gemm-config needs --expert-fp8-gemm-kernel triton")
+        from megatron_esft.experts.fp8_triton_gemm import candidate_labels
+
+        if args.expert_fp8_gemm_config not in candidate_labels():
+            raise UserError(f"--expert-fp8-gemm-config {args.expert_fp8_gemm_config!r}: not a candidate of the Triton "
+                            f"FP8 GEMM; choose from {', '.join(map(repr, candidate_labels()))}")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):
         raise UserError("--offload-frozen-experts needs --expert-gemm fp8 with --expert-fp8-weight-cache frozen or all "
                         "(the GEMMs then read only the FP8 copies of frozen experts)")

@@ -202,6 +202,10 @@ def pretrain(argv=None) -> int:
             from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
 
             set_fp8_gemm_kernel(args.expert_fp8_gemm_kernel)
+            if args.expert_fp8_gemm_config:
+                from megatron_esft.experts import fp8_triton_gemm
+
+                fp8_triton_gemm.pin_config(args.expert_fp8_gemm_config)
     if args.moe_token_counts != "host":
         from megatron_esft.experts.spec import device_counts_copy_bytes, set_expert_token_counts
 
@@ -442,6 +446,8 @@ def pretrain(argv=None) -> int:
                 params_norm=setup.params_l2_norm(optimizer) if args.log_params_norm else None)
             logger.expert_load(counts, iteration)
             logger.memory(iteration, print_line=report_memory, to_tensorboard=args.log_memory_to_tensorboard)
+            if report_memory:
+                setup.log_autotuned_fp8_gemms(args)
             memory_history.dump()
             timing.log(timers, args, logger.writer, iteration, window["iters"])
             report_memory = False

@@ -272,3 +272,18 @@ def configure_schedule_hooks(ddp_model, optimizer) -> None:
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.timers = None
+
+
+def log_autotuned_fp8_gemms(args) -> None:
+    """After the first logged iteration, with --expert-fp8-gemm-kernel triton and no pinned candidate: the candidate
+    the autotuner chose per GEMM shape, to pin with --expert-fp8-gemm-config for bit-identical runs (rank 0's)."""
+    if getattr(args, "expert_fp8_gemm_kernel", "torch") != "triton" or args.expert_fp8_gemm_config:
+        return
+    from megatron_esft import parallel as par
+    from megatron_esft.experts import fp8_triton_gemm
+
+    choices = fp8_triton_gemm.autotuned_choices()
+    if choices:
+        par.print_rank0("Triton FP8 GEMM autotuned (N, K, rows per group): " + "; ".join(
+            f"{n} {k} {rows}: {label}" for (n, k, rows), label in sorted(choices.items()))
+            + " (pin one with --expert-fp8-gemm-config)")

@@ -86,6 +86,33 @@ def mlp_case():
             "rel": [rel(a, b) for a, b in zip(results["triton"]["tensors"], results["torch"]["tensors"])]}
 
 
+def pinned_case():
+    """fp8_triton_gemm.pin_config: every launch runs that candidate (bit-identical to launching it explicitly)."""
+    import triton
+
+    args = operands([30, 0, 41], 160, 80, seed=10)
+    config = next(c for c in fp8_triton_gemm._configs(triton)
+                  if fp8_triton_gemm.config_label(c) == "TMA 64x64x128 w4 s4")
+    launched = []  # the candidate each launch ran (the real launch: only recorded on the way)
+    real_launch = fp8_triton_gemm._launch
+    fp8_triton_gemm._launch = lambda *a: launched.append(a[-1] and fp8_triton_gemm.config_label(a[-1])) \
+        or real_launch(*a)
+    explicit = fp8_triton_gemm.scaled_grouped_mm(*args, config=config)
+    default = fp8_triton_gemm.scaled_grouped_mm(*args)  # the interpreter's 16x32x32 tiles
+    fp8_triton_gemm.pin_config("TMA 64x64x128 w4 s4")
+    pinned = fp8_triton_gemm.scaled_grouped_mm(*args)
+    fp8_triton_gemm.pin_config(None)
+    unpinned = fp8_triton_gemm.scaled_grouped_mm(*args)
+    fp8_triton_gemm._launch = real_launch
+    try:
+        fp8_triton_gemm.pin_config("TMA 64x64x128")
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return {"pinned_equals_explicit": torch.equal(pinned, explicit), "unpinned_equals_default": torch.equal(
+        unpinned, default), "launched": launched, "error": error}
+
+
 def tma_failing_case():
     """The TMA candidates fail (their descriptors cannot be set up): the pointer candidates go on."""
     import warnings
@@ -131,6 +158,7 @@ def main():
         if config.kwargs["BM"] == config.kwargs["BN"] == 64:
             results["candidate " + fp8_triton_gemm.config_label(config)] = gemm_case([70, 0, 90], 160, 80, seed=7,
                                                                                       config=config)
+    results["pinned candidate"] = pinned_case()
     results["fused FP8 MLP"] = mlp_case()
     results["TMA candidates failing"] = tma_failing_case()
     print("RESULT " + json.dumps(results))

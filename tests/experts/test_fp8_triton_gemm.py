@@ -19,6 +19,12 @@ def test_kernel_matches_float64_under_the_interpreter():
     # TMA needs the most from the driver and from Triton: if its candidates fail, the kernel goes on without them
     # (one warning) instead of falling back to torch's
     fallback = result.pop("TMA candidates failing")
+    # a pinned candidate runs every launch, as when launched explicitly, and unpinning brings the default back
+    pinned = result.pop("pinned candidate")
+    assert pinned["launched"] == ["TMA 64x64x128 w4 s4", None, "TMA 64x64x128 w4 s4", None], pinned
+    assert pinned["pinned_equals_explicit"] and pinned["unpinned_equals_default"], pinned
+    assert pinned["error"].startswith("Triton FP8 GEMM candidate 'TMA 64x64x128': choose from 'pointer 128x128x128"), \
+        pinned
     assert fallback["warnings"] == ["TMA candidates failed (RuntimeError: no TMA today); its pointer candidates alone "
                                     "from now on"] and fallback["usable"] and not fallback["tma"], fallback
     assert fallback["case"]["within_truncation_of_float64"] and fallback["case"]["calls"] == 2, fallback

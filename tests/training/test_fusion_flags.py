@@ -56,6 +56,17 @@ def test_the_fp8_gemm_kernel_flag_needs_fp8_experts_and_triton(monkeypatch):
         validate(build_parser().parse_args(REQUIRED + ["--expert-fp8-gemm-kernel", "triton"]), world_size=1)
     fp8_triton = REQUIRED + ["--expert-gemm", "fp8", "--expert-fp8-gemm-kernel", "triton"]
     assert validate(build_parser().parse_args(fp8_triton), world_size=1).expert_fp8_gemm_kernel == "triton"
+    # a pinned candidate: only for the Triton kernel, and only one of its candidates
+    pinned = validate(build_parser().parse_args(fp8_triton + ["--expert-fp8-gemm-config", "TMA 64x128x128 w4 s4"]),
+                      world_size=1)
+    assert pinned.expert_fp8_gemm_config == "TMA 64x128x128 w4 s4"
+    with pytest.raises(UserError, match="--expert-fp8-gemm-config needs --expert-fp8-gemm-kernel triton"):
+        validate(build_parser().parse_args(REQUIRED + ["--expert-gemm", "fp8", "--expert-fp8-gemm-config",
+                                                       "TMA 64x128x128 w4 s4"]), world_size=1)
+    with pytest.raises(UserError, match=r"--expert-fp8-gemm-config 'TMA 64x128x128': not a candidate of the Triton "
+                                        r"FP8 GEMM; choose from 'pointer 128x128x128 w8 s3', "):
+        validate(build_parser().parse_args(fp8_triton + ["--expert-fp8-gemm-config", "TMA 64x128x128"]),
+                 world_size=1)
     monkeypatch.setattr(triton_support, "triton_importable", lambda: False)
     with pytest.raises(UserError, match="--expert-fp8-gemm-kernel triton needs Triton"):
         validate(build_parser().parse_args(fp8_triton), world_size=1)

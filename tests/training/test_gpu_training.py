@@ -49,6 +49,10 @@ def test_offloaded_frozen_experts_and_the_triton_gemms_train_like_resident_ones(
                        runs["resident"][2])
     # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) against torch's: the same e4m3 math, other rounding ties
     _assert_close_runs(losses(runs["triton"][1]), losses(runs["resident"][1]), runs["triton"][2], runs["resident"][2])
+    # the autotuned candidates, named once after the first logged iteration (to pin with --expert-fp8-gemm-config)
+    out = runs["triton"][1].stdout
+    tuned = re.findall(r"^Triton FP8 GEMM autotuned \(N, K, rows per group\): (.*) \(pin one with", out, re.M)
+    assert len(tuned) == 1 and re.search(r"(pointer|TMA) \d+x\d+x\d+ w\d s\d", tuned[0]), out[-3000:]
     base, offloaded = load_mcore(env["base"], 0), runs["offloaded"][2]
     for proj in (1, 2):  # layer 3 trains no expert, layer 2 only expert 5 (training_helpers.ECFG)
         key = ROUTED.format(3, proj)
