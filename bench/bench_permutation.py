@@ -6,9 +6,10 @@ hidden 2048, 64 experts, top-6: 24,576 rows). Both variants run in one process, 
 `--iters` steps after warm-up (CUDA events on a GPU). On a GPU the host syncs of one step are counted with
 `torch.cuda.set_sync_debug_mode`. Run: `python bench/bench_permutation.py [--tokens N] [--dtype bf16|fp32]`.
 
-A second table times the un-permutation's kernel alone: embedding_bag (ours) against gather + sum.
+A second table times the un-permutation's kernel alone: embedding_bag (ours) against gather + sum; a third the
+permutation's row gather alone, of bf16 and of e4m3 rows, element-wise against 8-byte words.
 
-`--layer-ffn F` (F > 0) adds a third table: the whole routed path of an ESFT layer (permute, frozen-aware grouped
+`--layer-ffn F` (F > 0) adds a fourth table: the whole routed path of an ESFT layer (permute, frozen-aware grouped
 experts with `--trainable` of the experts trainable at spread-out ids, un-permute; fwd+bwd) with the dispatcher's
 permutation (Megatron's or the gather) followed by the experts' regroup, against the experts permuting the tokens
 themselves ("experts", the default at EP = 1), and the same with the token counts left on the device ("device",
@@ -77,6 +78,25 @@ def sum_pairs_variants(inputs, topk):
     if pair_sum.usable(rows, row_of_pair, topk):
         variants["Triton pair sum"] = lambda: pair_sum.pair_sum(rows, row_of_pair, topk)
     return variants
+
+
+def gather_variants(inputs, topk):
+    """The permutation's row gather alone (tokens[token_of_row], T*k rows), of the bf16 tokens and of their e4m3
+    quantization (the FP8 experts gather e4m3 rows): index_select of the rows' own elements (bytes for e4m3) against
+    experts/permutation.gather_rows (8-byte words)."""
+    import torch
+
+    from megatron_esft.experts.permutation import gather_rows, topk_permutation
+
+    tokens, _, routing_map, _ = inputs
+    token_of_row = topk_permutation(routing_map, topk)[0]
+    bf16 = tokens.to(torch.bfloat16)
+    e4m3 = bf16.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    return {"bf16 rows, index_select of elements": lambda: bf16.index_select(0, token_of_row),
+            "bf16 rows, gather_rows (8-byte words)": lambda: gather_rows(bf16, token_of_row),
+            "e4m3 rows, index_select of bytes": lambda: e4m3.index_select(0, token_of_row),
+            "e4m3 rows, gather_rows (8-byte words)": lambda: gather_rows(e4m3.view(torch.float8_e4m3fn),
+                                                                            token_of_row)}
 
 
 def build_experts(args, device, dtype):
@@ -182,6 +202,16 @@ def main(argv=None):
     print_table(["sum of each token's k rows", "ms", "speedup", "max abs diff vs embedding_bag"],
                 [[v, f"{ms[v]:.3f}", f"{ms['embedding_bag'] / ms[v]:.2f}x",
                   f"{(sums[v]().float() - ref).abs().max().item():.2e}"] for v in sums])
+    gathers = gather_variants(inputs, args.topk)
+    ms = time_variants(tuple(gathers), lambda v: gathers[v](), args)
+    print(f"\nthe permutation's row gather alone ({args.tokens * args.topk} rows of {args.hidden})")
+    baseline = {v: next(u for u in gathers if u.split(",")[0] == v.split(",")[0]) for v in gathers}
+
+    def same_bits(v):
+        return torch.equal(gathers[v]().view(torch.uint8), gathers[baseline[v]]().view(torch.uint8))
+
+    print_table(["row gather", "ms", "speedup vs its element-wise index_select", "bit-identical"],
+                [[v, f"{ms[v]:.3f}", f"{ms[baseline[v]] / ms[v]:.2f}x", same_bits(v)] for v in gathers])
     if args.layer_ffn <= 0:
         return
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

@@ -225,3 +225,29 @@ def test_index_constants_made_once_and_usable_after_inference_mode():
         if not fresh:  # the constants made under inference_mode were used, not made again
             assert all(permutation._INDEX_CONSTANTS[k] is t for k, t in made.items())
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_gather_rows_moves_words_where_rows_tile_and_stays_bit_exact():
+    """gather_rows is tokens[index] bit for bit: rows that tile into 8-byte words go as words (one eighth of the
+    copies for e4m3 rows), others (odd widths, offset or strided views) as their own elements."""
+    from megatron_esft.experts.permutation import _as_words, gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 40, (97,), generator=g)
+    base = torch.randn(41, 64, generator=g) * 100
+    cases = {
+        "bf16": (base[:40].bfloat16(), True),
+        "e4m3": (base[:40].clamp(-448, 448).to(torch.float8_e4m3fn), True),
+        "fp32": (base[:40].clone(), True),
+        "bf16, 3 columns": (base[:40, :3].bfloat16().contiguous(), False),
+        "bf16, a view starting one element in": (base.bfloat16().flatten()[1:1 + 40 * 64].view(40, 64), False),
+        "bf16, every other column": (base[:40].bfloat16()[:, ::2], False),
+        "e4m3, 12 columns": (base[:40, :12].clamp(-448, 448).to(torch.float8_e4m3fn).contiguous(), False),
+    }
+    for name, (tokens, as_words) in cases.items():
+        assert (_as_words(tokens) is not None) == as_words, name
+        got = gather_rows(tokens, index)
+        want = tokens.view(torch.uint8)[index] if tokens.element_size() == 1 else tokens[index]
+        assert got.dtype == tokens.dtype and got.shape == (97, tokens.shape[1]), name
+        assert torch.equal(got.view(torch.uint8) if tokens.element_size() == 1 else got, want), name
+    assert gather_rows(cases["bf16"][0], index[:0]).shape == (0, 64)
