@@ -29,13 +29,13 @@ def main(argv=None):
     from megatron_esft.experts.triton_aot import MAX_SHARED_BYTES
 
     print(f"triton {triton.__version__}; one row per (target, autotuning candidate, K); 64 expert groups")
-    print("\n| target | tile loads | BM x BN x BK | warps | stages | K | registers | spill bytes | "
+    print("\n| target | grid, tile loads | BM x BN x BK | warps | stages | K | registers | spill bytes | "
           "shared KiB (of max) | FP8 MMA instructions | async copies | of them TMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for capability in args.capability:
         for config in _configs(triton):
             tile = "{BM} x {BN} x {BK}".format(**config.kwargs)
-            loads = "TMA" if config.kwargs["TMA"] else "pointer"
+            loads = ("persistent " if config.kwargs["PERSISTENT"] else "") + ("TMA" if config.kwargs["TMA"] else "pointer")
             for k in args.k:
                 c = compile_ahead_of_time(config, k, capability=capability)
                 print(f"| sm_{capability}a | {loads} | {tile} | {config.num_warps} | {config.num_stages} | {k} | "

@@ -18,8 +18,9 @@ programs past the last group's tiles exit at once. Each program accumulates e4m3
 (`tl.dot`: Hopper's FP8 wgmma, with Triton's Hopper default of fast accumulation, like torch's
 `use_fast_accum=True`; Blackwell's tcgen05). It then applies the row-wise decode scales,
 `acc * scale_a[row] * scale_b[group, column]` as torch's kernel does, and rounds once to bf16. Rows after
-`offs[-1]` are not written. Half the autotuning candidates load their tiles by pointer (cp.async), half through
-host-made TMA descriptors of the rows [M, K] and of the weights [G, N, K]; boxes past a tensor's end read zeros.
+`offs[-1]` are not written. The autotuning candidates load their tiles by pointer (cp.async) or through host-made
+TMA descriptors of the rows [M, K] and of the weights [G, N, K] (boxes past a tensor's end read zeros); three TMA
+ones run a persistent grid (one program per SM striding over the tiles: experts/fp8_triton_gemm_kernels.py).
 
 On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, tests only; its fp32 -> bf16 conversion
 truncates where a GPU rounds to nearest even). Elsewhere, or if the kernel fails to build (warned once), the caller
@@ -49,13 +50,17 @@ def _configs(triton, loads=(False, True)):
     masks in the main loop); `loads`: which of the two (TMA False / True) to include."""
     shapes = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
               (128, 128, 64, 4, 4), (64, 64, 128, 4, 4)]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": tma}, num_warps=warps, num_stages=stages,
-                          pre_hook=_set_descriptor_blocks)
-            for tma in loads for bm, bn, bk, warps, stages in shapes]
+    candidates = [(shape, tma, False) for tma in loads for shape in shapes]
+    if True in loads:  # persistent grids: the three largest TMA tiles (the pointer ones spill or gain nothing)
+        candidates += [(shape, True, True) for shape in shapes[:3]]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "TMA": tma, "PERSISTENT": persistent}, num_warps=warps,
+                          num_stages=stages, pre_hook=_set_descriptor_blocks)
+            for (bm, bn, bk, warps, stages), tma, persistent in candidates]
 
 
 # the interpreter's fixed tiles (small: the tests' shapes span several of each); tests/experts run it with TMA too
-INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "TMA": False}
+INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "TMA": False, "PERSISTENT": False}
+INTERPRETER_PROGRAMS = 3  # a persistent grid's size under the interpreter (on a GPU: one program per SM)
 
 
 def _set_descriptor_blocks(nargs) -> None:
@@ -66,73 +71,18 @@ def _set_descriptor_blocks(nargs) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _kernel(tma: bool = True):
-    """The jitted (on a GPU: autotuned over `_configs`, without the TMA candidates if not `tma`) kernel, made on first
-    use (Triton reads TRITON_INTERPRET when a kernel is defined)."""
+    """The kernel of experts/fp8_triton_gemm_kernels.py, on a GPU autotuned over `_configs` (without the TMA
+    candidates if not `tma`), and whether it is the interpreter's. Made on first use: Triton reads TRITON_INTERPRET
+    when a kernel is defined."""
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def scaled_grouped_mm_kernel(a, b, a_desc, b_desc, out, scale_a, scale_b, offs, N, stride_am, stride_bg,
-                                 stride_bn, stride_sg, stride_om, ROWS_HINT, K: tl.constexpr, G: tl.constexpr,
-                                 GP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                 TMA: tl.constexpr):
-        # both operands are K-contiguous (the kernel contract of experts/fp8.py): unit strides over K, so the tile
-        # loads are contiguous 16-byte vectors that Triton can pipeline into shared memory
-        pid = tl.program_id(0)
-        column_tiles = tl.cdiv(N, BN)
-        row_tile = pid // column_tiles
-        column_tile = pid % column_tiles
-        # which group's tile `row_tile` is (the groups' row tiles are numbered in group order): all the offsets in
-        # one vector load and a prefix sum, not a loop of G dependent loads (a global-memory latency each)
-        gs = tl.arange(0, GP)
-        real = gs < G
-        ends = tl.load(offs + gs, mask=real, other=0)
-        starts = tl.load(offs + gs - 1, mask=real & (gs > 0), other=0)
-        tiles = tl.where(real, tl.cdiv(ends - starts, BM), 0)
-        tiles_through = tl.cumsum(tiles, 0)  # row tiles of groups 0..g
-        group = tl.sum((tiles_through <= row_tile).to(tl.int32), 0)  # groups whose tiles all come before
-        if group >= G:  # past the last group's tiles (the grid is sized for the worst case)
-            return
-        chosen = gs == group
-        row_start = tl.sum(tl.where(chosen, starts + (row_tile - tiles_through + tiles) * BM, 0), 0)
-        row_end = tl.sum(tl.where(chosen, ends, 0), 0)
-        rows = row_start + tl.arange(0, BM)
-        columns = column_tile * BN + tl.arange(0, BN)
-        row_ok = rows < row_end
-        column_ok = columns < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if TMA:
-            # boxes past the tensors' ends read zeros (K, N, M); rows of the next group are multiplied but never
-            # stored
-            for k0 in range(0, K, BK):
-                x = a_desc.load([row_start, k0])
-                w = b_desc.load([group, column_tile * BN, k0]).reshape(BN, BK)
-                acc = tl.dot(x, w.T, acc)
-        else:
-            ks = tl.arange(0, BK)
-            a_ptrs = a + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
-            b_ptrs = b + group.to(tl.int64) * stride_bg + columns.to(tl.int64)[None, :] * stride_bn + ks[:, None]
-            for k0 in range(0, K, BK):
-                if K % BK == 0:  # decided at compile time: V2-Lite's K (2048, 1408, 2816) need no mask over K
-                    x = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    w = tl.load(b_ptrs, mask=column_ok[None, :], other=0.0)
-                else:
-                    k_ok = k0 + ks < K
-                    x = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    w = tl.load(b_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
-                acc = tl.dot(x, w, acc)
-                a_ptrs += BK
-                b_ptrs += BK
-        sa = tl.load(scale_a + rows, mask=row_ok, other=0.0)
-        sb = tl.load(scale_b + group * stride_sg + columns, mask=column_ok, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
-        tl.store(out + rows.to(tl.int64)[:, None] * stride_om + columns[None, :], acc.to(tl.bfloat16),
-                 mask=row_ok[:, None] & column_ok[None, :])
+    from megatron_esft.experts import fp8_triton_gemm_kernels
 
+    kernel = fp8_triton_gemm_kernels.load().scaled_grouped_mm_kernel
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return scaled_grouped_mm_kernel, True
+        return kernel, True
     tuned = triton.autotune(configs=_configs(triton, (False, True) if tma else (False,)),
-                            key=["N", "K", "ROWS_HINT"])(scaled_grouped_mm_kernel)
+                            key=["N", "K", "ROWS_HINT"])(kernel)
     return tuned, False
 
 
@@ -199,7 +149,10 @@ def _launch(a_q, b_q_t, scale_a, scale_b, offs, out, config) -> None:
     sizes = {"K": k, "G": g, "GP": 1 << (g - 1).bit_length()}
 
     def grid(meta):
-        return ((-(-m // meta["BM"]) + g) * -(-n // meta["BN"]),)
+        tiles = (-(-m // meta["BM"]) + g) * -(-n // meta["BN"])  # the worst case over the groups' sizes
+        if meta["PERSISTENT"]:
+            return (min(tiles, INTERPRETER_PROGRAMS if interpreted else _sm_count(a_q.device)),)
+        return (tiles,)
 
     if interpreted or config is not None:
         tiles = dict(INTERPRETER_CONFIG, TMA=INTERPRETER_CONFIG["TMA"] and _tma) if config is None else \
@@ -207,16 +160,21 @@ def _launch(a_q, b_q_t, scale_a, scale_b, offs, out, config) -> None:
         _set_descriptor_blocks({"a_desc": a_desc, "b_desc": b_desc, **tiles})
         launch = kernel if interpreted else kernel.fn  # the autotuner's own kernel, for a chosen config
         options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        launch[grid(tiles)](*args, **sizes, **tiles, **options)
+        launch[grid(tiles)](*args, **sizes, **tiles, **options, INTERPRETED=interpreted)
     else:
         kernel[grid](*args, **sizes)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def config_label(config) -> str:
-    """'TMA 64x128x128 w4 s4': how a table names an autotuning candidate."""
+    """'TMA 64x128x128 w4 s4' (or 'persistent TMA ...'): how a table names an autotuning candidate."""
     kw = config.kwargs
-    return (f"{'TMA' if kw['TMA'] else 'pointer'} {kw['BM']}x{kw['BN']}x{kw['BK']} "
-            f"w{config.num_warps} s{config.num_stages}")
+    return (f"{'persistent ' if kw.get('PERSISTENT') else ''}{'TMA' if kw['TMA'] else 'pointer'} "
+            f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{config.num_warps} s{config.num_stages}")
 
 
 def candidate_labels() -> list[str]:
@@ -265,18 +223,19 @@ def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90
     strides multiples of 16): a triton_aot.CompiledKernel. No GPU needed."""
     from megatron_esft.experts.triton_aot import compile_for
 
+    from megatron_esft.experts import fp8_triton_gemm_kernels
+
     interpret = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        kernel, _ = _kernel.__wrapped__()  # a fresh definition of the compiled kind (never the interpreter's)
+        fn = fp8_triton_gemm_kernels.load().scaled_grouped_mm_kernel  # the compiled kind (never the interpreter's)
     finally:
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
-    fn = kernel.fn
     kw = config.kwargs
     types = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32", "offs": "*i32",
              "a_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>",
              "b_desc": f"tensordesc<fp8e4nv[1, {kw['BN']}, {kw['BK']}]>"}
-    constexprs = dict(K=k, G=groups, GP=1 << (groups - 1).bit_length(), **kw)
+    constexprs = dict(K=k, G=groups, GP=1 << (groups - 1).bit_length(), INTERPRETED=False, **kw)
     runtime = [name for name in fn.arg_names if name not in constexprs]
     return compile_for(fn, {name: types.get(name, "i32") for name in runtime}, constexprs,
                        divisible_by_16=[name for name in runtime if not name.endswith("_desc")],

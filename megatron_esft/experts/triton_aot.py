@@ -58,6 +58,9 @@ def compile_for(fn, signature: dict, constexprs: dict, *, divisible_by_16=(), nu
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    unset = [names[i] for i in fn.constexprs if names[i] not in constexprs]
+    if unset:  # it would be compiled as a run-time argument: both sides of its branches, another kernel
+        raise ValueError(f"compile_for: no value for the constexpr parameter(s) {unset}")
     types = {name: "constexpr" if name in constexprs else signature[name] for name in names}
     source = ASTSource(fn, types, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16})

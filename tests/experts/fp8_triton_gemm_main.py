@@ -138,9 +138,10 @@ def tma_failing_case():
 
 def main():
     results = {}
-    for tma in (False, True):  # tiles loaded by pointer, and through TMA descriptors
-        fp8_triton_gemm.INTERPRETER_CONFIG["TMA"] = tma
-        suffix = " (TMA)" if tma else ""
+    # tiles loaded by pointer, through TMA descriptors, and by a persistent grid (3 programs striding over the tiles)
+    for tma, persistent in ((False, False), (True, False), (True, True)):
+        fp8_triton_gemm.INTERPRETER_CONFIG.update(TMA=tma, PERSISTENT=persistent)
+        suffix = " (persistent TMA)" if persistent else " (TMA)" if tma else ""
         results.update({name + suffix: case for name, case in {
             "three column tiles, two K steps, empty and 1-row groups": gemm_case([0, 5, 17, 33, 0, 1], 64, 80),
             "K not a multiple of the K tile": gemm_case([9, 30], 48, 32, seed=1),
@@ -149,13 +150,13 @@ def main():
             "all groups empty": gemm_case([0, 0], 32, 16, extra_rows=5, seed=4),
             "weights a slice of a larger stack": gemm_case([11, 6, 20], 48, 32, seed=6, stacked=5),
         }.items()})
-    fp8_triton_gemm.INTERPRETER_CONFIG["TMA"] = False
+    fp8_triton_gemm.INTERPRETER_CONFIG.update(TMA=False, PERSISTENT=False)
     # G not a power of two (the group lookup's vector is padded to 128), many empty groups, up to 2 tiles each
     results["100 groups"] = gemm_case([(7 * g) % 23 if g % 5 == 1 else 0 for g in range(100)], 32, 16, seed=9)
     import triton
 
     for config in fp8_triton_gemm._configs(triton):  # a GPU candidate's own tiles, chosen explicitly
-        if config.kwargs["BM"] == config.kwargs["BN"] == 64:
+        if config.kwargs["BM"] == 64 and config.kwargs["BN"] <= 128:
             results["candidate " + fp8_triton_gemm.config_label(config)] = gemm_case([70, 0, 90], 160, 80, seed=7,
                                                                                       config=config)
     results["pinned candidate"] = pinned_case()
