@@ -80,9 +80,10 @@ PLAN=${PLAN:-'[{"job":"gemm","candidates":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"layers"}]'}
 # 2a. one V2-Lite MoE layer (bench_permutation.py): the permutations with their host syncs, the un-permutation's
 #     kernel alone (embedding_bag against gather + sum: the embedding_bags of a 27-layer step took ~8x the time their
-#     bytes need), and the routed layer with the token counts on the host and on the device
+#     bytes need), the row gather alone (element-wise against 8-byte words, bf16 and e4m3 rows), and the routed
+#     layer with the token counts on the host and on the device
 [ "$PERM_S" -gt 0 ] && timeout "$PERM_S" python3 bench/bench_permutation.py --layer-ffn 1408 2>&1 \
-    | grep -v -i warn | tee "$OUT/permutation.txt" | tail -25
+    | grep -v -i warn | tee "$OUT/permutation.txt" | tail -32
 [ "$BENCH_S" -gt 0 ] && timeout "$BENCH_S" python3 bench/gpu_esft.py --timeout 150 --warmup 2 --iters 5 --plan "$PLAN" --out "$OUT" \
     ${BENCH_ARGS:-} \
     2>&1 | grep -v "^\[{" | tail -40
