@@ -16,16 +16,18 @@ E, K, H, FFN, T = 8, 2, 64, 48, 24  # H != FFN, 2 FFN: row tensors are told apar
 
 
 class RowOps(TorchDispatchMode):
-    """Shapes of the [rows, H] tensors gathered (index_select) and reduced per row (amax) while active."""
+    """Shapes of the [rows, H] tensors gathered (index_select) and reduced per row (amax) while active. A gather is
+    told by its rows' bytes (`row_bytes`, H elements of the data): gather_rows moves rows as 8-byte words."""
 
-    def __init__(self):
+    def __init__(self, row_bytes):
         super().__init__()
+        self.row_bytes = row_bytes
         self.gathered, self.amax_rows = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name == "index_select" and out.dim() == 2 and out.shape[1] == H:
+        if name == "index_select" and out.dim() == 2 and out.shape[1] * out.element_size() == self.row_bytes:
             self.gathered.append(out.shape[0])
         if name == "amax" and args[0].dim() == 2 and args[0].shape[1] == H:
             self.amax_rows.append(args[0].shape[0])
@@ -89,7 +91,7 @@ def _run(experts, routing_map, probs, dtype, ours: bool, seed=2):
     for p in experts.parameters():
         p.grad = None
     tokens_per_expert = routing_map.sum(dim=0)
-    with RowOps() as seen:
+    with RowOps(H * tokens.element_size()) as seen:
         if ours:
             out, _ = experts(tokens, tokens_per_expert, probs, routing_map=routing_map)
         else:  # the dispatcher's gather permutation, then the experts' own regroup
