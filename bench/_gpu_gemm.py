@@ -2,11 +2,13 @@
 (`torch._grouped_mm`) against FP8 (torch's `_scaled_grouped_mm` and the Triton kernel of
 experts/fp8_triton_gemm.py), on the operands the FP8 experts give them. This measures s, the FP8 GEMMs' speedup on
 ESFT's group sizes, which bounds what FP8 experts can gain (docs/gpu.md, the Amdahl bound). One row per GEMM of the
-layer's forward and input gradient, then their sum."""
+layer's forward and input gradient, then their sum; then the FP8 experts' quantization kernels alone
+(bench/_gpu_quantizers.py)."""
 
 from __future__ import annotations
 
 from _gpu_experts import _routed_inputs
+from _gpu_quantizers import print_quantizer_tables, time_quantizers
 from _gpu_timing import NullCtx, Timer
 
 # (name, contraction K, output N) in units of (hidden H, expert ffn F)
@@ -73,7 +75,7 @@ def run_gemm(args, raw):
             out = outputs[r["kernel"]]
             r["rel_vs_fp8_torch"] = ((out.float() - fp8_ref.float()).norm() / fp8_ref.float().norm()).item()
         del x, w, scaled, outputs
-    return results
+    return results + time_quantizers(args, raw, rows)
 
 
 def _time_candidates(args, name, rows, k, n, groups, scaled):
@@ -142,3 +144,4 @@ def print_gemm_tables(results):
                   f"{sum(2 * r['rows'] * r['k'] * r['n'] for r in table if r['kernel'] == kernel) / ms / 1e9:.0f} | "
                   f"{totals.get('bf16', float('nan')) / ms:.2f}x | | |")
     print_candidate_tables(results)
+    print_quantizer_tables(results)

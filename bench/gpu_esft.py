@@ -43,7 +43,8 @@ warm-up step) and reports what held the memory at its peak, by allocation site (
 experts/fp8_triton_gemm.py instead of torch's `_scaled_grouped_mm`. The `gemm` job times the layer's grouped GEMMs
 alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup, and with
 `"candidates": true` each of the Triton kernel's autotuning candidates launched explicitly (tiles, pointer or TMA
-loads; a list of labels such as "TMA 64x128x128 w4 s4" times those only).
+loads; a list of labels such as "TMA 64x128x128 w4 s4" times those only); it also times the FP8 experts'
+quantization kernels alone, against a copy of as many bytes (bench/_gpu_quantizers.py).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).

@@ -46,7 +46,8 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open are FP8 (the one missed target)
 #    and the graph's memory. (1) The layer's grouped GEMMs alone, bf16 against torch's FP8 kernel and the Triton one
 #    (experts/fp8_triton_gemm.py; its autotuning compiles ~45 kernels), and each of its 15 autotuning candidates
-#    (tiles by pointer or by TMA, persistent grids) timed alone: s, the FP8 GEMMs' speedup, which caps the
+#    (tiles by pointer or by TMA, persistent grids) timed alone, and the FP8 quantization kernels against a copy's
+#    bandwidth: s, the FP8 GEMMs' speedup, which caps the
 #    FP8 layer (docs/gpu.md's Amdahl bound: 1.4x needs s well above 1.4); (2) one experts layer from tokens with
 #    device counts, bf16 against FP8 with the Triton GEMMs; (3) the graph at micro-batch 1 under a 78.5 GiB cap (an
 #    H100 80 GB less its CUDA context: does the step fit?), with what held the memory at the capture's peak by

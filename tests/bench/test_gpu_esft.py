@@ -111,9 +111,13 @@ def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_pa
         assert r["rows"] == 64 and r["ms"] > 0
         if r["kernel"] == "fp8 triton":  # the interpreter truncates to bf16 where the emulation rounds
             assert 0 < r["rel_vs_fp8_torch"] < 2.0 ** -7, r
+    # the FP8 quantization kernels alone, with the bandwidth of a copy of as many bytes
+    quantizers = [r for r in rows if r["kind"] == "quantizer"]
+    assert len(quantizers) == 5 and all(r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in quantizers)
     experts = [r for r in rows if r["kind"] == "experts"]
     assert [r["backend"] for r in experts] == ["bf16", "fp8"] and {r["fp8_kernel"] for r in experts} == {"triton"}
     report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
     assert "| all four (forward + input gradient) | fp8 triton |" in report.stdout, report.stdout
     assert "| Triton FP8 candidate (64 rows) | fc1 forward ms |" in report.stdout, report.stdout
+    assert "| FP8 quantization kernel (64 routed rows) | ms | MB moved |" in report.stdout, report.stdout
     assert "(weight cache: frozen), Triton GEMMs | tokens, device counts" in report.stdout, report.stdout
