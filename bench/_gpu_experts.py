@@ -4,7 +4,7 @@ timed). Both take the model dict (V2_LITE or TINY) of gpu_esft.py."""
 
 from __future__ import annotations
 
-from _gpu_timing import NullCtx, Timer, profile_kernels
+from _gpu_timing import profile_kernels, timed
 
 TRAINABLE_PER_LAYER = 6
 
@@ -204,17 +204,13 @@ def run_experts(args, raw, sources=None):
                 xi = tokens.detach().requires_grad_(True)
                 out, _ = layer(xi, counts_arg, router_probs, routing_map=routing_map)
                 out.backward(d_out)
-        timer = Timer()
-        for it in range(args.warmup + args.iters):
-            with (timer if it >= args.warmup else NullCtx()):
-                step()
+        ms = timed(step, args)[0]
         label = f"experts {mode} {backend} {cache}" + (" fused SwiGLU" if fused else "") + f" from {source}"
         if args.profile:
             profile_kernels(label, step)
         per_expert = 3 * raw["hidden_size"] * raw["moe_intermediate_size"]
         routed, trainable_rows = int(sum(tpe)), int(sum(tpe[j] for j in ids))
         flops = 2 * per_expert * (2 * routed + trainable_rows)  # fwd + dgrad for all rows, wgrad trainable
-        ms = timer.median_ms()
         rows.append({"kind": "experts", "mode": mode, "backend": backend, "cache": cache, "fused": fused, "ms": ms,
                      "tflops": flops / ms / 1e9, "rows": routed, "source": source})
         del layer

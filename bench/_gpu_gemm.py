@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from _gpu_experts import _routed_inputs
 from _gpu_quantizers import print_quantizer_tables, time_quantizers
-from _gpu_timing import NullCtx, Timer
+from _gpu_timing import timed
 
 # (name, contraction K, output N) in units of (hidden H, expert ffn F)
 _SHAPES = (("fc1 forward", "H", "2F"), ("fc2 forward", "F", "H"), ("fc2 input gradient", "H", "F"),
@@ -57,14 +57,10 @@ def run_gemm(args, raw):
             results += _time_candidates(args, name, rows, k, n, len(counts), scaled)
         outputs = {}
         for kernel, call in kernels.items():
-            timer = Timer()
-            for it in range(args.warmup + args.iters):
-                with (timer if it >= args.warmup else NullCtx()):
-                    out = call()
+            ms, out = timed(call, args)
             if out is None:  # the Triton kernel failed to build (warned): no row
                 continue
             outputs[kernel] = out
-            ms = timer.median_ms()
             results.append({"kind": "gemm", "gemm": name, "kernel": kernel, "rows": rows, "k": k, "n": n,
                             "groups": len(counts), "ms": ms, "tflops": 2 * rows * k * n / ms / 1e9})
             chosen = fp8_triton_gemm.autotuned_config() if kernel == "fp8 triton" else None
@@ -82,23 +78,16 @@ def _time_candidates(args, name, rows, k, n, groups, scaled):
     """One row per autotuning candidate of the Triton kernel (all, or those `args.candidates` names), each launched
     explicitly: which tiles and which loads (pointer or TMA) suit ESFT's groups (the autotuner keeps only its
     winner)."""
-    import triton
-
     from megatron_esft.experts import fp8_triton_gemm
 
     out = []
-    configs = fp8_triton_gemm._configs(triton)
-    if isinstance(args.candidates, list):  # the named ones only (bench/_gpu_jobs.py checked the names)
-        configs = [c for c in configs if fp8_triton_gemm.config_label(c) in args.candidates]
-    for config in configs:
-        timer, result = Timer(), None
-        for it in range(args.warmup + args.iters):
-            with (timer if it >= args.warmup else NullCtx()):
-                result = fp8_triton_gemm.scaled_grouped_mm(*scaled, config=config)
+    candidates = fp8_triton_gemm.candidates()
+    names = args.candidates if isinstance(args.candidates, list) else candidates  # (bench/_gpu_jobs.py checked them)
+    for label in [label for label in candidates if label in names]:
+        ms, result = timed(lambda: fp8_triton_gemm.scaled_grouped_mm(*scaled, config=candidates[label]), args)
         if result is None:  # this candidate failed (warned); the kernel is off from here on
             break
-        ms = timer.median_ms()
-        out.append({"kind": "gemm_candidate", "gemm": name, "config": fp8_triton_gemm.config_label(config),
+        out.append({"kind": "gemm_candidate", "gemm": name, "config": label,
                     "rows": rows, "k": k, "n": n, "groups": groups, "ms": ms, "tflops": 2 * rows * k * n / ms / 1e9})
     return out
 

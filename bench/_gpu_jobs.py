@@ -34,13 +34,12 @@ def _candidates_problem(job) -> str | None:
     names = job.get("candidates", False)
     if isinstance(names, bool):
         return None
-    try:
-        import triton
+    from megatron_esft.experts.fp8_triton_gemm import candidates
 
-        from megatron_esft.experts.fp8_triton_gemm import _configs, config_label
+    try:
+        labels = list(candidates())
     except ImportError:  # no Triton here: the job times no candidates anyway
         return None
-    labels = [config_label(c) for c in _configs(triton)]
     if not isinstance(names, list) or set(names) - set(labels):
         return f"{json.dumps(job)}: \"candidates\" must be true or a list of {labels}"
     return None

@@ -6,17 +6,9 @@ that time goes."""
 
 from __future__ import annotations
 
-from _gpu_timing import NullCtx, Timer
+from _gpu_timing import timed
 
 TRAINABLE = 6  # trainable experts per MoE layer in the benchmark's ESFT (their weights are re-quantized per call)
-
-
-def _median_ms(call, args):
-    timer = Timer()
-    for it in range(args.warmup + args.iters):
-        with (timer if it >= args.warmup else NullCtx()):
-            call()
-    return timer.median_ms()
 
 
 def time_quantizers(args, raw, rows):
@@ -54,9 +46,9 @@ def time_quantizers(args, raw, rows):
     ]
     results = []
     for name, call, read, written in kernels:
-        ms = _median_ms(call, args)
+        ms = timed(call, args)[0]
         source = torch.empty(read // 2, dtype=torch.bfloat16, device=dev)  # a copy moving read + read bytes
-        copy_ms = _median_ms(lambda: source.clone(), args)
+        copy_ms = timed(source.clone, args)[0]
         results.append({"kind": "quantizer", "quantizer": name, "rows": rows, "ms": ms, "bytes": read + written,
                         "gbps": (read + written) / ms / 1e6, "copy_gbps": 2 * read / copy_ms / 1e6})
     return results

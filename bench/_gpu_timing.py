@@ -207,6 +207,15 @@ def profile_kernels(label, fn, steps=2):
     return sum(ms for _, ms, _ in kinds) / steps
 
 
+def timed(call, args):
+    """(median ms of `args.iters` calls after `args.warmup` untimed ones, the last call's result)."""
+    timer, result = Timer(), None
+    for it in range(args.warmup + args.iters):
+        with (timer if it >= args.warmup else NullCtx()):
+            result = call()
+    return timer.median_ms(), result
+
+
 class NullCtx:
     def __enter__(self):
         return self

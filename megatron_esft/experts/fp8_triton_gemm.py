@@ -177,10 +177,11 @@ def config_label(config) -> str:
             f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{config.num_warps} s{config.num_stages}")
 
 
-def candidate_labels() -> list[str]:
+def candidates() -> dict:
+    """{`config_label`: candidate} of every autotuning candidate, in `_configs`' order."""
     import triton
 
-    return [config_label(c) for c in _configs(triton)]
+    return {config_label(c): c for c in _configs(triton)}
 
 
 def pin_config(label: str | None) -> None:
@@ -191,39 +192,36 @@ def pin_config(label: str | None) -> None:
     if label is None:
         _pinned = None
         return
-    import triton
-
-    by_label = {config_label(c): c for c in _configs(triton)}
+    by_label = candidates()
     if label not in by_label:
         raise ValueError(f"Triton FP8 GEMM candidate {label!r}: choose from {', '.join(map(repr, by_label))}")
     _pinned = by_label[label]
 
 
+def _autotuner():
+    """The autotuned kernel if one was made (None before the first launch, or under the interpreter)."""
+    if not _kernel.cache_info().currsize:
+        return None
+    kernel, interpreted = _kernel(_tma)
+    return None if interpreted else kernel
+
+
 def autotuned_choices() -> dict[tuple, str]:
     """{(N, K, rows per group rounded to a power of two): the candidate's label} of every shape autotuned so far."""
-    if not _kernel.cache_info().currsize:
-        return {}
-    kernel, interpreted = _kernel(_tma)
-    if interpreted:
-        return {}
-    return {tuple(key[:3]): config_label(c) for key, c in getattr(kernel, "cache", {}).items()}
+    return {tuple(key[:3]): config_label(c) for key, c in getattr(_autotuner(), "cache", {}).items()}
 
 
 def autotuned_config():
     """The candidate the autotuner chose for the last launch (None before any, or under the interpreter)."""
-    if not _kernel.cache_info().currsize:
-        return None
-    kernel, interpreted = _kernel(_tma)
-    return None if interpreted else getattr(kernel, "best_config", None)
+    return getattr(_autotuner(), "best_config", None)
 
 
 def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90):
     """The kernel with one autotuning `config` compiled for compute capability 9.0 or 10.0 at contraction `k`,
     specialised as the JIT specialises it at run time (experts/fp8.py's contract: 16-byte aligned operands, sizes and
     strides multiples of 16): a triton_aot.CompiledKernel. No GPU needed."""
-    from megatron_esft.experts.triton_aot import compile_for
-
     from megatron_esft.experts import fp8_triton_gemm_kernels
+    from megatron_esft.experts.triton_aot import compile_for
 
     interpret = os.environ.pop("TRITON_INTERPRET", None)
     try:

@@ -319,11 +319,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.expert_fp8_gemm_config is not None:
         if args.expert_fp8_gemm_kernel != "triton":
             raise UserError("--expert-fp8-gemm-config needs --expert-fp8-gemm-kernel triton")
-        from megatron_esft.experts.fp8_triton_gemm import candidate_labels
+        from megatron_esft.experts.fp8_triton_gemm import candidates
 
-        if args.expert_fp8_gemm_config not in candidate_labels():
+        if args.expert_fp8_gemm_config not in candidates():
             raise UserError(f"--expert-fp8-gemm-config {args.expert_fp8_gemm_config!r}: not a candidate of the Triton "
-                            f"FP8 GEMM; choose from {', '.join(map(repr, candidate_labels()))}")
+                            f"FP8 GEMM; choose from {', '.join(map(repr, candidates()))}")
     if args.offload_frozen_experts and (args.expert_gemm != "fp8" or args.expert_fp8_weight_cache == "none"):
         raise UserError("--offload-frozen-experts needs --expert-gemm fp8 with --expert-fp8-weight-cache frozen or all "
                         "(the GEMMs then read only the FP8 copies of frozen experts)")

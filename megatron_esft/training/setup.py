@@ -277,7 +277,7 @@ def configure_schedule_hooks(ddp_model, optimizer) -> None:
 def log_autotuned_fp8_gemms(args) -> None:
     """After the first logged iteration, with --expert-fp8-gemm-kernel triton and no pinned candidate: the candidate
     the autotuner chose per GEMM shape, to pin with --expert-fp8-gemm-config for bit-identical runs (rank 0's)."""
-    if getattr(args, "expert_fp8_gemm_kernel", "torch") != "triton" or args.expert_fp8_gemm_config:
+    if args.expert_fp8_gemm_kernel != "triton" or args.expert_fp8_gemm_config:
         return
     from megatron_esft import parallel as par
     from megatron_esft.experts import fp8_triton_gemm

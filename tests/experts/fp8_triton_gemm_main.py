@@ -88,11 +88,8 @@ def mlp_case():
 
 def pinned_case():
     """fp8_triton_gemm.pin_config: every launch runs that candidate (bit-identical to launching it explicitly)."""
-    import triton
-
     args = operands([30, 0, 41], 160, 80, seed=10)
-    config = next(c for c in fp8_triton_gemm._configs(triton)
-                  if fp8_triton_gemm.config_label(c) == "TMA 64x64x128 w4 s4")
+    config = fp8_triton_gemm.candidates()["TMA 64x64x128 w4 s4"]
     launched = []  # the candidate each launch ran (the real launch: only recorded on the way)
     real_launch = fp8_triton_gemm._launch
     fp8_triton_gemm._launch = lambda *a: launched.append(a[-1] and fp8_triton_gemm.config_label(a[-1])) \
@@ -153,12 +150,9 @@ def main():
     fp8_triton_gemm.INTERPRETER_CONFIG.update(TMA=False, PERSISTENT=False)
     # G not a power of two (the group lookup's vector is padded to 128), many empty groups, up to 2 tiles each
     results["100 groups"] = gemm_case([(7 * g) % 23 if g % 5 == 1 else 0 for g in range(100)], 32, 16, seed=9)
-    import triton
-
-    for config in fp8_triton_gemm._configs(triton):  # a GPU candidate's own tiles, chosen explicitly
+    for label, config in fp8_triton_gemm.candidates().items():  # a GPU candidate's own tiles, chosen explicitly
         if config.kwargs["BM"] == 64 and config.kwargs["BN"] <= 128:
-            results["candidate " + fp8_triton_gemm.config_label(config)] = gemm_case([70, 0, 90], 160, 80, seed=7,
-                                                                                      config=config)
+            results["candidate " + label] = gemm_case([70, 0, 90], 160, 80, seed=7, config=config)
     results["pinned candidate"] = pinned_case()
     results["fused FP8 MLP"] = mlp_case()
     results["TMA candidates failing"] = tma_failing_case()
