@@ -106,7 +106,7 @@ def run_check(args, raw):
                     grads[(j, proj)] = getattr(layer, f"{proj}_{group}").grad[row].clone()
         return out.detach(), xi.grad, grads
 
-    from megatron_esft.experts import fp8, fp8_triton_gemm
+    from megatron_esft.experts import fp8, fp8_triton_gemm, fp8_triton_quantize
 
     refs = {False: fwd_bwd(ref), True: fwd_bwd(ref, from_tokens=True)}
     variants = [("bf16", False, False, False), ("bf16", True, False, False), ("fp8", False, False, False),
@@ -114,9 +114,14 @@ def run_check(args, raw):
                 ("bf16", True, True, True), ("fp8", False, True, True)]
     if fp8_triton_gemm.usable(x):  # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) on the default path
         variants.append(("fp8", False, True, True, "triton"))
-    for backend, fused, from_tokens, device_counts, *kernel in variants:
+    if fp8_triton_quantize.quantize_rows(x[:1]) is not None:  # the hand-written quantizers (fp8_triton_quantize.py)
+        variants.append(("fp8", False, True, True, "torch", "triton"))
+    for backend, fused, from_tokens, device_counts, *kernels in variants:
         # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU
-        fp8.set_fp8_gemm_kernel(kernel[0] if kernel else "torch")
+        kernel, quantizer = (kernels + ["torch", "inductor"][len(kernels):])[:2]
+        fp8.set_fp8_gemm_kernel(kernel)
+        fp8.set_fp8_quantizer(quantizer)
+        gemm_launches, quantizer_launches = fp8_triton_gemm.launches, fp8_triton_quantize.launches
         layer = _experts_layer(raw, trainable, backend, "frozen", fused_swiglu=fused)
         layer.load_state_dict(ref.state_dict())
         if device_counts:
@@ -129,10 +134,12 @@ def run_check(args, raw):
         rows.append({"kind": "check", "backend": backend + (" fused SwiGLU" if fused else "")
                      + (", experts permute the tokens" if from_tokens else "")
                      + (", token counts on the device" if device_counts else "")
-                     + (", Triton GEMMs" if kernel and fp8_triton_gemm.launches else ""),
+                     + (", Triton GEMMs" if fp8_triton_gemm.launches > gemm_launches else "")
+                     + (", Triton quantizers" if fp8_triton_quantize.launches > quantizer_launches else ""),
                      "out_rel": _rel(out, out_ref), "dgrad_rel": _rel(dx, dx_ref),
                      "wgrad_rel_max": wgrad, "nan": bool(nan)})
     fp8.set_fp8_gemm_kernel("torch")
+    fp8.set_fp8_quantizer("inductor")
     return rows
 
 

@@ -9,9 +9,9 @@ import json
 _JOB_KEYS = {
     "check": set(),
     "gemm": {"tokens", "candidates"},
-    "experts": {"tokens", "sources", "fp8_kernel"},
+    "experts": {"tokens", "sources", "fp8_kernel", "fp8_quantizer"},
     "model": {"mode", "backend", "layers", "cache", "recompute", "mbs", "accum", "fusions", "doc_len", "permutation",
-              "offload", "token_counts", "cuda_graphs", "manual_gc", "memory_trace", "fp8_kernel"},
+              "offload", "token_counts", "cuda_graphs", "manual_gc", "memory_trace", "fp8_kernel", "fp8_quantizer"},
 }
 _COMMON_KEYS = {"job", "profile", "memory_cap_gib"}
 

@@ -7,6 +7,14 @@ import json
 from _gpu_gemm import print_gemm_tables
 
 
+def _fp8_kernels(r) -> str:
+    """", Triton GEMMs" / ", Triton quantizers" where an FP8 row ran them (the label of torch's kernels is none)."""
+    if r["backend"] != "fp8":
+        return ""
+    return ((", Triton GEMMs" if r.get("fp8_kernel") == "triton" else "")
+            + (", Triton quantizers" if r.get("fp8_quantizer") == "triton" else ""))
+
+
 def print_tables(results, device):
     print(f"\n## device: {device}")
     checks = [r for r in results if r.get("kind") == "check"]
@@ -26,7 +34,7 @@ def print_tables(results, device):
         for r in exps:
             label = (f"{r['mode']} {r['backend']}" + (" fused SwiGLU" if r.get("fused") else "")
                      + (f" (weight cache: {r['cache']})" if r["cache"] else "")
-                     + (", Triton GEMMs" if r["backend"] == "fp8" and r.get("fp8_kernel") == "triton" else ""))
+                     + _fp8_kernels(r))
             source = r.get("source", "rows")
             source_label = {"rows": "permuted rows", "tokens": "tokens (experts permute)"}.get(
                 source, f"{source} (experts permute)")
@@ -40,8 +48,7 @@ def print_tables(results, device):
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in models:
             exp = r["backend"] + (f" (cache {r['cache']})" if r["backend"] == "fp8" else "")
-            if r["backend"] == "fp8" and r.get("fp8_kernel") == "triton":
-                exp += ", Triton GEMMs"
+            exp += _fp8_kernels(r)
             if r.get("token_counts") == "device":
                 exp += ", token counts on the device"
             if r.get("cuda_graphs") == "full_iteration":

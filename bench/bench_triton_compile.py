@@ -14,6 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# compiled kernels only: Triton's own helpers would be defined as the interpreter's if it were set when Triton loads
+os.environ.pop("TRITON_INTERPRET", None)
 
 
 def main(argv=None):

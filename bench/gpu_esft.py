@@ -40,11 +40,13 @@ then raises OOM, as on the smaller card (the graph's private pool included); no 
 `"memory_trace": true` records torch's allocator history over one iteration (the graph's capture, or the last
 warm-up step) and reports what held the memory at its peak, by allocation site (bench/_gpu_memory.py).
 `"fp8_kernel": "triton"` (experts and model jobs) runs the FP8 experts' GEMMs through the Triton kernel of
-experts/fp8_triton_gemm.py instead of torch's `_scaled_grouped_mm`. The `gemm` job times the layer's grouped GEMMs
-alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup, and with
+experts/fp8_triton_gemm.py instead of torch's `_scaled_grouped_mm`; `"fp8_quantizer": "triton"` their
+activation quantizers through the hand-written kernels of experts/fp8_triton_quantize.py. The `gemm` job times the
+layer's grouped GEMMs alone (bf16, torch's FP8, Triton's FP8; `"tokens"` as in an experts job): the FP8 GEMMs' own speedup, and with
 `"candidates": true` each of the Triton kernel's autotuning candidates launched explicitly (tiles, pointer or TMA
 loads; a list of labels such as "TMA 64x128x128 w4 s4" times those only); it also times the FP8 experts'
-quantization kernels alone, against a copy of as many bytes (bench/_gpu_quantizers.py).
+quantization kernels alone, torch.compile's and the hand-written ones, against a copy of as many bytes
+(bench/_gpu_quantizers.py).
 `--profile` (or `"profile": true` in a job) also sums the GPU kernel time by kind (GEMMs, attention, fused, ...),
 counts the host syncs of a step and says where the host's time goes (bench/_host_profile.py: host ms and aten ops
 per phase, per module class in forward, per autograd node in backward).
@@ -362,10 +364,12 @@ def run_job(args, job):
     if job["job"] == "gemm":  # the layer's grouped GEMMs alone: bf16 against torch's and the Triton FP8 kernel
         return run_gemm(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens),
                                                   candidates=job.get("candidates", False))), raw)
-    if job.get("fp8_kernel"):  # "triton": the FP8 experts' GEMMs through experts/fp8_triton_gemm.py
-        from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
+    from megatron_esft.experts.fp8 import set_fp8_gemm_kernel, set_fp8_quantizer
 
-        set_fp8_gemm_kernel(job["fp8_kernel"])
+    # "triton": the FP8 experts' GEMMs through experts/fp8_triton_gemm.py, their activation quantizers through the
+    # hand-written kernels of experts/fp8_triton_quantize.py
+    set_fp8_gemm_kernel(job.get("fp8_kernel", "torch"))
+    set_fp8_quantizer(job.get("fp8_quantizer", "inductor"))
     if job["job"] == "experts":  # "tokens": N overrides --tokens (larger groups per expert: FP8's share grows);
         # "sources": [...] keeps the variants of those inputs only (e.g. ["tokens, device counts"] with "profile")
         rows = run_experts(argparse.Namespace(**dict(vars(args), tokens=job.get("tokens", args.tokens))), raw,
@@ -382,12 +386,14 @@ def run_job(args, job):
 
 
 def _with_fp8_kernel(rows):
-    """Rows labelled with the FP8 GEMM kernel that really ran: "triton" only if the Triton kernel launched (where
-    Triton cannot run it, torch's kernel or the CPU emulation stands in)."""
-    from megatron_esft.experts import fp8_triton_gemm
+    """Rows labelled with the FP8 GEMM kernel and quantizers that really ran: "triton" only if the Triton kernels
+    launched (where Triton cannot run them, torch's kernel or the CPU emulation, and the compiled quantizers, stand
+    in)."""
+    from megatron_esft.experts import fp8_triton_gemm, fp8_triton_quantize
 
     for row in rows:
         row["fp8_kernel"] = "triton" if fp8_triton_gemm.launches else "torch"
+        row["fp8_quantizer"] = "triton" if fp8_triton_quantize.launches else "inductor"
     return rows
 
 

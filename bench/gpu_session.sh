@@ -46,10 +46,11 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    device ones) and FP8 against bf16 with it (1.00x), see docs/benchmarks.md. Open are FP8 (the one missed target)
 #    and the graph's memory. (1) The layer's grouped GEMMs alone, bf16 against torch's FP8 kernel and the Triton one
 #    (experts/fp8_triton_gemm.py; its autotuning compiles ~45 kernels), and each of its 15 autotuning candidates
-#    (tiles by pointer or by TMA, persistent grids) timed alone, and the FP8 quantization kernels against a copy's
-#    bandwidth: s, the FP8 GEMMs' speedup, which caps the
-#    FP8 layer (docs/gpu.md's Amdahl bound: 1.4x needs s well above 1.4); (2) one experts layer from tokens with
-#    device counts, bf16 against FP8 with the Triton GEMMs; (3) the graph at micro-batch 1 under a 78.5 GiB cap (an
+#    (tiles by pointer or by TMA, persistent grids) timed alone, and the FP8 quantization kernels (torch.compile's and
+#    the hand-written ones of experts/fp8_triton_quantize.py) against a copy's bandwidth: s, the FP8 GEMMs' speedup,
+#    which caps the FP8 layer (docs/gpu.md's Amdahl bound: 1.4x needs s well above 1.4), and what the quantizers
+#    cost; (2) one experts layer from tokens with device counts, bf16 against FP8 with the Triton GEMMs, then with
+#    the hand-written quantizers (torch's GEMMs); (3) the graph at micro-batch 1 under a 78.5 GiB cap (an
 #    H100 80 GB less its CUDA context: does the step fit?), with what held the memory at the capture's peak by
 #    allocation site ("memory_trace"; its reserved 76.4 GiB against 52 allocated is the graph's private pool,
 #    ~24 GiB, 2-3x the eager activations: does the capture keep freed blocks it cannot reuse?); (4) the experts layer
@@ -64,6 +65,7 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    2 with selective recompute, eager, and last the experiment of Megatron-Core's per-layer CUDA graphs
 PLAN=${PLAN:-'[{"job":"gemm","candidates":true},
  {"job":"experts","sources":["tokens, device counts"],"fp8_kernel":"triton"},
+ {"job":"experts","sources":["tokens, device counts"],"fp8_quantizer":"triton"},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5,"memory_trace":true},
  {"job":"experts","sources":["tokens, device counts"],"profile":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","memory_trace":true},

@@ -38,7 +38,7 @@ import weakref
 
 import torch
 
-from megatron_esft.experts import fp8_triton_gemm
+from megatron_esft.experts import fp8_triton_gemm, fp8_triton_quantize
 from megatron_esft.experts.grouped_mm import cuda_capability, zero_empty_groups
 
 logger = logging.getLogger(__name__)
@@ -57,18 +57,47 @@ def quantize_lastdim_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q.contiguous(), scale.reciprocal().squeeze(-1).contiguous()
 
 
+FP8_QUANTIZERS = ("inductor", "triton")
+_quantizer = "inductor"
+
+
+def set_fp8_quantizer(quantizer: str) -> None:
+    """Which kernels quantize the FP8 experts' activations: "inductor" (`CompiledOnCuda`: torch.compile's, the
+    default) or "triton" (the hand-written kernels of experts/fp8_triton_quantize.py, where they apply). Process-wide,
+    like `set_fp8_gemm_kernel`: set it before the first step."""
+    global _quantizer
+    _quantizer = _one_of("fp8 quantizer", quantizer, FP8_QUANTIZERS)
+
+
+def fp8_quantizer() -> str:
+    return _quantizer
+
+
+def _one_of(what: str, value: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} {value!r}: choose from {', '.join(choices)}")
+    return value
+
+
 class CompiledOnCuda:
     """`reference` as one `torch.compile`d (Triton) kernel for CUDA tensors, eager elsewhere; falls back to eager
     for good (with a warning) if compilation fails. Only dim 0 of the first argument (rows: tokens of a group) varies
     between calls (and dim 0 of every other argument with as many rows), so the row length stays static and Inductor
-    specialises the reduction for it."""
+    specialises the reduction for it. `hand_written`: the same function as a hand-written kernel
+    (experts/fp8_triton_quantize.py, returning None where it does not apply), used instead with
+    `set_fp8_quantizer("triton")`."""
 
-    def __init__(self, reference):
+    def __init__(self, reference, hand_written=None):
         self.reference = reference
+        self.hand_written = hand_written
         self._compiled = None
         self._failed = False
 
     def __call__(self, t: torch.Tensor, *args):
+        if self.hand_written is not None and _quantizer == "triton":
+            out = self.hand_written(t, *args)
+            if out is not None:
+                return out
         if t.device.type != "cuda" or t.numel() == 0 or self._failed:
             return self.reference(t, *args)
         return self.compiled(t, *args)
@@ -93,7 +122,7 @@ class CompiledOnCuda:
             return self.reference(t, *args)
 
 
-quantize_lastdim = CompiledOnCuda(quantize_lastdim_reference)
+quantize_lastdim = CompiledOnCuda(quantize_lastdim_reference, fp8_triton_quantize.quantize_rows)
 
 
 def scaled_grouped_mm_supported(device: torch.device) -> bool:
@@ -144,9 +173,7 @@ def set_fp8_gemm_kernel(kernel: str) -> None:
     (experts/fp8_triton_gemm.py; where Triton cannot run it, torch's kernel or the CPU emulation). Process-wide, like
     torch's own backend switches: set it before the first step (a CUDA graph keeps the kernel it captured)."""
     global _gemm_kernel
-    if kernel not in FP8_GEMM_KERNELS:
-        raise ValueError(f"fp8 GEMM kernel {kernel!r}: choose from {', '.join(FP8_GEMM_KERNELS)}")
-    _gemm_kernel = kernel
+    _gemm_kernel = _one_of("fp8 GEMM kernel", kernel, FP8_GEMM_KERNELS)
 
 
 def fp8_gemm_kernel() -> str:

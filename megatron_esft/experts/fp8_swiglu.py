@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_esft.experts import fp8_triton_quantize
 from megatron_esft.experts.fp8 import (
     FP8WeightCache, CompiledOnCuda, _scaled_mm, quantize_lastdim, quantize_lastdim_reference,
 )
@@ -73,11 +74,13 @@ def swiglu_backward_quantize_keep_reference(da: torch.Tensor, h: torch.Tensor, p
     return q, s, d_probs, dh.to(h.dtype)
 
 
-swiglu_quantize = CompiledOnCuda(swiglu_quantize_reference)
+swiglu_quantize = CompiledOnCuda(swiglu_quantize_reference, fp8_triton_quantize.swiglu_quantize)
 weighted_swiglu = CompiledOnCuda(weighted_swiglu_reference)
 # the first argument is the one whose rows vary (CompiledOnCuda marks dim 0 of it dynamic)
-swiglu_backward_quantize = CompiledOnCuda(swiglu_backward_quantize_reference)
-swiglu_backward_quantize_keep = CompiledOnCuda(swiglu_backward_quantize_keep_reference)
+swiglu_backward_quantize = CompiledOnCuda(swiglu_backward_quantize_reference,
+                                          fp8_triton_quantize.swiglu_backward_quantize)
+swiglu_backward_quantize_keep = CompiledOnCuda(swiglu_backward_quantize_keep_reference,
+                                               fp8_triton_quantize.swiglu_backward_quantize_keep)
 
 
 def _mlp_forward(x_q, x_s, probs, weight, offs):

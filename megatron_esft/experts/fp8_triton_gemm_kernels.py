@@ -3,10 +3,10 @@ in a module of its own, imported only where Triton is: Triton decides between co
 (TRITON_INTERPRET=1) when a kernel is defined, so fp8_triton_gemm.py loads this file afresh when it needs the
 other kind (`load`)."""
 
-import importlib.util
-
 import triton
 import triton.language as tl
+
+from megatron_esft.experts.triton_support import fresh_module
 
 
 @triton.jit
@@ -91,9 +91,5 @@ def scaled_grouped_mm_kernel(a, b, a_desc, b_desc, out, scale_a, scale_b, offs, 
 
 
 def load():
-    """This module executed afresh (a new module object, sys.modules untouched): its kernels defined under the
-    current TRITON_INTERPRET."""
-    spec = importlib.util.spec_from_file_location(f"{__name__}_fresh", __file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """This module executed afresh: its kernels defined under the current TRITON_INTERPRET."""
+    return fresh_module(__name__, __file__)

@@ -57,6 +57,14 @@ def compile_for(fn, signature: dict, constexprs: dict, *, divisible_by_16=(), nu
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
+    # Triton's own jitted helpers (the combine functions of tl.max, tl.sum, tl.cumsum) are interpreted for good in a
+    # process that imported Triton under TRITON_INTERPRET=1: compiling a kernel that calls them fails, or, with the
+    # kernel in Triton's cache from an earlier run, seems to work
+    if not isinstance(triton.language.standard._sum_combine, JITFunction):
+        raise RuntimeError("compile_for: Triton was imported under TRITON_INTERPRET=1 in this process; compile ahead "
+                           "of time in a process without it")
     names = fn.arg_names
     unset = [names[i] for i in fn.constexprs if names[i] not in constexprs]
     if unset:  # it would be compiled as a run-time argument: both sides of its branches, another kernel

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --expert-fp8-gemm-kernel triton: always launch this autotuning candidate, e.g. "
                         "'TMA 64x128x128 w4 s4' (the first iteration's log names the autotuned ones), instead of "
                         "autotuning in every process: bit-identical runs and resumes")
+    g.add_argument("--expert-fp8-quantizer", choices=["inductor", "triton"], default="inductor",
+                   help="with --expert-gemm fp8: the kernels that quantize the experts' activations, torch.compile's "
+                        "(inductor) or megatron_esft's hand-written Triton ones (triton: each row read once; not yet "
+                        "measured on a GPU, docs/gpu.md)")
     g.add_argument("--offload-frozen-experts", action="store_true",
                    help="with --expert-gemm fp8 and a weight cache: keep the frozen experts' bf16 weights in pinned "
                         "host memory (read only by checkpoints) and only their FP8 copies on the GPU, so the cache "
@@ -308,14 +312,15 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     weight_checks.validate(args)
     if args.expert_fp8_weight_cache != "frozen" and args.expert_gemm != "fp8":
         raise UserError("--expert-fp8-weight-cache needs --expert-gemm fp8")
-    if args.expert_fp8_gemm_kernel != "torch":
-        from megatron_esft.experts import triton_support
+    for flag, value in (("--expert-fp8-gemm-kernel", args.expert_fp8_gemm_kernel),
+                        ("--expert-fp8-quantizer", args.expert_fp8_quantizer)):
+        if value == "triton":
+            from megatron_esft.experts import triton_support
 
-        if args.expert_gemm != "fp8":
-            raise UserError("--expert-fp8-gemm-kernel needs --expert-gemm fp8")
-        if not triton_support.triton_importable():
-            raise UserError("--expert-fp8-gemm-kernel triton needs Triton (pip install triton; PyTorch's CUDA wheels "
-                            "bring it)")
+            if args.expert_gemm != "fp8":
+                raise UserError(f"{flag} needs --expert-gemm fp8")
+            if not triton_support.triton_importable():
+                raise UserError(f"{flag} triton needs Triton (pip install triton; PyTorch's CUDA wheels bring it)")
     if args.expert_fp8_gemm_config is not None:
         if args.expert_fp8_gemm_kernel != "triton":
             raise UserError("--expert-fp8-gemm-config needs --expert-fp8-gemm-kernel triton")

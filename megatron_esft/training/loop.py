@@ -199,9 +199,10 @@ def pretrain(argv=None) -> int:
 
         set_expert_gemm_backend(model, args.expert_gemm, args.expert_fp8_weight_cache)
         if args.expert_gemm == "fp8":
-            from megatron_esft.experts.fp8 import set_fp8_gemm_kernel
+            from megatron_esft.experts.fp8 import set_fp8_gemm_kernel, set_fp8_quantizer
 
             set_fp8_gemm_kernel(args.expert_fp8_gemm_kernel)
+            set_fp8_quantizer(args.expert_fp8_quantizer)
             if args.expert_fp8_gemm_config:
                 from megatron_esft.experts import fp8_triton_gemm
 

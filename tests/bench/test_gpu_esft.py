@@ -91,9 +91,11 @@ def test_a_plan_with_an_unknown_key_stops_before_any_job(tmp_path):
 @pytest.mark.timeout(300)
 def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_path):
     """Triton's CPU interpreter stands in for a GPU: the gemm job times the Triton FP8 kernel next to bf16 and the
-    emulation of torch's FP8 kernel, and an experts job with "fp8_kernel": "triton" runs its GEMMs through it."""
+    emulation of torch's FP8 kernel and the hand-written quantizers next to the default ones, and an experts job with
+    "fp8_kernel" and "fp8_quantizer": "triton" runs its GEMMs and quantizers through them."""
     plan = [{"job": "gemm", "tokens": 16, "candidates": ["TMA 64x64x128 w4 s4", "pointer 64x64x128 w4 s4"]},
-            {"job": "experts", "sources": ["tokens, device counts"], "fp8_kernel": "triton", "tokens": 16}]
+            {"job": "experts", "sources": ["tokens, device counts"], "fp8_kernel": "triton", "fp8_quantizer": "triton",
+             "tokens": 16}]
     proc = _bench("--tiny", "--warmup", "1", "--iters", "1", "--plan", json.dumps(plan), out=tmp_path,
                   TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,13 +113,18 @@ def test_the_gemm_job_and_the_triton_fp8_kernel_run_under_the_interpreter(tmp_pa
         assert r["rows"] == 64 and r["ms"] > 0
         if r["kernel"] == "fp8 triton":  # the interpreter truncates to bf16 where the emulation rounds
             assert 0 < r["rel_vs_fp8_torch"] < 2.0 ** -7, r
-    # the FP8 quantization kernels alone, with the bandwidth of a copy of as many bytes
+    # the FP8 quantization kernels alone, with the bandwidth of a copy of as many bytes; the three activation
+    # quantizers also hand-written (the weights' stay compiled)
     quantizers = [r for r in rows if r["kind"] == "quantizer"]
-    assert len(quantizers) == 5 and all(r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in quantizers)
+    assert len(quantizers) == 8 and all(r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in quantizers)
+    assert [r["implementation"] for r in quantizers].count("hand-written Triton") == 3, quantizers
     experts = [r for r in rows if r["kind"] == "experts"]
     assert [r["backend"] for r in experts] == ["bf16", "fp8"] and {r["fp8_kernel"] for r in experts} == {"triton"}
+    assert {r["fp8_quantizer"] for r in experts} == {"triton"}
     report = _bench("--report", str(tmp_path / "results.jsonl"), out=tmp_path)
     assert "| all four (forward + input gradient) | fp8 triton |" in report.stdout, report.stdout
     assert "| Triton FP8 candidate (64 rows) | fc1 forward ms |" in report.stdout, report.stdout
-    assert "| FP8 quantization kernel (64 routed rows) | ms | MB moved |" in report.stdout, report.stdout
-    assert "(weight cache: frozen), Triton GEMMs | tokens, device counts" in report.stdout, report.stdout
+    assert "| FP8 quantization kernel (64 routed rows) | kernel | ms | MB moved |" in report.stdout, report.stdout
+    assert "| hand-written Triton |" in report.stdout, report.stdout
+    assert "(weight cache: frozen), Triton GEMMs, Triton quantizers | tokens, device counts" in report.stdout, \
+        report.stdout

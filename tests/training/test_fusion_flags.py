@@ -1,7 +1,7 @@
 """GPU switches of pretrain_esft.py: --no-bias-swiglu-fusion / --no-rope-fusion (Megatron-LM's) and
 --no-linear-cross-entropy-fusion pick the fused kernels,
---flex-attention is opt-in, --expert-fp8-weight-cache, --expert-fp8-gemm-kernel and --offload-frozen-experts need FP8
-experts."""
+--flex-attention is opt-in, --expert-fp8-weight-cache, --expert-fp8-gemm-kernel, --expert-fp8-quantizer and
+--offload-frozen-experts need FP8 experts."""
 
 import pytest
 import torch
@@ -71,6 +71,25 @@ def test_the_fp8_gemm_kernel_flag_needs_fp8_experts_and_triton(monkeypatch):
     with pytest.raises(UserError, match="--expert-fp8-gemm-kernel triton needs Triton"):
         validate(build_parser().parse_args(fp8_triton), world_size=1)
     assert build_parser().parse_args(REQUIRED).expert_fp8_gemm_kernel == "torch"
+
+
+def test_the_fp8_quantizer_flag_needs_fp8_experts_and_triton(monkeypatch):
+    from megatron_esft.errors import UserError
+    from megatron_esft.experts import triton_support
+    from megatron_esft.training.arguments import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the FP8 checks need a Hopper GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert build_parser().parse_args(REQUIRED).expert_fp8_quantizer == "inductor"
+    with pytest.raises(UserError, match="--expert-fp8-quantizer needs --expert-gemm fp8"):
+        validate(build_parser().parse_args(REQUIRED + ["--expert-fp8-quantizer", "triton"]), world_size=1)
+    fp8_triton = REQUIRED + ["--expert-gemm", "fp8", "--expert-fp8-quantizer", "triton"]
+    assert validate(build_parser().parse_args(fp8_triton), world_size=1).expert_fp8_quantizer == "triton"
+    monkeypatch.setattr(triton_support, "triton_importable", lambda: False)
+    with pytest.raises(UserError, match="--expert-fp8-quantizer triton needs Triton"):
+        validate(build_parser().parse_args(fp8_triton), world_size=1)
+    with pytest.raises(UserError, match="--expert-fp8-quantizer: invalid choice: 'cuda'"):
+        build_parser().parse_args(REQUIRED + ["--expert-fp8-quantizer", "cuda"])
 
 
 def test_device_token_counts_need_grouped_experts_that_permute_at_ep1(monkeypatch):

@@ -1,8 +1,9 @@
 """GPU-only (skipped on CPU): the trainer with bf16 parameters and FP8 experts, the frozen experts' weights kept in host
 memory (--offload-frozen-experts) or on the device, the FP8 GEMMs in torch's kernel or the Triton one
-(--expert-fp8-gemm-kernel triton). Frozen experts stay bit-identical to the base checkpoint; losses and
-trained experts agree with the resident run (the trainer offloads after loading the base checkpoint, as after a resume).
-Two GPU runs are compared with a tolerance, not bit for bit: the SDPA attention backward may accumulate with atomics."""
+(--expert-fp8-gemm-kernel triton, with the hand-written quantizers: --expert-fp8-quantizer triton). Frozen experts
+stay bit-identical to the base checkpoint; losses and trained experts agree with the resident run (the trainer
+offloads after loading the base checkpoint, as after a resume). Two GPU runs are compared with a tolerance, not bit
+for bit: the SDPA attention backward may accumulate with atomics."""
 
 import re
 
@@ -38,7 +39,7 @@ def test_offloaded_frozen_experts_and_the_triton_gemms_train_like_resident_ones(
     env = training_env
     runs = {}
     for name, extra in (("resident", []), ("offloaded", ["--offload-frozen-experts"]),
-                        ("triton", ["--expert-fp8-gemm-kernel", "triton"])):
+                        ("triton", ["--expert-fp8-gemm-kernel", "triton", "--expert-fp8-quantizer", "triton"])):
         save = str(tmp_path / name)
         proc = pretrain(env["base"], save, "--expert-config", env["ecfg"], *FP8, *extra, data=env["data"])
         runs[name] = (save, proc, load_mcore(save, 4))
@@ -47,7 +48,8 @@ def test_offloaded_frozen_experts_and_the_triton_gemms_train_like_resident_ones(
     assert len(re.findall(r"^\[Rank 0\] \(after 1 iterations\) memory \(MB\) \| allocated: ", out, re.M)) == 1
     _assert_close_runs(losses(runs["offloaded"][1]), losses(runs["resident"][1]), runs["offloaded"][2],
                        runs["resident"][2])
-    # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) against torch's: the same e4m3 math, other rounding ties
+    # the Triton FP8 GEMMs and quantizers (experts/fp8_triton_gemm.py, fp8_triton_quantize.py) against torch's
+    # kernels and the compiled quantizers: the same e4m3 math, other rounding ties
     _assert_close_runs(losses(runs["triton"][1]), losses(runs["resident"][1]), runs["triton"][2], runs["resident"][2])
     # the autotuned candidates, named once after the first logged iteration (to pin with --expert-fp8-gemm-config)
     out = runs["triton"][1].stdout
