@@ -1,8 +1,9 @@
 """The Triton FP8 grouped GEMM (megatron_esft/experts/fp8_triton_gemm.py) compiled ahead of time for Hopper and
 Blackwell, on any machine (no GPU): per autotuning candidate and V2-Lite contraction size, the resources of the
 machine code that ptxas reports, and whether the code has what the kernel's speed rests on (FP8 tensor-core MMA,
-tile loads pipelined through shared memory, no spills). Static facts, not timings: bench/gpu_esft.py's `gemm` job
-times the kernel on a GPU.
+tile loads pipelined through shared memory, no spills). Then the same for the hand-written FP8 quantizers
+(experts/fp8_triton_quantize.py) at V2-Lite's row lengths: registers, spills, 16-byte loads, the hardware's e4m3
+conversions. Static facts, not timings: bench/gpu_esft.py's `gemm` job times the kernels on a GPU.
 
     .venv/bin/python bench/bench_triton_compile.py [--capability 90 100] [--k 2048 1408 2816]
 """
@@ -43,6 +44,27 @@ def main(argv=None):
                 print(f"| sm_{capability}a | {loads} | {tile} | {config.num_warps} | {config.num_stages} | {k} | "
                       f"{c.registers} | {c.spill_bytes} | {c.shared_bytes / 1024:.0f} ({MAX_SHARED_BYTES[capability] // 1024}) | "
                       f"{c.fp8_mma} | {c.pipelined_loads} | {c.tma_loads} |", flush=True)
+    print_quantizer_table(args.capability)
+
+
+def print_quantizer_table(capabilities):
+    from megatron_esft.experts import fp8_triton_quantize
+
+    # (kernel, its row length at V2-Lite's shapes: hidden 2,048, expert FFN 1,408 per SwiGLU half; constexprs)
+    kernels = [("quantize_rows_kernel", 2048, {}), ("swiglu_quantize_kernel", 1408, {}),
+               ("swiglu_backward_quantize_kernel", 1408, {"KEEP": False}),
+               ("swiglu_backward_quantize_kernel", 1408, {"KEEP": True})]
+    print("\n| target | FP8 quantizer kernel | row length | BLOCK x ROWS | warps | registers | spill bytes | "
+          "16-byte load instructions | e4m3 conversions (2 values each) | IEEE reciprocals |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for capability in capabilities:
+        for name, columns, constexprs in kernels:
+            c = fp8_triton_quantize.compile_ahead_of_time(name, columns, capability, **constexprs)
+            block, rows, warps = fp8_triton_quantize.launch_settings(columns)
+            label = name.removesuffix("_kernel") + (" (keep bf16 dh)" if constexprs.get("KEEP") else "")
+            print(f"| sm_{capability}a | {label} | {columns} | {block} x {rows} | {warps} | {c.registers} | "
+                  f"{c.spill_bytes} | {c.count('ld.global.v4.b32')} | {c.count('cvt.rn.satfinite.e4m3x2.f32')} | "
+                  f"{c.count('div.rn.f32')} |", flush=True)
 
 
 if __name__ == "__main__":
