@@ -57,8 +57,9 @@ python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'mega
 #    profiled, bf16 against FP8 (torch's GEMMs) kernel by kind (which kernels eat FP8's gain?); (5) the same memory
 #    table of an eager iteration; (6) the graph at micro-batch 2 under the cap; (7) FP8 with the graph and the frozen
 #    experts' bf16 weights in host memory under the cap (what FP8 needs to fit on 80 GB); (8) FP8 with the Triton
-#    GEMMs in the 27-layer graph (against 2026-12-01's 146.3 ms with torch's); (9) this machine's eager baseline
-#    (machines differ by ~20 %: the host sets the eager step's pace); then the GEMMs at 32,768 tokens, the graph's
+#    GEMMs and quantizers in the 27-layer graph (against 2026-12-01's 146.3 ms with torch's; the two experts jobs
+#    of (2) tell the two apart); (9) this machine's eager baseline (machines differ by ~20 %: the host sets the
+#    eager step's pace); then the GEMMs at 32,768 tokens, the graph's
 #    step profiled, FP8 at 4 layers in the graph profiled, the experts table at 32,768 tokens (4x the rows per
 #    expert: does FP8's gain grow with the group size?), the check (correctness of this session's kernels, the Triton
 #    GEMMs included), 4 layers without the fused kernels and with Megatron's permutation (their effect), micro-batch
@@ -71,7 +72,7 @@ PLAN=${PLAN:-'[{"job":"gemm","candidates":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","memory_trace":true},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","mbs":2,"memory_cap_gib":78.5},
  {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","offload":true,"token_counts":"device","cuda_graphs":"full_iteration","memory_cap_gib":78.5},
- {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","token_counts":"device","cuda_graphs":"full_iteration","fp8_kernel":"triton"},
+ {"job":"model","mode":"esft","backend":"fp8","layers":27,"cache":"frozen","token_counts":"device","cuda_graphs":"full_iteration","fp8_kernel":"triton","fp8_quantizer":"triton"},
  {"job":"model","mode":"esft","backend":"bf16","layers":27},
  {"job":"gemm","tokens":32768},
  {"job":"model","mode":"esft","backend":"bf16","layers":27,"token_counts":"device","cuda_graphs":"full_iteration","profile":true},
