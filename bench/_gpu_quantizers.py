@@ -2,8 +2,8 @@
 layer's shapes, with the bandwidth they reach against a plain copy of the same bytes on the same device. Why: on the
 H200 the FP8 experts layer carried ~1.2 ms more non-GEMM work than the bf16 one at 49,152 rows (docs/gpu.md), while
 by bytes its quantizers move no more than bf16's SwiGLU kernels; a quantizer far below the copy's bandwidth is where
-that time goes. Each activation quantizer is timed twice: torch.compile's kernel (the default) and the hand-written
-Triton one (experts/fp8_triton_quantize.py: each row read once)."""
+that time goes. Each quantizer is timed twice: torch.compile's kernel (the default) and the hand-written Triton one
+(experts/fp8_triton_quantize.py: each row read once; the weights' transposed layout read along K, stored along N)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,12 @@ def time_quantizers(args, raw, rows):
          h.numel() + 8 * rows),
         (f"{TRAINABLE} trainable experts' weights, forward layout", lambda: (cache.quantize(fc1, "nk", dev),
                                                                              cache.quantize(fc2, "nk", dev)),
-         None, 2 * weights, weights),
+         lambda: _both(hand_written.quantize_lastdim(fc1), hand_written.quantize_lastdim(fc2)),
+         2 * weights, weights),
         (f"{TRAINABLE} trainable experts' weights, input-gradient layout (transposed)",
-         lambda: (cache.quantize(fc1, "kn", dev), cache.quantize(fc2, "kn", dev)), None, 2 * weights, weights),
+         lambda: (cache.quantize(fc1, "kn", dev), cache.quantize(fc2, "kn", dev)),
+         lambda: _both(hand_written.quantize_columns(fc1), hand_written.quantize_columns(fc2)),
+         2 * weights, weights),
     ]
     results = []
     for name, compiled, triton, read, written in kernels:
@@ -63,6 +66,11 @@ def time_quantizers(args, raw, rows):
                             "ms": ms, "bytes": read + written, "gbps": (read + written) / ms / 1e6,
                             "copy_gbps": 2 * read / copy_ms / 1e6})
     return results
+
+
+def _both(a, b):
+    """Two hand-written quantizations, or None if either did not run."""
+    return None if a is None or b is None else (a, b)
 
 
 def print_quantizer_tables(results):

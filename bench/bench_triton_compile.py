@@ -53,16 +53,22 @@ def print_quantizer_table(capabilities):
     # (kernel, its row length at V2-Lite's shapes: hidden 2,048, expert FFN 1,408 per SwiGLU half; constexprs)
     kernels = [("quantize_rows_kernel", 2048, {}), ("swiglu_quantize_kernel", 1408, {}),
                ("swiglu_backward_quantize_kernel", 1408, {"KEEP": False}),
-               ("swiglu_backward_quantize_kernel", 1408, {"KEEP": True})]
-    print("\n| target | FP8 quantizer kernel | row length | BLOCK x ROWS | warps | registers | spill bytes | "
+               ("swiglu_backward_quantize_kernel", 1408, {"KEEP": True}),
+               ("quantize_columns_kernel", 2816, {}), ("quantize_columns_kernel", 2048, {})]
+    print("\n| target | FP8 quantizer kernel | reduced length | values per program | warps | registers | spill bytes | "
           "16-byte load instructions | e4m3 conversions (2 values each) | IEEE reciprocals |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for capability in capabilities:
-        for name, columns, constexprs in kernels:
-            c = fp8_triton_quantize.compile_ahead_of_time(name, columns, capability, **constexprs)
-            block, rows, warps = fp8_triton_quantize.launch_settings(columns)
+        for name, length, constexprs in kernels:
+            c = fp8_triton_quantize.compile_ahead_of_time(name, length, capability, **constexprs)
+            if name == "quantize_columns_kernel":
+                rows, columns, warps = fp8_triton_quantize.COLUMN_TILE
+                tile = f"{rows} x {columns} tiles (N x K), looped over N twice"
+            else:
+                block, rows, warps = fp8_triton_quantize.launch_settings(length)
+                tile = f"{rows} row(s) of {block}"
             label = name.removesuffix("_kernel") + (" (keep bf16 dh)" if constexprs.get("KEEP") else "")
-            print(f"| sm_{capability}a | {label} | {columns} | {block} x {rows} | {warps} | {c.registers} | "
+            print(f"| sm_{capability}a | {label} | {length} | {tile} | {warps} | {c.registers} | "
                   f"{c.spill_bytes} | {c.count('ld.global.v4.b32')} | {c.count('cvt.rn.satfinite.e4m3x2.f32')} | "
                   f"{c.count('div.rn.f32')} |", flush=True)
 

@@ -62,9 +62,9 @@ _quantizer = "inductor"
 
 
 def set_fp8_quantizer(quantizer: str) -> None:
-    """Which kernels quantize the FP8 experts' activations: "inductor" (`CompiledOnCuda`: torch.compile's, the
-    default) or "triton" (the hand-written kernels of experts/fp8_triton_quantize.py, where they apply). Process-wide,
-    like `set_fp8_gemm_kernel`: set it before the first step."""
+    """Which kernels quantize the FP8 experts' activations and weights: "inductor" (`CompiledOnCuda`: torch.compile's,
+    the default) or "triton" (the hand-written kernels of experts/fp8_triton_quantize.py, where they apply).
+    Process-wide, like `set_fp8_gemm_kernel`: set it before the first step."""
     global _quantizer
     _quantizer = _one_of("fp8 quantizer", quantizer, FP8_QUANTIZERS)
 
@@ -122,7 +122,7 @@ class CompiledOnCuda:
             return self.reference(t, *args)
 
 
-quantize_lastdim = CompiledOnCuda(quantize_lastdim_reference, fp8_triton_quantize.quantize_rows)
+quantize_lastdim = CompiledOnCuda(quantize_lastdim_reference, fp8_triton_quantize.quantize_lastdim)
 
 
 def scaled_grouped_mm_supported(device: torch.device) -> bool:

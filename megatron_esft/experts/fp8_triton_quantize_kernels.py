@@ -91,6 +91,32 @@ def quantize_rows_kernel(t, q, scale, rows, columns, stride_t, stride_q, BLOCK: 
 
 
 @triton.jit
+def quantize_columns_kernel(w, q, scale, columns, stride_wg, stride_wn, stride_qg, stride_qk, stride_sg,
+                            N: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """q[g, k, :] = e4m3 of w[g, :, k] with one scale per column (g, k), the amax over its N values: the weights'
+    transposed (input-gradient) layout, [G, N, K] (K contiguous) -> [G, K, N] (N contiguous). Two passes over a
+    column block (amax, then quantize), the block's N x BK values too many for registers; tiles are read along K
+    and stored along N (Triton moves each tile through shared memory between the two layouts)."""
+    g = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    k_ok = k < columns
+    n = tl.arange(0, BN)
+    tiles = w + g * stride_wg + k[None, :]
+    amax = tl.zeros([BK], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        mask = (n0 + n < N)[:, None] & k_ok[None, :]
+        tile = tl.load(tiles + (n0 + n).to(tl.int64)[:, None] * stride_wn, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(tile), axis=0))
+    encoding = _encoding(amax)
+    out = q + g * stride_qg + k.to(tl.int64)[None, :] * stride_qk
+    for n0 in range(0, N, BN):
+        mask = (n0 + n < N)[:, None] & k_ok[None, :]
+        tile = tl.load(tiles + (n0 + n).to(tl.int64)[:, None] * stride_wn, mask=mask, other=0.0).to(tl.float32)
+        _store_e4m3(out + (n0 + n)[:, None], tile * encoding[None, :], mask, INTERPRETED)
+    tl.store(scale + g * stride_sg + k, _reciprocal(encoding), mask=k_ok)
+
+
+@triton.jit
 def swiglu_quantize_kernel(h, probs, q, scale, rows, ffn, stride_h, stride_p, stride_q, BLOCK: tl.constexpr,
                            ROWS: tl.constexpr, INTERPRETED: tl.constexpr):
     r, row_ok, c, mask = _rows(rows, ffn, BLOCK, ROWS)

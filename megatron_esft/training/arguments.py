@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'TMA 64x128x128 w4 s4' (the first iteration's log names the autotuned ones), instead of "
                         "autotuning in every process: bit-identical runs and resumes")
     g.add_argument("--expert-fp8-quantizer", choices=["inductor", "triton"], default="inductor",
-                   help="with --expert-gemm fp8: the kernels that quantize the experts' activations, torch.compile's "
-                        "(inductor) or megatron_esft's hand-written Triton ones (triton: each row read once; not yet "
-                        "measured on a GPU, docs/gpu.md)")
+                   help="with --expert-gemm fp8: the kernels that quantize the experts' activations and weights, "
+                        "torch.compile's (inductor) or megatron_esft's hand-written Triton ones (triton: each row read "
+                        "once; not yet measured on a GPU, docs/gpu.md)")
     g.add_argument("--offload-frozen-experts", action="store_true",
                    help="with --expert-gemm fp8 and a weight cache: keep the frozen experts' bf16 weights in pinned "
                         "host memory (read only by checkpoints) and only their FP8 copies on the GPU, so the cache "

@@ -30,7 +30,7 @@ def test_the_table_has_a_spill_free_fp8_row_per_candidate():
     # the hand-written FP8 quantizers: whole rows in registers without spills, 16-byte loads, hardware e4m3
     quantizers = [line.split(" | ") for line in proc.stdout.splitlines()
                   if line.startswith("| sm_90a |") and "quantize" in line]
-    assert len(quantizers) == 4, proc.stdout
+    assert len(quantizers) == 6, proc.stdout
     for cells in quantizers:
         spills, loads, conversions, reciprocals = (int(cells[i].rstrip(" |")) for i in (6, 7, 8, 9))
-        assert spills == 0 and loads > 0 and conversions > 0 and reciprocals == 2, cells
+        assert spills == 0 and loads > 0 and conversions > 0 and reciprocals >= 2, cells

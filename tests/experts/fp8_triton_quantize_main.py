@@ -38,6 +38,26 @@ def every_bf16_value():
     return torch.cat([values.new_full((values.shape[0], 1), 448.0), values], dim=1)
 
 
+def weights_case(w):
+    """The weights' two layouts through `quantize_lastdim`, as FP8WeightCache quantizes them (the stack itself, and
+    its transposed view), and through the cache with the hand-written quantizers selected."""
+    out = {}
+    for layout, t in (("nk", w), ("kn", w.transpose(-2, -1))):
+        q, s = tq.quantize_lastdim(t)
+        want_q, want_s = quantize_lastdim_reference(t)
+        out[layout] = {"q_equal": bits_equal(q, want_q), "scale_equal": torch.equal(s, want_s),
+                       "shape": list(q.shape)}
+    fp8.set_fp8_quantizer("triton")
+    before = tq.launches
+    cache = fp8.FP8WeightCache("none")
+    got = [cache.quantize(w, layout, w.device) for layout in ("nk", "kn")]
+    fp8.set_fp8_quantizer("inductor")
+    want = [cache.quantize(w, layout, w.device) for layout in ("nk", "kn")]
+    out["cache"] = {"launches": tq.launches - before, "equal": all(
+        bits_equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))}
+    return out
+
+
 def swiglu_forward_case(m, ffn, seed):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(m, 2 * ffn, generator=g) * 3).bfloat16()
@@ -91,6 +111,21 @@ def mlp_through_the_kernels():
     return {"launches": launches, "reference_launches": no_launches, "max_rel": max(rel)}
 
 
+def weights():
+    g = torch.Generator().manual_seed(9)
+    stack = (torch.randn(4, 150, 130, generator=g) * 0.05).bfloat16()
+    stack[2] = 0
+    return stack[1:]
+
+
+def columns_case(rows):
+    """quantize_columns over a weight whose columns are `rows` (so every bf16 value goes through its conversion)."""
+    w = rows.t().contiguous().unsqueeze(0)  # [1, N = 2048, K = rows]: column k is row k
+    q, s = tq.quantize_columns(w)
+    want_q, want_s = quantize_lastdim_reference(rows)
+    return {"q_equal": bits_equal(q[0], want_q), "scale_equal": torch.equal(s[0], want_s)}
+
+
 def main():
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(6, 2100, generator=g).bfloat16()
@@ -104,6 +139,10 @@ def main():
         "rows of a wider tensor (row stride 2,100)": rows_case(wide[:, :1000]),
         "a zero row, a tiny row": [rows_case(with_zero_row), rows_case(tiny_row)],
         "every bf16 value <= 448": rows_case(every_bf16_value()),
+        # N = 150, K = 130: two row tiles of 128 and five column blocks of 32, both partial; one expert of zeros;
+        # the experts 1..3 of a stack of 4 (an offset start)
+        "weights": weights_case(weights()),
+        "every bf16 value <= 448, as columns": columns_case(every_bf16_value()),
         "SwiGLU forward": [swiglu_forward_case(29, 48, 1), swiglu_forward_case(5, 1408, 2)],
         "SwiGLU backward": [swiglu_backward_case(29, 48, 3, False), swiglu_backward_case(5, 1408, 4, True),
                             swiglu_backward_case(17, 40, 5, True)],
@@ -115,6 +154,9 @@ def main():
         "float32 rows": tq.quantize_rows(x.float()) is not None,
         "column-strided rows": tq.quantize_rows(x.t()) is not None,
         "3-D rows": tq.quantize_rows(x.view(2, 4, 64)) is not None,
+        "3-D rows with a gap (neither contiguous nor transposed)": tq.quantize_lastdim(
+            torch.zeros(2, 8, 64).bfloat16()[:, ::2]) is not None,
+        "float32 weights": tq.quantize_columns(torch.zeros(2, 16, 32)) is not None,
         "rows wider than MAX_BLOCK": tq.quantize_rows(torch.zeros(2, tq.MAX_BLOCK + 16).bfloat16()) is not None,
         "bf16 probabilities": tq.swiglu_quantize(h, probs.bfloat16()) is not None,
         "probabilities of other rows": tq.swiglu_quantize(h, probs[:4]) is not None,

@@ -31,15 +31,22 @@ def test_kernels_match_their_references_under_the_interpreter():
         assert result[name]["q_equal"] and result[name]["scale_equal"], (name, result[name])
     assert all(case["q_equal"] and case["scale_equal"] for case in result["a zero row, a tiny row"]), result
     assert result["every bf16 value <= 448"]["shape"] == [17, 2048]
+    # the weights' two layouts (rows of the stack; its columns: the transposed, input-gradient layout), bit for bit,
+    # also through FP8WeightCache with the hand-written quantizers selected (two launches: one per layout)
+    weights = result["weights"]
+    for layout, shape in (("nk", [3, 150, 130]), ("kn", [3, 130, 150])):
+        assert weights[layout] == {"q_equal": True, "scale_equal": True, "shape": shape}, weights
+    assert weights["cache"] == {"launches": 2, "equal": True}, weights
+    assert result["every bf16 value <= 448, as columns"] == {"q_equal": True, "scale_equal": True}
     for case in result["SwiGLU forward"] + result["SwiGLU backward"]:
         assert case["mismatch"] < E4M3_TIES and case["scale_close"], case
     backward = result["SwiGLU backward"]
     assert [case["outputs"] for case in backward] == [3, 4, 4] and backward[1]["shape"] == [5, 2816]
     assert all(case["d_probs_close"] for case in backward), backward
     assert all(case["dh_close"] and case["dh_bf16_equal_share"] > 0.99 for case in backward[1:]), backward
-    # x, the activation, the output gradient and dh of fp8_swiglu_mlp went through the kernels, with the results of
-    # the reference quantizers (d_probs sums in another order)
-    assert result["fused MLP"]["launches"] == 4 and result["fused MLP"]["reference_launches"] == 0, result
+    # x, the activation, the output gradient and dh of fp8_swiglu_mlp went through the kernels, and the weights in
+    # both layouts (no cache), with the results of the reference quantizers (d_probs sums in another order)
+    assert result["fused MLP"]["launches"] == 8 and result["fused MLP"]["reference_launches"] == 0, result
     assert result["fused MLP"]["max_rel"] < 1e-5, result["fused MLP"]
     assert not any(result["not used"].values()), result["not used"]
     assert result["no rows"] == [[0, 64], [0]]
@@ -48,11 +55,13 @@ def test_kernels_match_their_references_under_the_interpreter():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("capability", [90, 100])
 def test_kernels_compile_for_the_gpu_without_spills(capability):
-    """At DeepSeek-V2-Lite's widths (hidden 2,048, expert FFN 1,408) and V3's hidden 7,168: whole rows in registers
-    without spills, 16-byte vector loads, the e4m3 conversion in hardware (`cvt.rn.satfinite.e4m3x2.f32`, round to
-    nearest even as torch's), and the two reciprocals IEEE-rounded (`div.rn.f32`), as torch's eager ops."""
+    """At DeepSeek-V2-Lite's widths (hidden 2,048, expert FFN 1,408; the weights' N of 2,816 and 2,048 for the
+    column kernel) and V3's hidden 7,168: no spills, 16-byte vector loads, the e4m3 conversion in hardware
+    (`cvt.rn.satfinite.e4m3x2.f32`, round to nearest even as torch's), and the reciprocals IEEE-rounded
+    (`div.rn.f32`), as torch's eager ops."""
     pytest.importorskip("triton.backends.nvidia")
     for kernel, columns, constexprs in (("quantize_rows_kernel", 2048, {}), ("quantize_rows_kernel", 7168, {}),
+                                        ("quantize_columns_kernel", 2816, {}), ("quantize_columns_kernel", 2048, {}),
                                         ("swiglu_quantize_kernel", 1408, {}),
                                         ("swiglu_backward_quantize_kernel", 1408, {"KEEP": False}),
                                         ("swiglu_backward_quantize_kernel", 1408, {"KEEP": True})):
@@ -61,7 +70,9 @@ def test_kernels_compile_for_the_gpu_without_spills(capability):
         assert compiled.spill_bytes == 0 and 0 < compiled.registers <= 128, (label, compiled.registers)
         assert compiled.count("ld.global.v4.b32") > 0, label
         assert compiled.count("cvt.rn.satfinite.e4m3x2.f32") > 0, label
-        assert compiled.count("div.rn.f32") == 2, label
+        # two per row; the column kernel's threads hold several columns' scales
+        assert compiled.count("div.rn.f32") == 2 or kernel == "quantize_columns_kernel", label
+        assert compiled.count("div.rn.f32") > 0, label
         assert compiled.count("st.global.v4.b16") + compiled.count("st.global.v4.b32") > 0 or not constexprs.get(
             "KEEP"), label
 
@@ -113,8 +124,8 @@ def test_a_kernel_that_fails_falls_back_to_the_compiled_quantizers_once(monkeypa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels: CUDA only")
 def test_cuda_kernels_against_the_eager_references():
-    """V2-Lite's widths on the GPU: the token quantizer bit for bit (no exp), the SwiGLU kernels within e4m3 ties
-    (the GPU's exp and division are approximate) and the bf16 dh within one bf16 step."""
+    """V2-Lite's widths on the GPU: the token and weight quantizers bit for bit (no exp), the SwiGLU kernels within
+    e4m3 ties (the GPU's exp and division are approximate) and the bf16 dh within one bf16 step."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4099, 2048, generator=g, device="cuda").bfloat16()
     q, s = fp8_triton_quantize.quantize_rows(x)
@@ -133,3 +144,9 @@ def test_cuda_kernels_against_the_eager_references():
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)
     torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[3].float(), want[3].float(), rtol=2 ** -7, atol=1e-5)
+    # six trained experts' fc1 weights in both layouts, bit for bit (no exp)
+    w = (torch.randn(6, 2816, 2048, generator=g, device="cuda") * 0.02).bfloat16()
+    for t in (w, w.transpose(-2, -1)):
+        q, s = fp8_triton_quantize.quantize_lastdim(t)
+        want_q, want_s = quantize_lastdim_reference(t)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
