@@ -114,7 +114,7 @@ def run_check(args, raw):
                 ("bf16", True, True, True), ("fp8", False, True, True)]
     if fp8_triton_gemm.usable(x):  # the Triton FP8 GEMMs (experts/fp8_triton_gemm.py) on the default path
         variants.append(("fp8", False, True, True, "triton"))
-    if fp8_triton_quantize.quantize_rows(x[:1]) is not None:  # the hand-written quantizers (fp8_triton_quantize.py)
+    if fp8_triton_quantize.usable(x):  # the hand-written quantizers (fp8_triton_quantize.py)
         variants.append(("fp8", False, True, True, "torch", "triton"))
     for backend, fused, from_tokens, device_counts, *kernels in variants:
         # bf16 + fused: Megatron's compiled weighted SwiGLU; fp8 always fuses its quantizations into the SwiGLU

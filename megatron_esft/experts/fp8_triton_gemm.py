@@ -223,12 +223,7 @@ def compile_ahead_of_time(config, k: int, groups: int = 64, capability: int = 90
     from megatron_esft.experts import fp8_triton_gemm_kernels
     from megatron_esft.experts.triton_aot import compile_for
 
-    interpret = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        fn = fp8_triton_gemm_kernels.load().scaled_grouped_mm_kernel  # the compiled kind (never the interpreter's)
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
+    fn = fp8_triton_gemm_kernels.load(compiled=True).scaled_grouped_mm_kernel
     kw = config.kwargs
     types = {"a": "*fp8e4nv", "b": "*fp8e4nv", "out": "*bf16", "scale_a": "*fp32", "scale_b": "*fp32", "offs": "*i32",
              "a_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>",

@@ -90,6 +90,6 @@ def scaled_grouped_mm_kernel(a, b, a_desc, b_desc, out, scale_a, scale_b, offs, 
               scale_b, N, stride_am, stride_bg, stride_bn, stride_sg, stride_om, K, BM, BN, BK, TMA)
 
 
-def load():
-    """This module executed afresh: its kernels defined under the current TRITON_INTERPRET."""
-    return fresh_module(__name__, __file__)
+def load(compiled: bool = False):
+    """This module executed afresh: its kernels defined under the current TRITON_INTERPRET, or compiled ones."""
+    return fresh_module(__name__, __file__, compiled)

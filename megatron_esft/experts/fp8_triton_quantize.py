@@ -69,7 +69,8 @@ def launch_settings(columns: int) -> tuple[int, int, int] | None:
     return block, rows, 4 if values <= 1024 else 8 if values <= 4096 else 16
 
 
-def _usable(*tensors: torch.Tensor) -> bool:
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the row kernels can take these tensors (2-D, unit column stride, one device where Triton runs)."""
     return not _failed and triton_can_run(tensors[0]) and all(
         t.dim() == 2 and t.stride(1) == 1 and t.device == tensors[0].device for t in tensors)
 
@@ -107,7 +108,7 @@ def _as_bits(t: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(t: torch.Tensor):
     """(e4m3 [M, K], decode scales [M] fp32) of bf16 t [M, K] (unit column stride), or None (see the docstring)."""
-    if not (_usable(t) and t.dtype == torch.bfloat16 and launch_settings(t.shape[1])):
+    if not (usable(t) and t.dtype == torch.bfloat16 and launch_settings(t.shape[1])):
         return None
     m, k = t.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=t.device)
@@ -154,7 +155,7 @@ def quantize_lastdim(t: torch.Tensor):
 
 
 def _swiglu_inputs_ok(h: torch.Tensor, probs: torch.Tensor, *more: torch.Tensor) -> bool:
-    return (_usable(h, probs, *more) and h.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    return (usable(h, probs, *more) and h.dtype == torch.bfloat16 and probs.dtype == torch.float32
             and probs.shape == (h.shape[0], 1) and h.shape[1] % 2 == 0
             and all(t.dtype == torch.bfloat16 and t.shape == (h.shape[0], h.shape[1] // 2) for t in more)
             and launch_settings(h.shape[1] // 2) is not None)
@@ -202,12 +203,7 @@ def compile_ahead_of_time(kernel_name: str, length: int, capability: int = 90, *
     from megatron_esft.experts import fp8_triton_quantize_kernels
     from megatron_esft.experts.triton_aot import compile_for
 
-    interpret = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        fn = getattr(fp8_triton_quantize_kernels.load(), kernel_name)  # the compiled kind, never the interpreter's
-    finally:
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
+    fn = getattr(fp8_triton_quantize_kernels.load(compiled=True), kernel_name)
     if kernel_name == "quantize_columns_kernel":
         rows, columns, warps = COLUMN_TILE
         constexprs = dict(N=length, BN=rows, BK=columns, INTERPRETED=False, **constexprs)

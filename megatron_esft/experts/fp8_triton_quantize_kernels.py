@@ -157,6 +157,6 @@ def swiglu_backward_quantize_kernel(da, h, probs, q, scale, d_probs, dh, rows, f
         _store_bf16(dh_ptrs + ffn, d_up, mask, INTERPRETED)
 
 
-def load():
-    """This module executed afresh: its kernels defined under the current TRITON_INTERPRET."""
-    return fresh_module(__name__, __file__)
+def load(compiled: bool = False):
+    """This module executed afresh: its kernels defined under the current TRITON_INTERPRET, or compiled ones."""
+    return fresh_module(__name__, __file__, compiled)
