@@ -18,7 +18,9 @@ def main():
     parser.add_argument("--moe-ffn", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--q-lora-rank", type=int, default=None, help="MLA query LoRA rank (default: none for v2, 24 for v3)")
+    parser.add_argument(
+        "--q-lora-rank", type=int, default=None, help="MLA query LoRA rank (default: none for v2, 24 for v3)"
+    )
     parser.add_argument("--topk-method", choices=["greedy", "group_limited_greedy"], default="greedy")
     parser.add_argument("--n-group", type=int, default=None)
     parser.add_argument("--topk-group", type=int, default=None)

@@ -53,7 +53,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--non-expert-modules", action="store_true",
                         help='set "non_expert_modules": true (train attention, norms, router, embeddings)')
     parser.add_argument("--model", help="HF config.json (or its directory) of the model being configured")
-    parser.add_argument("--topk", type=int, help="routed experts per token in --official-logs (default: --model's, or 6)")
+    parser.add_argument(
+        "--topk", type=int, help="routed experts per token in --official-logs (default: --model's, or 6)"
+    )
     parser.add_argument("--num-experts", type=int, help="routed experts per layer in --official-logs "
                         "(default: --model's, or the largest id seen + 1)")
     parser.add_argument("--round-decimals", type=decimals, help="round scores before selecting, as the official "

@@ -102,7 +102,8 @@ def resolve(key: str, global_offset: tuple[int, ...], prepend: int, cfg: DeepSee
         half, row = divmod(row, cfg.moe_intermediate_size)
         return Piece(f"{prefix}mlp.experts.{expert}.{('gate', 'up')[half]}_proj.weight", row, expert)
     if rest in _GATED:
-        width = cfg.intermediate_size if rest == "mlp.linear_fc1.weight" else cfg.moe_intermediate_size * cfg.n_shared_experts
+        shared_width = cfg.moe_intermediate_size * cfg.n_shared_experts
+        width = cfg.intermediate_size if rest == "mlp.linear_fc1.weight" else shared_width
         half, row = divmod(global_offset[0], width)
         return Piece(f"{prefix}{_GATED[rest]}{('gate', 'up')[half]}_proj.weight", row)
     if rest in _LAYER:

@@ -118,8 +118,10 @@ def apply(patched: list[str]) -> None:
 
     # random.py:41/72: same, for the tracker's private getters/setters (the CPU build silently defers
     # torch.cuda.set_rng_state, which would break fork() semantics, so both directions are redirected).
-    _set(patched, mrandom, "_get_cuda_rng_state", lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
-    _set(patched, mrandom, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
+    _set(patched, mrandom, "_get_cuda_rng_state",
+         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    _set(patched, mrandom, "_set_cuda_rng_state",
+         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
 
     # moe/router.py:90, moe/experts.py:184: `.to(device=torch.cuda.current_device())`.
     _set(patched, torch.cuda, "current_device", lambda: "cpu")

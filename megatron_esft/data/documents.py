@@ -145,7 +145,8 @@ class IndexedDocuments(Documents):
         if not np.array_equal(self.lengths, self._masks.sequence_lengths):
             raise UserError(f"{prefix}: {TOKENS_SUFFIX} and {MASK_SUFFIX} files do not match")
         if len(self.lengths) != self.meta["num_documents"]:
-            raise UserError(f"{prefix}: {len(self.lengths)} documents but the meta file says {self.meta['num_documents']}")
+            expected = self.meta["num_documents"]
+            raise UserError(f"{prefix}: {len(self.lengths)} documents but the meta file says {expected}")
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self._tokens[int(i)], self._masks[int(i)]

@@ -74,7 +74,9 @@ class HFTokenizer(TokenizerAdapter):
             verbosity = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()  # "tokenizer_class is LlamaTokenizerFast ..." is noise here
             try:
-                self.hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+                self.hf = transformers.AutoTokenizer.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=False
+                )
             finally:
                 transformers.logging.set_verbosity(verbosity)
         except Exception as exc:  # transformers raises many types (OSError, ValueError, JSONDecodeError, ...)

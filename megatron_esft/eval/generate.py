@@ -186,7 +186,9 @@ def generate(
     if was_training:
         model.eval()
     try:
-        ids = generate_ids(model, prompt_ids, max_new_tokens, batch_size, view.eos_id, view.pad_id, padding_side, device)
+        ids = generate_ids(
+            model, prompt_ids, max_new_tokens, batch_size, view.eos_id, view.pad_id, padding_side, device
+        )
     finally:
         if was_training:
             model.train()

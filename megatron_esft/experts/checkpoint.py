@@ -111,7 +111,8 @@ def group_factory(
         rows = [torch.cat(x, dim=0) if isinstance(x, list) else x for x in loaded]
         return torch.stack(rows, dim=0)
 
-    return ShardedTensorFactory(model_key, param, build, merge, (template[0] if isinstance(template, list) else template).replica_id)
+    replica_id = (template[0] if isinstance(template, list) else template).replica_id
+    return ShardedTensorFactory(model_key, param, build, merge, replica_id)
 
 
 def extra_state_entries(module, proj: str, local_idx: int, weight_row, prefix: str, sharded_offsets, metadata) -> dict:

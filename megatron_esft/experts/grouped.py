@@ -456,10 +456,13 @@ class FrozenAwareGroupedExperts(MegatronModule):
         for j in range(self.num_local_experts):
             for proj in ckpt.PROJECTIONS:
                 weight = self.expert_weight(proj, j)
-                destination[f"{prefix}local_experts.{j}.linear_{proj}.weight"] = weight if keep_vars else weight.detach()
+                key = f"{prefix}local_experts.{j}.linear_{proj}.weight"
+                destination[key] = weight if keep_vars else weight.detach()
                 destination[f"{prefix}local_experts.{j}.linear_{proj}._extra_state"] = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Accepts SequentialMLP's per-expert keys and the group keys a dist_checkpointing load returns."""
         ckpt.load_state_dict(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
 

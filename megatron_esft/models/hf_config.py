@@ -190,7 +190,9 @@ def parse_hf_config(raw: dict, source: str = "config.json") -> DeepSeekConfig:
             norm_topk_prob=bool(f("norm_topk_prob", False)),
         )
     if common["n_routed_experts"] % common["n_group"]:
-        raise UserError(f"{source}: n_routed_experts {common['n_routed_experts']} not divisible by n_group {common['n_group']}")
+        raise UserError(
+            f"{source}: n_routed_experts {common['n_routed_experts']} not divisible by n_group {common['n_group']}"
+        )
     if common["num_experts_per_tok"] > common["n_routed_experts"]:
         raise UserError(f"{source}: num_experts_per_tok exceeds n_routed_experts")
     if arch == "deepseek-moe":

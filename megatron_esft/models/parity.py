@@ -30,7 +30,9 @@ def reference_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
-def megatron_logits(load_dir: str, tokens: torch.Tensor, parallel: par.ParallelConfig = par.ParallelConfig()) -> torch.Tensor:
+def megatron_logits(
+    load_dir: str, tokens: torch.Tensor, parallel: par.ParallelConfig = par.ParallelConfig()
+) -> torch.Tensor:
     meta = read_meta(load_dir)
     cfg = parse_hf_config(meta["hf_config"])
     par.initialize(parallel)

@@ -282,7 +282,8 @@ def build_model(
     if cfg.num_nextn_predict_layers:
         from megatron_esft.parallel import print_rank0
 
-        print_rank0(f"note: {cfg.num_nextn_predict_layers} multi-token-prediction layer(s) in the HF config are skipped")
+        mtp = cfg.num_nextn_predict_layers
+        print_rank0(f"note: {mtp} multi-token-prediction layer(s) in the HF config are skipped")
     context = torch.device("meta") if meta_device else contextlib.nullcontext()
     with context:
         model = ESFTGPTModel(

@@ -160,7 +160,9 @@ def _perturb_(name: str, tensor: torch.Tensor, generator: torch.Generator, std: 
 
 def _random_moe_v1_state(config: dict, spec: TinySpec, generator: torch.Generator) -> dict[str, torch.Tensor]:
     h, heads = spec.hidden, spec.heads
-    shapes = {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,), "lm_head.weight": (spec.vocab, h)}
+    shapes = {
+        "model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,), "lm_head.weight": (spec.vocab, h)
+    }
     for layer in range(spec.layers):
         p = f"model.layers.{layer}."
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})

@@ -439,8 +439,9 @@ def pretrain(argv=None) -> int:
                 world_size=dist.get_world_size()) if args.log_throughput else None
             logger.train_line(
                 iteration=iteration, train_iters=args.train_iters, consumed=loader.consumed_samples,
-                ms_per_iter=1000.0 * window["time"] / window["iters"], lr=scheduler.get_lr(optimizer.param_groups[0])
-                if optimizer.param_groups else args.lr, gbs=args.global_batch_size, loss=window["loss"] / window["iters"],
+                ms_per_iter=1000.0 * window["time"] / window["iters"],
+                lr=scheduler.get_lr(optimizer.param_groups[0]) if optimizer.param_groups else args.lr,
+                gbs=args.global_batch_size, loss=window["loss"] / window["iters"],
                 grad_norm=float(grad_norm or 0.0), trainable=report.total,
                 tokens_per_s=window["real"] / max(window["time"], 1e-9), throughput=throughput,
                 num_zeros=float(num_zeros) if args.log_num_zeros_in_grad else None,
