@@ -97,7 +97,10 @@ def read_conversations(path: str) -> Iterator[Conversation]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 truncated = " (truncated line?)" if not line.endswith("\n") or exc.pos >= len(line.rstrip()) else ""
-                raise UserError(f"{where}: invalid JSON{truncated}: {exc.msg} at column {exc.colno}")
+                # exc.colno counts from the last newline before the error: a line cut short (error past its "\n")
+                # would say column 1; the column within the line (at most just past its end) is what an editor shows
+                column = min(exc.pos, len(line.rstrip("\r\n"))) + 1
+                raise UserError(f"{where}: invalid JSON{truncated}: {exc.msg} at column {column}")
             yield Conversation(where, _validate(record, where))
             count += 1
     if count == 0:

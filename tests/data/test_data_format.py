@@ -170,6 +170,11 @@ def test_truncated_last_line_and_missing_file(tmp_path, tok, small_chat):
     path.write_text(content[: content.index('"Paris') + 3], encoding="utf-8")  # file cut inside line 1
     with pytest.raises(UserError, match=r"cut.jsonl:1: invalid JSON \(truncated line\?\)"):
         build_sft_datasets(str(path), tokenizer=tok, seq_length=64)
+    # the column is within the line, also when the line ends in a newline (json's colno would say 1 there)
+    line = '{"messages": [{"role": "user"'
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"cut.jsonl:1: invalid JSON \(truncated line\?\): .* at column {len(line) + 1}$"):
+        build_sft_datasets(str(path), tokenizer=tok, seq_length=64)
     with pytest.raises(UserError, match="missing.jsonl: no such file"):
         build_sft_datasets(str(tmp_path / "missing.jsonl"), tokenizer=tok, seq_length=64)
     empty = tmp_path / "empty.jsonl"
