@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 
@@ -50,10 +51,21 @@ def read_tracker(root: str) -> int:
     return int(text)
 
 
+def saved_iterations(root: str) -> list[int]:
+    """The iterations under `root` whose save completed (their metadata file is written last, on publishing)."""
+    names = (re.fullmatch(r"iter_(\d{7})", name) for name in os.listdir(root)) if os.path.isdir(root) else ()
+    return sorted(int(m.group(1)) for m in names if m and os.path.isfile(os.path.join(root, m.group(0), META)))
+
+
 def read_meta(root: str, iteration: int | None = None) -> dict:
-    iteration = read_tracker(root) if iteration is None else iteration
+    """The metadata of `iteration` (default: the tracker's); a UserError naming what is there when it is missing."""
+    explicit = iteration is not None
+    iteration = iteration if explicit else read_tracker(root)
     path = os.path.join(iteration_dir(root, iteration), META)
     if not os.path.exists(path):
+        if explicit and not os.path.isdir(iteration_dir(root, iteration)):
+            saved = ", ".join(map(str, saved_iterations(root))) or "none"
+            raise UserError(f"{root}: no checkpoint of iteration {iteration} (saved: {saved})")
         raise UserError(f"{path}: missing (incomplete or foreign checkpoint)")
     with open(path, encoding="utf-8") as fh:
         meta = json.load(fh)

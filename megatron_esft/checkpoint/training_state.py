@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     read_meta,
     read_tracker,
     save_checkpoint,
+    saved_iterations,
     strip_extra_state,
 )
 from megatron_esft.checkpoint.trained_only import (
@@ -259,8 +259,7 @@ def describe_load(root: str, iteration: int | None = None) -> tuple[int, dict]:
     if iteration is None:
         iteration = latest
     elif not os.path.isfile(os.path.join(iteration_dir(root, iteration), META)):
-        saved = sorted(int(m.group(1)) for m in (re.fullmatch(r"iter_(\d{7})", name) for name in os.listdir(root))
-                       if m and os.path.isfile(os.path.join(root, m.group(0), META)))
+        saved = saved_iterations(root)
         raise UserError(f"--ckpt-step {iteration}: --load {root} has no complete checkpoint of that iteration "
                         f"(saved: {', '.join(map(str, saved)) or 'none'})")
     return iteration, read_meta(root, iteration)

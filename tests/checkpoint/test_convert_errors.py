@@ -56,5 +56,8 @@ def test_checkpoint_of_another_model(tiny_hf, tmp_path):
     proc = run_tool("convert_mcore_to_hf", "--load", tmp_path / "nothing", "--out", tmp_path / "back")
     assert_user_error(proc, "does not exist")
     assert not (tmp_path / "back").exists()
+    proc = run_tool("convert_mcore_to_hf", "--load", tmp_path / "mcore", "--out", tmp_path / "back", "--iteration", 5)
+    assert_user_error(proc, f"{tmp_path / 'mcore'}: no checkpoint of iteration 5 (saved: 0)")
+    assert not (tmp_path / "back").exists()
     proc = run_tool("convert_hf_to_mcore", "--hf", small, "--out", tmp_path / "mcore")
     assert_user_error(proc, "not empty")
