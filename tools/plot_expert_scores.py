@@ -1,6 +1,6 @@
 """Draw a layers x experts heatmap of expert scores, with the selected experts outlined in red.
 
-    python tools/plot_expert_scores.py --scores PATH --method token [--expert-config FILE.json | --top-p P] --out FILE.png
+    python tools/plot_expert_scores.py --scores PATH --method token [--expert-config FILE.json | --top-p P] --out FILE.png|.pdf|.svg
 
 `--scores` takes scores.json, an official summary.json, or a directory holding one; `--official-logs DIR` reads the
 official routing logs instead. The selection shown is `--expert-config` if given, else the top-p selection.
@@ -11,7 +11,7 @@ import _bootstrap  # noqa: F401
 from megatron_esft.errors import UserError, run_cli
 from megatron_esft.esft.expert_config import ModelShape, load_expert_config
 from megatron_esft.routing.cli import ArgumentParser, unit_interval
-from megatron_esft.routing.plot import save_heatmap
+from megatron_esft.routing.plot import image_format, save_heatmap
 from megatron_esft.routing.scores import METHODS, load_scores, read_official_logs
 from megatron_esft.routing.selection import select_top_p
 
@@ -26,8 +26,9 @@ def main(argv=None) -> int:
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--expert-config", help="expert config JSON whose experts are outlined")
     selection.add_argument("--top-p", type=unit_interval, help="outline the top-p selection (default 0.2 / 0.1)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True, help="image file to write: .png, .pdf or .svg")
     args = parser.parse_args(argv)
+    image_format(args.out)  # before the scores are read
     if args.method not in METHODS:
         raise UserError(f"--method: unknown scoring method {args.method!r} (choose from {', '.join(METHODS)})")
     scores = read_official_logs(args.official_logs, topk=args.topk) if args.official_logs else load_scores(args.scores)

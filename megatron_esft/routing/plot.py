@@ -13,6 +13,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from megatron_esft.atomic import atomic_write_bytes  # noqa: E402
+from megatron_esft.errors import UserError  # noqa: E402
 from megatron_esft.routing.scores import ExpertScores  # noqa: E402
 
 
@@ -44,10 +45,25 @@ def heatmap_figure(
     return fig
 
 
+IMAGE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The image format a file name asks for (its suffix, as matplotlib would read it); a UserError for any other
+    suffix, so that `x.txt` is not silently written as a PNG."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        raise UserError(f"--out {os.fspath(path)}: unsupported image file suffix {suffix or '(none)'!r} "
+                        f"(use {', '.join(IMAGE_FORMATS)})")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_heatmap(path: str | os.PathLike, scores: ExpertScores, method: str, selected=None, title=None) -> None:
+    """Write the heatmap atomically as PNG, PDF or SVG, by the file's suffix."""
+    image = image_format(path)
     fig = heatmap_figure(scores, method, selected, title)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format=image)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 

@@ -1,7 +1,9 @@
 """Heatmap: one outlined cell per selected expert; the same figure reaches TensorBoard."""
 
 import numpy as np
+import pytest
 
+from megatron_esft.errors import UserError
 from megatron_esft.routing.plot import heatmap_figure, log_heatmap, save_heatmap
 from megatron_esft.routing.scores import ExpertScores
 from megatron_esft.routing.selection import select_top_p
@@ -25,6 +27,15 @@ def test_heatmap_marks_selected_experts(tmp_path):
     np.testing.assert_array_equal(ax.images[0].get_array(), scores.token_scores)
     save_heatmap(tmp_path / "h.png", scores, "gate", selected)
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the format follows the suffix; another suffix is a one-line error and writes nothing
+    save_heatmap(tmp_path / "h.PDF", scores, "gate", selected)
+    assert (tmp_path / "h.PDF").read_bytes()[:5] == b"%PDF-"
+    save_heatmap(tmp_path / "h.svg", scores, "gate", selected)
+    assert b"<svg" in (tmp_path / "h.svg").read_bytes()[:2000]
+    for name in ("h.txt", "h"):
+        with pytest.raises(UserError, match=rf"--out .*{name}: unsupported image file suffix"):
+            save_heatmap(tmp_path / name, scores, "gate", selected)
+        assert not (tmp_path / name).exists()
 
 
 def test_heatmap_to_tensorboard(tmp_path):
