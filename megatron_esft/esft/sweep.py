@@ -64,20 +64,43 @@ def total_parameters(load_dir: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _run(cmd: list[str], log_path: str) -> str:
+# what the sweep passes to each run itself
+SWEEP_OWNED = ("--load", "--save", "--expert-config", "--finetune-mode", "--finetune")
+
+
+def check_training_arguments(load: str, train_args: list[str], nproc: int) -> None:
+    """Parse and validate pretrain_esft.py's arguments as each run will get them, before anything is written: a bad
+    or missing flag fails at once, not after the first selection and with a directory left behind."""
+    from megatron_esft.training.arguments import build_parser, validate
+
+    for arg in train_args:
+        if arg.split("=", 1)[0] in SWEEP_OWNED:
+            raise UserError(f"after '--': {arg.split('=', 1)[0]} is set by the sweep for each run; leave it out")
+    parser = build_parser()
+    parser.prog = "pretrain_esft.py"
+    try:
+        validate(parser.parse_args(["--load", load, "--save", "(per p)", "--expert-config", "(per p)", *train_args]),
+                 nproc)
+    except UserError as exc:
+        raise UserError(f"after '--': {exc}") from None
+
+
+def _run(step: str, cmd: list[str], log_path: str) -> str:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     with open(log_path, "w", encoding="utf-8") as fh:
         fh.write(proc.stdout + proc.stderr)
     if proc.returncode:
         error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        raise UserError(f"{' '.join(cmd[:3])} failed: {error[-1] if error else 'see ' + log_path}")
+        raise UserError(f"{step} failed: {error[-1] if error else 'exit status ' + str(proc.returncode)} "
+                        f"(log: {log_path})")
     return proc.stdout + proc.stderr
 
 
 def run_sweep(scores: str, method: str, ps: list[float], load: str, out: str, train_args: list[str],
               nproc: int = 1) -> list[SweepPoint]:
-    os.makedirs(out, exist_ok=True)
+    check_training_arguments(load, train_args, nproc)
     total = total_parameters(load)
+    os.makedirs(out, exist_ok=True)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
     points = []
@@ -85,13 +108,13 @@ def run_sweep(scores: str, method: str, ps: list[float], load: str, out: str, tr
         run_dir = os.path.join(out, f"p_{p:g}")
         os.makedirs(run_dir, exist_ok=True)
         config = os.path.join(run_dir, "expert_config.json")
-        selection = _run([sys.executable, os.path.join(ROOT, "tools", "select_experts.py"), "--scores", scores,
-                          "--method", method, "--top-p", str(p), "--out", config],
-                         os.path.join(run_dir, "select.log"))
+        select = [sys.executable, os.path.join(ROOT, "tools", "select_experts.py"), "--scores", scores, "--method",
+                  method, "--top-p", str(p), "--out", config]
+        selection = _run(f"p={p:g}: select_experts.py", select, os.path.join(run_dir, "select.log"))
         selected = re.findall(r"p=[0-9.]+: (\d+) experts", selection)
-        log = _run([*launcher, os.path.join(ROOT, "pretrain_esft.py"), "--load", load, "--save",
-                    os.path.join(run_dir, "checkpoint"), "--expert-config", config, *train_args],
-                   os.path.join(run_dir, "train.log"))
+        train = [*launcher, os.path.join(ROOT, "pretrain_esft.py"), "--load", load, "--save",
+                 os.path.join(run_dir, "checkpoint"), "--expert-config", config, *train_args]
+        log = _run(f"p={p:g}: pretrain_esft.py", train, os.path.join(run_dir, "train.log"))
         numbers = parse_training_log(log)
         points.append(SweepPoint(p=p, experts_selected=int(selected[0]) if selected else 0, total_params=total,
                                  **numbers))

@@ -30,3 +30,26 @@ def test_sweep_two_thresholds(tiny_hf, tmp_path):
     assert int(rows[1]["trainable params"]) == 2 * int(rows[0]["trainable params"]) > 0
     assert all(float(r["validation loss"]) > 0 for r in rows)
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+
+
+def test_bad_training_arguments_fail_before_anything_is_written(tiny_hf, tmp_path):
+    """pretrain_esft.py's arguments after `--` are parsed and validated up front: one line, exit 2, no output
+    directory (they used to fail in the first run, after its selection was written)."""
+    hf = tiny_hf("deepseek-v2")
+    hf_to_mcore(hf, str(tmp_path / "base"), ParallelConfig())
+    (tmp_path / "scores.json").write_text(json.dumps({"token_scores": {"1": {"0": 1.0}, "2": {"0": 1.0}},
+                                                      "gate_scores": {"1": {"0": 1.0}, "2": {"0": 1.0}}}))
+    common = ["--train-data", "x.jsonl", "--seq-length", "64", "--lr", "1e-3", "--train-iters", "2"]
+    cases = [
+        (["--train-iters", "2"], "error: after '--': pretrain_esft.py: the following arguments are required: "
+                                 "--train-data, --seq-length, --lr"),
+        ([*common, "--save=elsewhere"], "error: after '--': --save is set by the sweep for each run; leave it out"),
+        ([*common, "--global-batch-size", "3", "--micro-batch-size", "2"],
+         "error: after '--': --global-batch-size 3 is not a multiple of --micro-batch-size 2 x data-parallel size 1"),
+    ]
+    out = tmp_path / "sweep"
+    for train_args, message in cases:
+        proc = run_tool("sweep_top_p", "--scores", tmp_path / "scores.json", "--method", "token", "--top-p", "0.5",
+                        "--load", tmp_path / "base", "--out", out, "--", *train_args)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message], proc.stderr
+        assert not out.exists()
