@@ -2,7 +2,8 @@
 
 `atomic_directory(out_dir)` yields a temporary directory next to `out_dir`; when the block finishes, the temporary
 directory replaces `out_dir` in one rename, and when it raises, the temporary directory is removed and `out_dir` is
-left as it was. So a failed or killed tool never leaves a half-written output under the name the user asked for.
+left as it was. So a failed or killed tool never leaves a half-written output under the name the user asked for. An
+existing `out_dir` is replaced only if it looks like an earlier output of the same kind (check_replaceable).
 """
 
 from __future__ import annotations
@@ -19,8 +20,31 @@ from typing import Callable, Iterator
 from megatron_esft.errors import UserError
 
 
+# The files of a Hugging Face model directory: weights, index, config, tokenizer, remote code (what our exports write
+# and what an earlier export of the same kind left there).
+HF_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".py", ".tiktoken", ".jinja")
+
+
+def check_replaceable(out_dir: str, suffixes: tuple[str, ...]) -> None:
+    """UserError unless `out_dir` is absent, empty, or holds only files (no directories) whose names end in
+    `suffixes`, i.e. looks like an earlier output of the same kind. Replacing a directory removes it whole, so a
+    mistaken `--out .` or `--out runs` must not get that far."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise UserError(f"--out {out_dir}: exists and is not a directory")
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if os.path.islink(path) or not os.path.isfile(path) or not name.endswith(suffixes):
+            raise UserError(f"--out {out_dir}: exists and holds {name!r}, which this tool does not write; it would "
+                            "be replaced whole: give a new or empty directory, or remove it first")
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str, prefix: str = ".tmp-") -> Iterator[str]:
+def atomic_directory(out_dir: str, prefix: str = ".tmp-", replaceable: tuple[str, ...] = ()) -> Iterator[str]:
+    """`replaceable`: the name suffixes of an earlier output of the same kind that may be replaced (check_replaceable;
+    default: only an empty directory)."""
+    check_replaceable(out_dir, replaceable)
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)

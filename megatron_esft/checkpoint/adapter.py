@@ -25,12 +25,13 @@ from megatron_esft import parallel as par
 from megatron_esft.checkpoint import convert
 from megatron_esft.checkpoint.mcore_checkpoint import copy_hf_assets, read_meta, read_tracker
 from megatron_esft.checkpoint.trained_only import base_of, load_pieces
-from megatron_esft.atomic import atomic_directory
+from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory, check_replaceable
 from megatron_esft.errors import UserError
 from megatron_esft.esft.expert_config import ExpertConfig, expert_config_from_json_dict
 
 ADAPTER_CONFIG = "expert_cfg.json"
 ADAPTER_WEIGHTS = "model.safetensors"
+ADAPTER_SUFFIXES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # an earlier adapter export, nothing else (check_replaceable)
 ROUTED_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")  # HF name: (layer, expert)
 _SHARED = re.compile(r"^model\.layers\.(\d+)\.mlp\.shared_experts\.")
 _BUFFERS = ("e_score_correction_bias",)  # HF buffers, not parameters: never part of an adapter
@@ -65,6 +66,7 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     stored = getattr(torch, meta["params_dtype"])
     hf_dtypes = meta.get("hf_dtypes", {})
     base_of(load_dir, iteration)  # a trained-only checkpoint needs its base: checked before anything is built
+    check_replaceable(out_dir, ADAPTER_SUFFIXES)  # before the weights are read (and again when it is replaced)
     par.initialize(par.ParallelConfig())
     model = build_model(cfg, params_dtype=stored, meta_device=True)
     pieces = list(convert._pieces(convert.strip_extra_state(model.sharded_state_dict())))
@@ -88,7 +90,7 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     for name, tensor in convert._hf_tensors(wanted, tensors, cfg):
         if in_adapter(name, ecfg):
             out[name] = tensor.to(getattr(torch, hf_dtypes.get(name, meta["params_dtype"]))).contiguous()
-    with atomic_directory(out_dir, prefix=".adapter-") as tmp:
+    with atomic_directory(out_dir, prefix=".adapter-", replaceable=ADAPTER_SUFFIXES) as tmp:
         save_file(out, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(ecfg.to_json_dict(), fh)
@@ -122,7 +124,7 @@ def merge_adapter(base_hf: str, adapter_dir: str, out_dir: str) -> int:
     extra = sorted(n for n in weights if not in_adapter(n, ecfg))
     if extra:
         raise UserError(f"{adapter_dir}: tensor {extra[0]!r} is not trainable under its {ADAPTER_CONFIG}")
-    with atomic_directory(out_dir, prefix=".adapter-merge-") as tmp:
+    with atomic_directory(out_dir, prefix=".adapter-merge-", replaceable=HF_DIRECTORY_SUFFIXES) as tmp:
         writer = ShardedSafetensorsWriter(tmp)
         for name in reader.keys():
             base = reader.get(name)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_esft import parallel as par
-from megatron_esft.atomic import atomic_directory
+from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory
 from megatron_esft.checkpoint import hf_mapping
 from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
@@ -137,7 +137,7 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
     sharded = strip_extra_state(model.sharded_state_dict())
     for sh in _pieces(sharded):
         groups[_layer_group(sh.key)].append(sh)
-    with atomic_directory(out_dir, prefix=".hf-export-") as tmp:
+    with atomic_directory(out_dir, prefix=".hf-export-", replaceable=HF_DIRECTORY_SUFFIXES) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
         for group in tqdm(sorted(groups), desc="exporting layers", unit="layer"):
             pieces = groups[group]

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from megatron_esft.atomic import atomic_directory
+from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory
 from megatron_esft.errors import UserError
 
 ARCHES = ("deepseek-v2", "deepseek-v3", "deepseek-moe")
@@ -192,7 +192,7 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
     spec.validate()
     config = hf_config_dict(spec)
     dtype = getattr(torch, spec.dtype)
-    with atomic_directory(out_dir, prefix=".tiny-") as tmp:
+    with atomic_directory(out_dir, prefix=".tiny-", replaceable=HF_DIRECTORY_SUFFIXES) as tmp:
         generator = torch.Generator().manual_seed(spec.seed)
         if spec.arch == "deepseek-moe":
             from safetensors.torch import save_file

@@ -1,6 +1,7 @@
 """Bad inputs to the converters and the parity tool: one-line error, exit 2, no traceback, nothing written."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,5 +60,11 @@ def test_checkpoint_of_another_model(tiny_hf, tmp_path):
     proc = run_tool("convert_mcore_to_hf", "--load", tmp_path / "mcore", "--out", tmp_path / "back", "--iteration", 5)
     assert_user_error(proc, f"{tmp_path / 'mcore'}: no checkpoint of iteration 5 (saved: 0)")
     assert not (tmp_path / "back").exists()
+    # an --out that is not an earlier HF export is refused before anything is read (it would be replaced whole)
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "notes.md").write_text("mine")
+    proc = run_tool("convert_mcore_to_hf", "--load", tmp_path / "mcore", "--out", tmp_path / "back")
+    assert_user_error(proc, f"--out {tmp_path / 'back'}: exists and holds 'notes.md', which this tool does not write")
+    assert os.listdir(tmp_path / "back") == ["notes.md"]
     proc = run_tool("convert_hf_to_mcore", "--hf", small, "--out", tmp_path / "mcore")
     assert_user_error(proc, "not empty")
