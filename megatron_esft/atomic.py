@@ -64,6 +64,8 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[str], object]) -
     rename, or is removed if `write` raises: readers never see a half-written file. The writer creates the file, so
     it gets the mode any new file gets (the umask's), as if written in place."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:

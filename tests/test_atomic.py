@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory
+from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory, atomic_write_bytes
 from megatron_esft.errors import UserError
 
 
@@ -74,3 +74,13 @@ def test_a_failed_block_leaves_the_earlier_output(tmp_path):
             raise RuntimeError("killed")
     assert open(os.path.join(out, "config.json")).read() == "1"
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_a_file_is_written_whole_and_never_over_a_directory(tmp_path):
+    atomic_write_bytes(tmp_path / "sub" / "a.json", b"1")
+    atomic_write_bytes(tmp_path / "sub" / "a.json", b"2")
+    assert (tmp_path / "sub" / "a.json").read_bytes() == b"2" and os.listdir(tmp_path / "sub") == ["a.json"]
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(UserError, match=r"d\.png: is a directory, expected a file name$"):
+        atomic_write_bytes(tmp_path / "d.png", b"x")
+    assert os.listdir(tmp_path / "d.png") == [] and sorted(os.listdir(tmp_path)) == ["d.png", "sub"]

@@ -53,6 +53,8 @@ def main(argv=None) -> int:
         raise UserError(f"--gate: unknown gate kind {args.gate!r} (choose from {', '.join(GATE_KINDS)})")
     if not os.path.isdir(args.load):
         raise UserError(f"--load {args.load}: directory does not exist")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out}: exists and is not a directory (scores.json is written into --out)")
     from megatron_esft.data.blend import parse_weighted_paths
     from megatron_esft.data.documents import check_data_path
 

@@ -138,3 +138,8 @@ def test_collect_bad_input_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --data takes paths only: experts are scored on the task data itself (a weighted blend is for "
         "pretrain_esft.py --train-data)"]
+    (tmp_path / "file").write_text("mine")
+    proc = _run([COLLECT, "--load", tmp_path, "--data", "x.jsonl", "--out", tmp_path / "file"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'file'}: exists and is not a directory (scores.json is written into --out)"]
+    assert (tmp_path / "file").read_text() == "mine"
