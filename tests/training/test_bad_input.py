@@ -94,6 +94,17 @@ def test_exit_duration_must_be_positive(training_env, tmp_path):
     assert not os.path.exists(save)
 
 
+def test_save_and_tensorboard_dir_must_not_be_files(training_env, tmp_path):
+    """Found before the data is read, not at the first save after training (a FileExistsError traceback)."""
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=rf"^--save {tmp_path / 'file'}: exists and is not a directory$"):
+        _pretrain(_args(training_env, training_env["base"], str(tmp_path / "file")))
+    with pytest.raises(UserError, match=rf"^--tensorboard-dir {tmp_path / 'file'}: exists and is not a directory$"):
+        _pretrain(_args(training_env, training_env["base"], str(tmp_path / "out"), "--tensorboard-dir",
+                        str(tmp_path / "file")))
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "mine"
+
+
 def test_uneven_pipeline_flags_need_pipeline_stages(training_env, tmp_path):
     save = str(tmp_path / "out")
     with pytest.raises(UserError, match="need --pipeline-model-parallel-size of at least 2"):
