@@ -18,10 +18,9 @@ intent accuracy, and counts of why samples were wrong. --output writes per-sampl
 
 import _bootstrap  # noqa: F401
 
-import argparse
 import json
 
-from megatron_esft.errors import UserError, run_cli
+from megatron_esft.errors import ArgumentParser, UserError, run_cli
 from megatron_esft.eval.completions import (
     Completion,
     attach_eval_data,
@@ -33,7 +32,7 @@ from megatron_esft.eval.scoring import TASKS, score_completions
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--completions", nargs="+", metavar="FILE",
                         help="completions JSONL (ours or the official results format); several files are merged")

@@ -10,7 +10,6 @@ whole: --seq-length only checks lengths here (count them, or fail with --truncat
 
 import _bootstrap  # noqa: F401
 
-import argparse
 import sys
 import time
 
@@ -18,11 +17,11 @@ from megatron_esft.data.conversation import TEMPLATES, read_conversations
 from megatron_esft.data.documents import write_indexed_documents
 from megatron_esft.data.sft_dataset import TRUNCATE_MODES
 from megatron_esft.data.tokenizer import load_tokenizer
-from megatron_esft.errors import UserError, run_cli
+from megatron_esft.errors import ArgumentParser, UserError, run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", required=True, help="chat JSONL file (repeat for several)")
     p.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
                    help="checkpoint/tokenizer directory or sentencepiece .model")

@@ -115,3 +115,9 @@ def test_preprocess_cli_bad_line_subprocess(small_chat, tiny_tokenizer_dir, tmp_
                         proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert os.listdir(out) == []
+    # argparse's errors are one line too (no usage dump)
+    proc = subprocess.run([sys.executable, str(TOOL), "--input", str(bad)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: preprocess_data.py: the following arguments are required: --tokenizer/--tokenizer-model, "
+        "--output-prefix"], proc.stderr

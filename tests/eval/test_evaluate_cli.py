@@ -120,3 +120,5 @@ def test_malformed_line_and_missing_references(tmp_path):
 def test_mode_selection_errors(tmp_path):
     expect_user_error(run("--task", "intent"), "exactly one of")
     expect_user_error(run("--task", "intent", "--load", str(tmp_path)), "--tokenizer", "--eval-data")
+    # argparse's own errors are one line too (no usage dump): the tool uses megatron_esft's ArgumentParser
+    expect_user_error(run("--task", "law"), "argument --task: invalid choice: 'law'")
