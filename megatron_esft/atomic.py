@@ -25,13 +25,21 @@ from megatron_esft.errors import UserError
 HF_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".py", ".tiktoken", ".jinja")
 
 
+def require_directory_or_absent(flag: str, path: str | None, note: str = "") -> None:
+    """UserError if `path` (the value of a directory flag) names an existing file: found before any work, not when
+    the first output is written into it."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is not a directory{note}")
+
+
 def check_replaceable(out_dir: str, suffixes: tuple[str, ...]) -> None:
     """UserError unless `out_dir` is absent, empty, or holds only files (no directories) whose names end in
     `suffixes`, i.e. looks like an earlier output of the same kind. Replacing a directory removes it whole, so a
     mistaken `--out .` or `--out runs` must not get that far."""
     if not os.path.lexists(out_dir):
         return
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    require_directory_or_absent("--out", out_dir)
+    if os.path.islink(out_dir):  # replacing it would remove the link, not the directory it names
         raise UserError(f"--out {out_dir}: exists and is not a directory")
     for name in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, name)

@@ -14,6 +14,7 @@ import _bootstrap  # noqa: F401
 
 from megatron_esft.errors import UserError, run_cli
 from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments
+from megatron_esft.atomic import require_directory_or_absent
 from megatron_esft.routing.cli import ArgumentParser
 from megatron_esft.routing.scores import GATE_KINDS
 
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
         raise UserError(f"--gate: unknown gate kind {args.gate!r} (choose from {', '.join(GATE_KINDS)})")
     if not os.path.isdir(args.load):
         raise UserError(f"--load {args.load}: directory does not exist")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out}: exists and is not a directory (scores.json is written into --out)")
+    require_directory_or_absent("--out", args.out, " (scores.json is written into --out)")
     from megatron_esft.data.blend import parse_weighted_paths
     from megatron_esft.data.documents import check_data_path
 

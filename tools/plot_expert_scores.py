@@ -1,6 +1,7 @@
 """Draw a layers x experts heatmap of expert scores, with the selected experts outlined in red.
 
-    python tools/plot_expert_scores.py --scores PATH --method token [--expert-config FILE.json | --top-p P] --out FILE.png|.pdf|.svg
+    python tools/plot_expert_scores.py --scores PATH --method token [--expert-config FILE.json | --top-p P] \
+        --out FILE.png|.pdf|.svg
 
 `--scores` takes scores.json, an official summary.json, or a directory holding one; `--official-logs DIR` reads the
 official routing logs instead. The selection shown is `--expert-config` if given, else the top-p selection.

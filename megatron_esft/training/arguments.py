@@ -6,8 +6,8 @@ Every check that can fail on user input raises `UserError` before anything is wr
 from __future__ import annotations
 
 import argparse
-import os
 
+from megatron_esft.atomic import require_directory_or_absent
 from megatron_esft.errors import ArgumentParser, UserError
 from megatron_esft.parallel import add_distributed_timeout_argument, add_uneven_pipeline_arguments, timeout_minutes
 from megatron_esft.training import manual_gc, profiling, timing, weight_checks
@@ -244,9 +244,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise UserError(f"--save-retain-interval {args.save_retain_interval}: needs --save and a --save-interval it "
                         "is a multiple of")
     timeout_minutes(args.distributed_timeout_minutes)  # before the data is read: a bad flag or variable fails at once
-    for flag, directory in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
-        if directory is not None and os.path.exists(directory) and not os.path.isdir(directory):
-            raise UserError(f"{flag} {directory}: exists and is not a directory")  # else found at the first save
+    require_directory_or_absent("--save", args.save)
+    require_directory_or_absent("--tensorboard-dir", args.tensorboard_dir)
     if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
         raise UserError(f"--exit-duration-in-mins {args.exit_duration_in_mins}: must be positive")
     from megatron_esft.data.blend import parse_weighted_paths
