@@ -26,11 +26,14 @@ def main():
     parser.add_argument("--topk-group", type=int, default=None)
     parser.add_argument("--yarn", action="store_true", help="give the config YaRN rope scaling")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--fp8-block", type=int, default=None, metavar="N",
+                        help="write DeepSeek-V3's released FP8 layout: the decoder layers' Linear weights in e4m3 with "
+                             "a weight_scale_inv per N x N block, the rest in bf16")
     args = parser.parse_args()
     spec = TinySpec(arch=args.arch, layers=args.layers, hidden=args.hidden, experts=args.experts, topk=args.topk,
                     moe_ffn=args.moe_ffn, vocab=args.vocab, heads=args.heads, q_lora_rank=args.q_lora_rank,
                     topk_method=args.topk_method, n_group=args.n_group, topk_group=args.topk_group, yarn=args.yarn,
-                    seed=args.seed, dtype=args.dtype)
+                    seed=args.seed, dtype=args.dtype, fp8_block=args.fp8_block)
     make_tiny_deepseek(spec, args.out)
     print(f"wrote tiny {args.arch} checkpoint to {args.out}")
 

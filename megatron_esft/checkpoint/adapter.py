@@ -23,7 +23,8 @@ import torch
 
 from megatron_esft import parallel as par
 from megatron_esft.checkpoint import convert
-from megatron_esft.checkpoint.mcore_checkpoint import copy_hf_assets, read_meta, read_tracker
+from megatron_esft.checkpoint.fp8_blocks import SCALE_SUFFIX, SourceForm
+from megatron_esft.checkpoint.mcore_checkpoint import HF_ASSETS, copy_hf_assets, read_meta, read_tracker
 from megatron_esft.checkpoint.trained_only import base_of, load_pieces
 from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory, check_replaceable
 from megatron_esft.errors import UserError
@@ -64,7 +65,7 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     ecfg = expert_config_from_json_dict(meta["expert_config"], f"{load_dir} (esft_meta.json)")
     cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
     stored = getattr(torch, meta["params_dtype"])
-    hf_dtypes = meta.get("hf_dtypes", {})
+    form = SourceForm(meta, os.path.join(load_dir, HF_ASSETS), f"{load_dir} (esft_meta.json)")
     base_of(load_dir, iteration)  # a trained-only checkpoint needs its base: checked before anything is built
     check_replaceable(out_dir, ADAPTER_SUFFIXES)  # before the weights are read (and again when it is replaced)
     par.initialize(par.ParallelConfig())
@@ -88,13 +89,14 @@ def export_adapter(load_dir: str, out_dir: str, iteration: int | None = None) ->
     tensors = [sh.data.reshape(sh.local_shape) for sh in wanted]
     out = {}
     for name, tensor in convert._hf_tensors(wanted, tensors, cfg):
-        if in_adapter(name, ecfg):
-            out[name] = tensor.to(getattr(torch, hf_dtypes.get(name, meta["params_dtype"]))).contiguous()
+        if in_adapter(name, ecfg):  # FP8 weights travel with their scales (the base's form: merge_adapter)
+            out.update((n, t.contiguous()) for n, t in form.tensors(name, tensor))
     with atomic_directory(out_dir, prefix=".adapter-", replaceable=ADAPTER_SUFFIXES) as tmp:
         save_file(out, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(ecfg.to_json_dict(), fh)
-    return {"tensors": len(out), "parameters": sum(t.numel() for t in out.values()), "iteration": iteration}
+    parameters = sum(t.numel() for n, t in out.items() if not n.endswith(SCALE_SUFFIX))  # FP8 scales are not
+    return {"tensors": len(out), "parameters": parameters, "iteration": iteration}
 
 
 def load_adapter(adapter_dir: str) -> tuple[ExpertConfig, dict[str, torch.Tensor]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 
 import torch
@@ -20,7 +22,8 @@ from tqdm import tqdm
 
 from megatron_esft import parallel as par
 from megatron_esft.atomic import HF_DIRECTORY_SUFFIXES, atomic_directory
-from megatron_esft.checkpoint import hf_mapping
+from megatron_esft.checkpoint import fp8_blocks, hf_mapping
+from megatron_esft.checkpoint.fp8_blocks import FP8_SOURCE_SCALES, BlockFp8Format
 from megatron_esft.checkpoint.mcore_checkpoint import (
     HF_ASSETS,
     copy_hf_assets,
@@ -30,7 +33,7 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     save_checkpoint,
     strip_extra_state,
 )
-from megatron_esft.checkpoint.safetensors_io import SafetensorsReader, ShardedSafetensorsWriter
+from megatron_esft.checkpoint.safetensors_io import ScratchTensors, SafetensorsReader, ShardedSafetensorsWriter
 from megatron_esft.checkpoint.trained_only import base_of, load_model_in_place, load_pieces
 from megatron_esft.errors import UserError
 from megatron_esft.models.hf_config import DeepSeekConfig, load_hf_config, load_raw_config, parse_hf_config
@@ -72,9 +75,67 @@ def expected_hf_names(cfg: DeepSeekConfig, pieces) -> set[str]:
     return names
 
 
-def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: str | None = None) -> str:
+class _SourceWeights:
+    """The source HF tensors in the form the model stores them: DeepSeek's FP8 blocks dequantized (fp8_blocks.py)
+    into file-backed scratch, every dtype checked. Values are cached per name (several pieces read one tensor)."""
+
+    def __init__(self, reader: SafetensorsReader, hf_dir: str, fmt: BlockFp8Format | None, target: torch.dtype,
+                 scratch: ScratchTensors | None):
+        self.reader, self.hf_dir, self.fmt, self.target, self.scratch = reader, hf_dir, fmt, target, scratch
+        self._dequantized: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.reader.get(name)
+        if not tensor.dtype.is_floating_point:
+            raise UserError(f"{self.hf_dir}: tensor '{name}' has dtype {hf_dtype_name(tensor.dtype)}; a weight must "
+                            "be floating point")
+        if not fp8_blocks.is_float8(tensor.dtype):
+            return tensor
+        if name not in self._dequantized:
+            values = self._dequantize(name, tensor)  # first: it names what is wrong with the tensor or config
+            self._dequantized[name] = self.scratch.store(values)
+        return self._dequantized[name]
+
+    def _dequantize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        where = f"{self.hf_dir}: tensor '{name}'"
+        if self.fmt is None:
+            raise UserError(f"{where} is {hf_dtype_name(tensor.dtype)} but config.json has no quantization_config")
+        if tensor.dtype != torch.float8_e4m3fn:
+            raise UserError(f"{where} is {hf_dtype_name(tensor.dtype)}; the config declares e4m3")
+        scale = fp8_blocks.scale_name(name)
+        if scale not in self.reader:
+            raise UserError(f"{where} is FP8 but its scales '{scale}' are missing")
+        scale_tensor = self.reader.get(scale)
+        expected = self.fmt.scale_shape(tuple(tensor.shape))
+        if tensor.dim() != 2 or tuple(scale_tensor.shape) != expected:
+            raise UserError(f"{self.hf_dir}: tensor '{scale}' has shape {tuple(scale_tensor.shape)}; blocks of "
+                            f"{self.fmt.block} over {tuple(tensor.shape)} need {expected}")
+        return self.fmt.dequantize(tensor, scale_tensor, self.target)
+
+    def dtypes(self, name: str) -> dict[str, str]:
+        """The source dtype of `name` (and of its scales): what the export writes back."""
+        out = {name: hf_dtype_name(self.reader.dtype(name))}
+        if fp8_blocks.is_float8(self.reader.dtype(name)):
+            scale = fp8_blocks.scale_name(name)
+            out[scale] = hf_dtype_name(self.reader.dtype(scale))
+        return out
+
+    def source_scales(self) -> bytes:
+        """Every FP8 weight's scales, as a safetensors file (the export keeps them for the blocks it did not change)."""
+        from safetensors.torch import save
+
+        names = [n for n in self.reader.keys() if fp8_blocks.is_float8(self.reader.dtype(n))
+                 and fp8_blocks.scale_name(n) in self.reader]
+        return save({fp8_blocks.scale_name(n): self.reader.get(fp8_blocks.scale_name(n)).contiguous() for n in names})
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: str | None = None,
+                scratch_dir: str | None = None) -> str:
+    """`scratch_dir`: where an FP8 checkpoint's weights are dequantized to (default: beside `out_dir`); each rank
+    needs as much free disk there as its shard of the model in `dtype` while the conversion runs."""
     cfg = load_hf_config(hf_dir)
     raw = load_raw_config(hf_dir)
+    fmt = BlockFp8Format.from_hf_config(raw, os.path.join(hf_dir, "config.json"))
     reader = SafetensorsReader(hf_dir)
     target = _dtype_of(dtype or cfg.torch_dtype)
     if os.path.exists(out_dir) and os.listdir(out_dir) and par.is_rank0():
@@ -82,41 +143,58 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     par.initialize(parallel)
     model = build_model(cfg, parallel, params_dtype=target, meta_device=True)
     sharded = strip_extra_state(model.sharded_state_dict())
-    qkv_cache: dict[int, torch.Tensor] = {}
-    hf_dtypes = {}
     pieces = list(_pieces(sharded))
     missing = sorted(n for n in expected_hf_names(cfg, pieces) if n not in reader)
     if missing:
         raise UserError(f"{hf_dir}: tensor '{missing[0]}' expected by the config is missing "
                         f"({len(missing)} missing in all; wrong layer or expert count?)")
+    scratch_parent = scratch_dir or os.path.dirname(os.path.abspath(out_dir))
+    if fmt and not os.path.isdir(scratch_parent):
+        raise UserError(f"--scratch-dir {scratch_parent}: no such directory")
+    scratch = tempfile.mkdtemp(prefix=".fp8-dequant-", dir=scratch_parent) if fmt else None
+    try:
+        weights = _SourceWeights(reader, hf_dir, fmt, target, ScratchTensors(scratch) if fmt else None)
+        hf_dtypes = _map_pieces(weights, pieces, cfg, target)
+        meta = {
+            "hf_config": raw,
+            "params_dtype": hf_dtype_name(target),
+            "hf_dtypes": hf_dtypes,
+            "saved_parallel": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp},
+            "kind": "base",
+        }
+        assets = {FP8_SOURCE_SCALES: weights.source_scales()} if fmt and par.is_rank0() else None
+        save_checkpoint(out_dir, 0, sharded, meta, hf_assets_from=hf_dir, hf_asset_files=assets)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return out_dir
+
+
+def _map_pieces(weights: _SourceWeights, pieces, cfg: DeepSeekConfig, target: torch.dtype) -> dict[str, str]:
+    """Point every piece at its block of the source tensors; returns the source dtypes by HF name."""
+    qkv_cache: dict[int, torch.Tensor] = {}
+    hf_dtypes = {}
     for sh in tqdm(pieces, desc="mapping HF tensors", unit="tensor", disable=not par.is_rank0()):
         piece = hf_mapping.resolve(sh.key, sh.global_offset, sh.prepend_axis_num, cfg)
         if piece is None:  # fused qkv (standard attention)
             layer = hf_mapping.qkv_layer(sh.key)
             if layer not in qkv_cache:
                 names = hf_mapping.qkv_hf_names(sh.key)
-                qkv_cache[layer] = hf_mapping.qkv_fuse(*(reader.get(n) for n in names), cfg)
-                hf_dtypes.update({n: hf_dtype_name(reader.dtype(n)) for n in names})
+                qkv_cache[layer] = hf_mapping.qkv_fuse(*(weights.get(n) for n in names), cfg)
+                for n in names:
+                    hf_dtypes.update(weights.dtypes(n))
             source = qkv_cache[layer]
             piece = hf_mapping.Piece("qkv", sh.global_offset[0])
         else:
-            source = reader.get(piece.hf_name)
-            hf_dtypes[piece.hf_name] = hf_dtype_name(source.dtype)
+            source = weights.get(piece.hf_name)
+            hf_dtypes.update(weights.dtypes(piece.hf_name))
         block = _block(source, piece, sh)
         if tuple(block.shape) != tuple(sh.local_shape):
-            raise UserError(f"{hf_dir}: tensor '{piece.hf_name}' has shape {tuple(source.shape)}, which does not match "
-                            f"the config (piece {sh.key} needs {tuple(sh.local_shape)})")
+            raise UserError(f"{weights.hf_dir}: tensor '{piece.hf_name}' has shape {tuple(source.shape)}, which does "
+                            f"not match the config (piece {sh.key} needs {tuple(sh.local_shape)})")
         keep_fp32 = sh.key.endswith("router.expert_bias")  # Megatron keeps the expert bias in fp32
         sh.data = block.to(torch.float32 if keep_fp32 else target)
-    meta = {
-        "hf_config": raw,
-        "params_dtype": hf_dtype_name(target),
-        "hf_dtypes": hf_dtypes,
-        "saved_parallel": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp},
-        "kind": "base",
-    }
-    save_checkpoint(out_dir, 0, sharded, meta, hf_assets_from=hf_dir)
-    return out_dir
+    return hf_dtypes
 
 
 def _layer_group(key: str) -> str:
@@ -129,7 +207,8 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
     meta = read_meta(load_dir, iteration)
     cfg = parse_hf_config(meta["hf_config"], source=f"{load_dir} (esft_meta.json)")
     stored = _dtype_of(meta["params_dtype"])
-    hf_dtypes = meta.get("hf_dtypes", {})
+    assets = os.path.join(load_dir, HF_ASSETS)
+    form = fp8_blocks.SourceForm(meta, assets, f"{load_dir} (esft_meta.json)")
     base_of(load_dir, iteration)  # a trained-only checkpoint needs its base: checked before anything is built
     par.initialize(par.ParallelConfig())
     model = build_model(cfg, params_dtype=stored, meta_device=True)
@@ -147,14 +226,14 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
             load_pieces(load_dir, iteration, pieces)  # a trained-only checkpoint: its base's, the trained on top
             tensors = [sh.data.reshape(sh.local_shape) for sh in pieces]
             for name, tensor in _hf_tensors(pieces, tensors, cfg):
-                writer.add(name, tensor.to(_dtype_of(hf_dtypes.get(name, meta["params_dtype"]))))
+                for out_name, out in form.tensors(name, tensor):
+                    writer.add(out_name, out)
             for sh in pieces:  # the writer holds what it still needs; drop this layer's buffers
                 sh.data = None
             del tensors
         writer.close()
-        assets = os.path.join(load_dir, HF_ASSETS)
         if os.path.isdir(assets):
-            copy_hf_assets(assets, tmp)
+            copy_hf_assets(assets, tmp, to_hf=True)
     return out_dir
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_esft.checkpoint import retention
+from megatron_esft.checkpoint.fp8_blocks import FP8_SOURCE_SCALES
 from megatron_esft.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -140,7 +141,7 @@ class SaveStrategy:
 def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict, hf_assets_from: str | None = None,
                     rank0_files: dict[str, bytes] | None = None, async_queue=None, on_published=None,
                     strategy: SaveStrategy | None = None, retain_interval: int | None = None,
-                    protected: frozenset[int] = frozenset()) -> str:
+                    protected: frozenset[int] = frozenset(), hf_asset_files: dict[str, bytes] | None = None) -> str:
     """Collective: every rank passes its sharded state dict; rank 0 writes metadata and publishes the iteration.
     `strategy`: the run's `SaveStrategy`, kept across its saves (None: Megatron-Core's default writer, no fully
     parallel save); `retain_interval`, `protected`:
@@ -165,7 +166,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
     _barrier()
 
     def publish():
-        _publish(root, iteration, tmp, meta, hf_assets_from, rank0_files, retain_interval, protected)
+        _publish(root, iteration, tmp, meta, hf_assets_from, rank0_files, retain_interval, protected, hf_asset_files)
         if on_published is not None:
             on_published()
 
@@ -186,7 +187,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: d
 
 def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: str | None,
              rank0_files: dict[str, bytes] | None, retain_interval: int | None = None,
-             protected: frozenset[int] = frozenset()) -> None:
+             protected: frozenset[int] = frozenset(), hf_asset_files: dict[str, bytes] | None = None) -> None:
     """Collective, after every rank's shards are in `tmp`: rank 0 adds the meta (and extra files), renames `tmp` to the
     iteration's directory, points the tracker at it and removes the previous latest iteration if it is not to be
     retained (retention.py)."""
@@ -200,6 +201,9 @@ def _publish(root: str, iteration: int, tmp: str, meta: dict, hf_assets_from: st
         if hf_assets_from and os.path.abspath(hf_assets_from) != os.path.abspath(os.path.join(root, HF_ASSETS)):
             assets_tmp = os.path.join(root, f".{HF_ASSETS}.tmp-{uuid.uuid4().hex[:8]}")
             copy_hf_assets(hf_assets_from, assets_tmp)
+            for name, data in (hf_asset_files or {}).items():
+                with open(os.path.join(assets_tmp, name), "wb") as fh:
+                    fh.write(data)
             if os.path.exists(os.path.join(root, HF_ASSETS)):
                 shutil.rmtree(os.path.join(root, HF_ASSETS))
             os.replace(assets_tmp, os.path.join(root, HF_ASSETS))
@@ -237,13 +241,15 @@ def load_sharded(root: str, iteration: int, sharded_state_dict: dict) -> dict:
 _ASSET_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken", ".jinja")
 
 
-def copy_hf_assets(src: str, dst: str) -> None:
+def copy_hf_assets(src: str, dst: str, to_hf: bool = False) -> None:
+    """Config, tokenizer and generation files (not weights) from `src` to `dst`; between checkpoints also the FP8
+    source scales (`to_hf`: a HF export, which writes its own)."""
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if not os.path.isfile(path) or name == "model.safetensors.index.json":
             continue
-        if name.endswith(_ASSET_SUFFIXES):
+        if name.endswith(_ASSET_SUFFIXES) or (name == FP8_SOURCE_SCALES and not to_hf):
             shutil.copy2(path, os.path.join(dst, name))
 
 

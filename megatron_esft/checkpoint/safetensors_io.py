@@ -36,6 +36,8 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # DeepSeek-V3/R1's released weights (checkpoint/fp8_blocks.py)
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -102,6 +104,29 @@ class SafetensorsReader:
         itemsize = torch.empty((), dtype=dtype).element_size()
         raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(count * itemsize,))
         return torch.from_numpy(raw).view(dtype).view(shape)
+
+
+class ScratchTensors:
+    """File-backed tensors for values computed during a conversion (dequantized FP8 weights): like the reader's
+    memory maps, their pages live in the page cache and can be written back and evicted, so converting a 671B FP8
+    checkpoint does not hold its bf16 copy in RAM. The files are unlinked as soon as they are mapped (nothing is left
+    behind, even by a killed process); `directory` is created and removed by the caller."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._count = 0
+
+    def store(self, values: torch.Tensor) -> torch.Tensor:
+        path = os.path.join(self.directory, f"{self._count:07d}.bin")
+        self._count += 1
+        size = values.numel() * values.element_size()
+        if size == 0:
+            return values.clone()
+        raw = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+        os.unlink(path)
+        out = torch.from_numpy(raw).view(values.dtype).view(values.shape)
+        out.copy_(values)
+        return out
 
 
 class ShardedSafetensorsWriter:

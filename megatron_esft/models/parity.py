@@ -6,6 +6,10 @@ float64 transcription in `deepseek_moe_reference` (deepseek-moe, which transform
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 import torch
 
 from megatron_esft import parallel as par
@@ -25,9 +29,41 @@ def reference_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return forward(cfg, {k: reader.get(k) for k in reader.keys()}, tokens).float()
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="esft-dequantized-") as tmp:
+        source = _dequantized_copy(hf_dir, tmp)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
+
+
+def _dequantized_copy(hf_dir: str, tmp: str) -> str:
+    """`hf_dir` itself, or for DeepSeek's block-wise FP8 release a float32 copy in `tmp` (weights dequantized with
+    DeepSeek's block layout, fp8_blocks.py): transformers 5.23 would dequantize on the CPU itself, but into bf16 and,
+    where a dimension is not a multiple of the block, with evenly spread blocks (ceil(rows / scale rows)) instead of
+    DeepSeek's full blocks from the top-left (V3's kv_a_proj_with_mqa: 576 rows, blocks of 128)."""
+    from safetensors.torch import save_file
+
+    from megatron_esft.checkpoint.fp8_blocks import SCALE_SUFFIX, BlockFp8Format, is_float8, scale_name
+    from megatron_esft.checkpoint.safetensors_io import SafetensorsReader
+    from megatron_esft.models.hf_config import load_raw_config
+
+    raw = load_raw_config(hf_dir)
+    fmt = BlockFp8Format.from_hf_config(raw, os.path.join(hf_dir, "config.json"))
+    if fmt is None:
+        return hf_dir
+    reader = SafetensorsReader(hf_dir)
+    weights = {}
+    for name in reader.keys():
+        tensor = reader.get(name)
+        if is_float8(tensor.dtype):
+            weights[name] = fmt.dequantize(tensor, reader.get(scale_name(name)), torch.float32)
+        elif not name.endswith(SCALE_SUFFIX):
+            weights[name] = tensor.float()
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    config = {k: v for k, v in raw.items() if k != "quantization_config"}
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh)
+    return tmp
 
 
 def megatron_logits(

@@ -25,6 +25,7 @@ Choices that matter for exact parity with the HF implementations:
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +284,8 @@ def build_model(
         from megatron_esft.parallel import print_rank0
 
         mtp = cfg.num_nextn_predict_layers
-        print_rank0(f"note: {mtp} multi-token-prediction layer(s) in the HF config are skipped")
+        # stderr: tools with --json own their stdout
+        print_rank0(f"note: {mtp} multi-token-prediction layer(s) in the HF config are skipped", file=sys.stderr)
     context = torch.device("meta") if meta_device else contextlib.nullcontext()
     with context:
         model = ESFTGPTModel(

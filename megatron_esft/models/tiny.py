@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import torch
 
@@ -51,6 +52,8 @@ class TinySpec:
     init_std: float = 0.08
     seed: int = 0
     dtype: str = "float32"
+    fp8_block: int | None = None  # write the DeepSeek-V3 release's block-wise FP8 layout with this block size
+
 
     def validate(self) -> None:
         if self.arch not in ARCHES:
@@ -66,6 +69,8 @@ class TinySpec:
             raise UserError(f"--layers {self.layers} leaves no MoE layer after {self.first_dense} dense layer(s)")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.fp8_block is not None and self.fp8_block <= 0:
+            raise UserError(f"--fp8-block must be positive, got {self.fp8_block}")
 
 
 def hf_config_dict(spec: TinySpec) -> dict:
@@ -219,8 +224,40 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
                     if name.endswith("e_score_correction_bias"):
                         _perturb_(name, buf, generator, spec.init_std)
             model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        if spec.fp8_block:
+            quantize_like_deepseek_v3(tmp, spec.fp8_block)
         if tokenizer:
             from megatron_esft.data.tiny_tokenizer import build_tiny_tokenizer
 
             build_tiny_tokenizer(tmp, vocab_size=spec.vocab)
     return out_dir
+
+
+FP8_QUANTIZED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")  # the V3 release's FP8 tensors
+
+
+def quantize_like_deepseek_v3(directory: str, block: int) -> None:
+    """Rewrite a HF checkpoint the way DeepSeek released V3/R1: every Linear weight of the decoder layers (not the
+    router, norms, embeddings or lm_head) as e4m3 with a `_scale_inv` per `block` x `block` block, the rest in bf16,
+    and config.json's `quantization_config` (checkpoint/fp8_blocks.py)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format, scale_name
+
+    fmt = BlockFp8Format(block=(block, block))
+    path = os.path.join(directory, "model.safetensors")
+    out = {}
+    for name, tensor in load_file(path).items():
+        if FP8_QUANTIZED.match(name):
+            out[name], out[scale_name(name)] = fmt.quantize(tensor.to(torch.bfloat16))
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    save_file(out, path, metadata={"format": "pt"})
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["dtype" if "dtype" in config else "torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [block, block]}
+    with open(config_path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
