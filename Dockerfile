@@ -44,7 +44,8 @@ RUN pip install --no-deps "megatron-core==0.16.1" && \
         "matplotlib>=3.8" \
         "pytest>=8" \
         "pytest-timeout>=2.3" \
-        "triton>=3.4,<3.7"
+        "triton>=3.4,<3.7" \
+        "accelerate>=1.0"
 
 # The package itself, editable, without dependency resolution (everything it needs is installed above).
 COPY . /workspace/megatron_esft
