@@ -75,9 +75,10 @@ def expected_hf_names(cfg: DeepSeekConfig, pieces) -> set[str]:
     return names
 
 
-class _SourceWeights:
+class SourceWeights:
     """The source HF tensors in the form the model stores them: DeepSeek's FP8 blocks dequantized (fp8_blocks.py)
-    into file-backed scratch, every dtype checked. Values are cached per name (several pieces read one tensor)."""
+    into file-backed scratch (in memory when `scratch` is None), every dtype checked. Values are cached per name
+    (several pieces read one tensor)."""
 
     def __init__(self, reader: SafetensorsReader, hf_dir: str, fmt: BlockFp8Format | None, target: torch.dtype,
                  scratch: ScratchTensors | None):
@@ -93,7 +94,7 @@ class _SourceWeights:
             return tensor
         if name not in self._dequantized:
             values = self._dequantize(name, tensor)  # first: it names what is wrong with the tensor or config
-            self._dequantized[name] = self.scratch.store(values)
+            self._dequantized[name] = self.scratch.store(values) if self.scratch else values
         return self._dequantized[name]
 
     def _dequantize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
         raise UserError(f"--scratch-dir {scratch_parent}: no such directory")
     scratch = tempfile.mkdtemp(prefix=".fp8-dequant-", dir=scratch_parent) if fmt else None
     try:
-        weights = _SourceWeights(reader, hf_dir, fmt, target, ScratchTensors(scratch) if fmt else None)
+        weights = SourceWeights(reader, hf_dir, fmt, target, ScratchTensors(scratch) if fmt else None)
         hf_dtypes = _map_pieces(weights, pieces, cfg, target)
         meta = {
             "hf_config": raw,
@@ -170,7 +171,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     return out_dir
 
 
-def _map_pieces(weights: _SourceWeights, pieces, cfg: DeepSeekConfig, target: torch.dtype) -> dict[str, str]:
+def _map_pieces(weights: SourceWeights, pieces, cfg: DeepSeekConfig, target: torch.dtype) -> dict[str, str]:
     """Point every piece at its block of the source tensors; returns the source dtypes by HF name."""
     qkv_cache: dict[int, torch.Tensor] = {}
     hf_dtypes = {}

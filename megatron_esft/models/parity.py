@@ -43,7 +43,8 @@ def _dequantized_copy(hf_dir: str, tmp: str) -> str:
     DeepSeek's full blocks from the top-left (V3's kv_a_proj_with_mqa: 576 rows, blocks of 128)."""
     from safetensors.torch import save_file
 
-    from megatron_esft.checkpoint.fp8_blocks import SCALE_SUFFIX, BlockFp8Format, is_float8, scale_name
+    from megatron_esft.checkpoint.convert import SourceWeights
+    from megatron_esft.checkpoint.fp8_blocks import SCALE_SUFFIX, BlockFp8Format
     from megatron_esft.checkpoint.safetensors_io import SafetensorsReader
     from megatron_esft.models.hf_config import load_raw_config
 
@@ -52,13 +53,8 @@ def _dequantized_copy(hf_dir: str, tmp: str) -> str:
     if fmt is None:
         return hf_dir
     reader = SafetensorsReader(hf_dir)
-    weights = {}
-    for name in reader.keys():
-        tensor = reader.get(name)
-        if is_float8(tensor.dtype):
-            weights[name] = fmt.dequantize(tensor, reader.get(scale_name(name)), torch.float32)
-        elif not name.endswith(SCALE_SUFFIX):
-            weights[name] = tensor.float()
+    source = SourceWeights(reader, hf_dir, fmt, torch.float32, scratch=None)  # the converter's reading and checks
+    weights = {n: source.get(n).float() for n in reader.keys() if not n.endswith(SCALE_SUFFIX)}
     save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in raw.items() if k != "quantization_config"}
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:

@@ -54,7 +54,6 @@ class TinySpec:
     dtype: str = "float32"
     fp8_block: int | None = None  # write the DeepSeek-V3 release's block-wise FP8 layout with this block size
 
-
     def validate(self) -> None:
         if self.arch not in ARCHES:
             raise UserError(f"--arch {self.arch!r} is not one of {', '.join(ARCHES)}")
