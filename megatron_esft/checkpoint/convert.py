@@ -113,13 +113,10 @@ class SourceWeights:
                             f"{self.fmt.block} over {tuple(tensor.shape)} need {expected}")
         return self.fmt.dequantize(tensor, scale_tensor, self.target)
 
-    def dtypes(self, name: str) -> dict[str, str]:
-        """The source dtype of `name` (and of its scales): what the export writes back."""
-        out = {name: hf_dtype_name(self.reader.dtype(name))}
-        if fp8_blocks.is_float8(self.reader.dtype(name)):
-            scale = fp8_blocks.scale_name(name)
-            out[scale] = hf_dtype_name(self.reader.dtype(scale))
-        return out
+    def dtypes(self) -> dict[str, str]:
+        """Every source tensor's dtype (FP8 scales included): what the export writes back. All of them, not only
+        those this rank maps: rank 0 writes the record, and under EP/PP other ranks hold other experts and layers."""
+        return {name: hf_dtype_name(self.reader.dtype(name)) for name in self.reader.keys()}
 
     def source_scales(self) -> bytes:
         """Every FP8 weight's scales, as a safetensors file (the export keeps them for the blocks it did not change)."""
@@ -155,11 +152,11 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     scratch = tempfile.mkdtemp(prefix=".fp8-dequant-", dir=scratch_parent) if fmt else None
     try:
         weights = SourceWeights(reader, hf_dir, fmt, target, ScratchTensors(scratch) if fmt else None)
-        hf_dtypes = _map_pieces(weights, pieces, cfg, target)
+        _map_pieces(weights, pieces, cfg, target)
         meta = {
             "hf_config": raw,
             "params_dtype": hf_dtype_name(target),
-            "hf_dtypes": hf_dtypes,
+            "hf_dtypes": weights.dtypes(),
             "saved_parallel": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp},
             "kind": "base",
         }
@@ -171,10 +168,9 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     return out_dir
 
 
-def _map_pieces(weights: SourceWeights, pieces, cfg: DeepSeekConfig, target: torch.dtype) -> dict[str, str]:
-    """Point every piece at its block of the source tensors; returns the source dtypes by HF name."""
+def _map_pieces(weights: SourceWeights, pieces, cfg: DeepSeekConfig, target: torch.dtype) -> None:
+    """Point every piece at its block of the source tensors."""
     qkv_cache: dict[int, torch.Tensor] = {}
-    hf_dtypes = {}
     for sh in tqdm(pieces, desc="mapping HF tensors", unit="tensor", disable=not par.is_rank0()):
         piece = hf_mapping.resolve(sh.key, sh.global_offset, sh.prepend_axis_num, cfg)
         if piece is None:  # fused qkv (standard attention)
@@ -182,20 +178,16 @@ def _map_pieces(weights: SourceWeights, pieces, cfg: DeepSeekConfig, target: tor
             if layer not in qkv_cache:
                 names = hf_mapping.qkv_hf_names(sh.key)
                 qkv_cache[layer] = hf_mapping.qkv_fuse(*(weights.get(n) for n in names), cfg)
-                for n in names:
-                    hf_dtypes.update(weights.dtypes(n))
             source = qkv_cache[layer]
             piece = hf_mapping.Piece("qkv", sh.global_offset[0])
         else:
             source = weights.get(piece.hf_name)
-            hf_dtypes.update(weights.dtypes(piece.hf_name))
         block = _block(source, piece, sh)
         if tuple(block.shape) != tuple(sh.local_shape):
             raise UserError(f"{weights.hf_dir}: tensor '{piece.hf_name}' has shape {tuple(source.shape)}, which does "
                             f"not match the config (piece {sh.key} needs {tuple(sh.local_shape)})")
         keep_fp32 = sh.key.endswith("router.expert_bias")  # Megatron keeps the expert bias in fp32
         sh.data = block.to(torch.float32 if keep_fp32 else target)
-    return hf_dtypes
 
 
 def _layer_group(key: str) -> str:

@@ -191,6 +191,9 @@ def _random_moe_v1_state(config: dict, spec: TinySpec, generator: torch.Generato
     return state
 
 
+KEPT_IN_FP32 = "e_score_correction_bias"  # transformers' _keep_in_fp32_modules_strict for V3
+
+
 def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> str:
     """Write a tiny random HF checkpoint (config, safetensors, tokenizer) to `out_dir` atomically."""
     spec.validate()
@@ -219,10 +222,16 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
             with torch.no_grad():
                 for name, param in sorted(model.named_parameters()):
                     _perturb_(name, param.data, generator, spec.init_std)
+                biases = {}
                 for name, buf in sorted(model.named_buffers()):
-                    if name.endswith("e_score_correction_bias"):
+                    if name.endswith(KEPT_IN_FP32):
                         _perturb_(name, buf, generator, spec.init_std)
-            model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+                        biases[name] = buf.float().clone()
+                model.to(dtype)
+                for name, buf in model.named_buffers():  # stored in fp32 whatever the dtype, as in DeepSeek's releases
+                    if name in biases:
+                        buf.data = biases[name]
+            model.save_pretrained(tmp, safe_serialization=True)
         if spec.fp8_block:
             quantize_like_deepseek_v3(tmp, spec.fp8_block)
         if tokenizer:
@@ -237,8 +246,8 @@ FP8_QUANTIZED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 
 def quantize_like_deepseek_v3(directory: str, block: int) -> None:
     """Rewrite a HF checkpoint the way DeepSeek released V3/R1: every Linear weight of the decoder layers (not the
-    router, norms, embeddings or lm_head) as e4m3 with a `_scale_inv` per `block` x `block` block, the rest in bf16,
-    and config.json's `quantization_config` (checkpoint/fp8_blocks.py)."""
+    router, norms, embeddings or lm_head) as e4m3 with a `_scale_inv` per `block` x `block` block, the router's
+    score-correction bias in fp32, the rest in bf16, and config.json's `quantization_config` (checkpoint/fp8_blocks.py)."""
     from safetensors.torch import load_file, save_file
 
     from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format, scale_name
@@ -249,6 +258,8 @@ def quantize_like_deepseek_v3(directory: str, block: int) -> None:
     for name, tensor in load_file(path).items():
         if FP8_QUANTIZED.match(name):
             out[name], out[scale_name(name)] = fmt.quantize(tensor.to(torch.bfloat16))
+        elif name.endswith(KEPT_IN_FP32):
+            out[name] = tensor.to(torch.float32)
         else:
             out[name] = tensor.to(torch.bfloat16)
     save_file(out, path, metadata={"format": "pt"})

@@ -25,11 +25,15 @@ def single_rank_loss(hf, tmp_path):
     return forward_backward(model, cfg.vocab_size)
 
 
-@pytest.mark.parametrize("arch, tp, ep, pp", [("deepseek-v2", 1, 2, 1), ("deepseek-v2", 2, 1, 1), ("deepseek-v3", 1, 2, 1),
-                                              ("deepseek-v3", 2, 1, 1),
-                                              ("deepseek-moe", 2, 1, 1), ("deepseek-v3", 1, 1, 2)])
-def test_two_rank_convert_and_train_step(arch, tp, ep, pp, tiny_hf, tmp_path):
-    hf = tiny_hf(arch, layers=4) if pp > 1 else tiny_hf(arch)
+# the FP8 release (EP: rank 1 holds experts rank 0 never reads) and bf16 with fp32 router biases (PP: stage 1 holds
+# layers rank 0 never reads) check that the source dtypes written back are every tensor's, not rank 0's alone
+@pytest.mark.parametrize("arch, tp, ep, pp, fields", [
+    ("deepseek-v2", 1, 2, 1, {}), ("deepseek-v2", 2, 1, 1, {}), ("deepseek-v3", 1, 2, 1, {}), ("deepseek-v3", 2, 1, 1, {}),
+    ("deepseek-moe", 2, 1, 1, {}), ("deepseek-v3", 1, 1, 2, {"layers": 4, "dtype": "bfloat16"}),
+    ("deepseek-v3", 1, 2, 1, {"fp8_block": 16}),
+], ids=lambda v: "-".join(f"{k}{w}" for k, w in v.items()) if isinstance(v, dict) else str(v))
+def test_two_rank_convert_and_train_step(arch, tp, ep, pp, fields, tiny_hf, tmp_path):
+    hf = tiny_hf(arch, **fields)
     run_torchrun(WORKER, hf, tmp_path, tp, ep, pp)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["grads_finite"]
