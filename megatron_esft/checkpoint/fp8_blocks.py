@@ -136,12 +136,15 @@ class SourceForm:
         self.where = where
 
     def tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        dtype = getattr(torch, self.hf_dtypes.get(name, self.default))
+        scale = scale_name(name)
+        # a weight with source scales was FP8 (checkpoints converted under EP/PP before the dtypes of every rank's
+        # tensors were recorded lack some names)
+        fallback = "float8_e4m3fn" if scale in self.scales else self.default
+        dtype = getattr(torch, self.hf_dtypes.get(name, fallback))
         if not is_float8(dtype):
             return [(name, tensor.to(dtype))]
         if self.fmt is None:
             raise UserError(f"{self.where}: '{name}' was FP8 in the source but the config has no quantization_config")
-        scale = scale_name(name)
         scale_dtype = getattr(torch, self.hf_dtypes.get(scale, "float32"))
         weight, scales = self.fmt.quantize(tensor, self.scales.get(scale), scale_dtype)
         return [(name, weight), (scale, scales)]
