@@ -145,6 +145,8 @@ class SourceForm:
             return [(name, tensor.to(dtype))]
         if self.fmt is None:
             raise UserError(f"{self.where}: '{name}' was FP8 in the source but the config has no quantization_config")
-        scale_dtype = getattr(torch, self.hf_dtypes.get(scale, "float32"))
-        weight, scales = self.fmt.quantize(tensor, self.scales.get(scale), scale_dtype)
+        kept = self.scales.get(scale)
+        scale_dtype = getattr(torch, self.hf_dtypes[scale]) if scale in self.hf_dtypes else (
+            kept.dtype if kept is not None else torch.float32)
+        weight, scales = self.fmt.quantize(tensor, kept, scale_dtype)
         return [(name, weight), (scale, scales)]
