@@ -29,6 +29,8 @@ before the gather (row-wise scales commute with it) instead of the T*k rows afte
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -306,6 +308,21 @@ class GatherPermutationAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             else:
                 output += self.shared_experts.get_output()
         return output
+
+
+class _SubclassKwargsNoteFilter(logging.Filter):
+    """Megatron-Core 0.16.1's TransformerLayer hands the layer's process groups only to the MLP classes it knows by
+    identity (`module in (MoELayer, ...)`); for a subclass it logs "Unknown MLP type: ... Using default kwargs" once
+    per MoE layer (58 lines for V3) and the layer takes the default process groups, which are the layer's own: our
+    models are built on the global parallel state. Nothing there for a user to act on; every other record passes."""
+
+    note = "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.note)
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SubclassKwargsNoteFilter())
 
 
 class GatherPermutationMoELayer(MoELayer):

@@ -140,6 +140,9 @@ def transformer_config(
         moe_grouped_gemm=False,
         moe_router_score_function=cfg.score_function,
         moe_permute_fusion=False,
+        # Megatron's per-layer CUDA graphs stay off (training/cuda_graph.py captures whole iterations); [] is its
+        # default scope without the "full scope is deprecated" warning 0.16.1's own default "full" raises
+        cuda_graph_scope=[],
     )
     fields.update(fusion_registry.config_fields(fusions))  # flex_attention is a core-attention class: block_spec
     if cfg.score_function == "softmax":
