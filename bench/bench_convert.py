@@ -5,6 +5,11 @@ sampling the child's anonymous (RssAnon: private heap) and total resident memory
 (RssFile) are page cache that the kernel can drop, so RssAnon is what has to fit in RAM.
 
     python bench/bench_convert.py [--hidden 1024 --layers 6 --experts 64 --moe-ffn 704 --vocab 32000 --shard-gb 0.5]
+                                  [--fp8-block 128]
+
+--fp8-block N writes the checkpoint the way DeepSeek released V3/R1 (decoder Linear weights e4m3 with a scale per
+N x N block, models/tiny.py): HF -> Megatron then dequantizes into file-backed scratch beside the output (the
+table's last column: its peak size, mapped and on disk).
 """
 
 from __future__ import annotations
@@ -29,14 +34,27 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def _scratch_bytes() -> int:
+    """Bytes of this process's FP8 dequantization scratch (checkpoint/safetensors_io.py's ScratchTensors): its files
+    are unlinked once mapped, so they are counted in /proc/self/maps."""
+    total = 0
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            if "/.fp8-dequant-" in line:
+                start, end = line.split()[0].split("-")
+                total += int(end, 16) - int(start, 16)
+    return total
+
+
 def child(direction: str, src: str, dst: str, shard_gb: str) -> None:
-    peak = {"anon": 0, "rss": 0}
+    peak = {"anon": 0, "rss": 0, "scratch": 0}
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
             peak["anon"] = max(peak["anon"], _status_kb("RssAnon"))
             peak["rss"] = max(peak["rss"], _status_kb("VmRSS"))
+            peak["scratch"] = max(peak["scratch"], _scratch_bytes())
             time.sleep(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -52,15 +70,18 @@ def child(direction: str, src: str, dst: str, shard_gb: str) -> None:
     elapsed = time.perf_counter() - start
     stop.set()
     thread.join()
-    print(json.dumps({"anon_gb": peak["anon"] / 1024**2, "rss_gb": peak["rss"] / 1024**2, "seconds": elapsed}))
+    print(json.dumps({"anon_gb": peak["anon"] / 1024**2, "rss_gb": peak["rss"] / 1024**2,
+                      "scratch_gb": peak["scratch"] / 1024**3, "seconds": elapsed}))
 
 
-def make_checkpoint(out: str, args) -> int:
+def make_checkpoint(out: str, args) -> tuple[int, int]:
+    """Writes the random checkpoint; returns its bytes and parameter count."""
     import torch
     import transformers
 
+    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format, scale_name
     from megatron_esft.checkpoint.safetensors_io import ShardedSafetensorsWriter
-    from megatron_esft.models.tiny import TinySpec, hf_config_dict
+    from megatron_esft.models.tiny import FP8_QUANTIZED, TinySpec, hf_config_dict
 
     spec = TinySpec(arch="deepseek-v2", layers=args.layers, hidden=args.hidden, experts=args.experts, topk=6,
                     moe_ffn=args.moe_ffn, vocab=args.vocab, heads=16, intermediate=4 * args.hidden,
@@ -85,16 +106,27 @@ def make_checkpoint(out: str, args) -> int:
             shapes[name] = shape
     os.makedirs(out)
     writer = ShardedSafetensorsWriter(out, max_shard_bytes=512 * 1024**2)
-    total = 0
+    total = params = 0
     generator = torch.Generator().manual_seed(0)
+    fmt = BlockFp8Format(block=(args.fp8_block, args.fp8_block)) if args.fp8_block else None
     for name in sorted(shapes):
         tensor = (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
-        writer.add(name, tensor)
-        total += tensor.numel() * 2
+        params += tensor.numel()
+        if fmt is not None and FP8_QUANTIZED.match(name):
+            weight, scale = fmt.quantize(tensor)
+            writer.add(name, weight)
+            writer.add(scale_name(name), scale)
+            total += weight.numel() + scale.numel() * 4
+        else:
+            writer.add(name, tensor)
+            total += tensor.numel() * 2
     writer.close()
+    if fmt is not None:
+        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [args.fp8_block, args.fp8_block]}
     with open(os.path.join(out, "config.json"), "w") as fh:
         json.dump(config, fh)
-    return total
+    return total, params
 
 
 def main():
@@ -105,13 +137,15 @@ def main():
     parser.add_argument("--moe-ffn", type=int, default=704)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-gb", type=float, default=0.5, help="export shard size (the export holds one shard)")
+    parser.add_argument("--fp8-block", type=int, default=0, metavar="N",
+                        help="write the source in DeepSeek's block-wise FP8 (N x N blocks), as V3/R1 were released")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         hf, mcore, back = (os.path.join(tmp, n) for n in ("hf", "mcore", "back"))
-        size = make_checkpoint(hf, args)
+        size, params = make_checkpoint(hf, args)
         rows = []
         for direction, src, dst in (("hf->mcore", hf, mcore), ("mcore->hf", mcore, back)):
             proc = subprocess.run([sys.executable, __file__, "--child", direction, src, dst, str(args.shard_gb)], capture_output=True,
@@ -120,12 +154,14 @@ def main():
                 sys.exit(proc.stderr[-3000:])
             rows.append((direction, json.loads(proc.stdout.strip().splitlines()[-1])))
     gb = size / 1024**3
-    print(f"checkpoint: {gb:.2f} GiB bf16 ({size // 2 / 1e6:.0f}M params; hidden {args.hidden}, {args.layers} layers, "
-          f"{args.experts} experts x ffn {args.moe_ffn}); export shards of {args.shard_gb} GiB")
-    print(f"| direction | time (s) | peak RssAnon (GiB) | anon / checkpoint | peak VmRSS (GiB) |")
-    print(f"|---|---|---|---|---|")
+    form = f"FP8 ({args.fp8_block}x{args.fp8_block} blocks)" if args.fp8_block else "bf16"
+    print(f"checkpoint: {gb:.2f} GiB {form} ({params / 1e6:.0f}M params; hidden {args.hidden}, {args.layers} "
+          f"layers, {args.experts} experts x ffn {args.moe_ffn}); export shards of {args.shard_gb} GiB")
+    print("| direction | time (s) | peak RssAnon (GiB) | anon / checkpoint | peak VmRSS (GiB) | peak scratch (GiB) |")
+    print("|---|---|---|---|---|---|")
     for direction, r in rows:
-        print(f"| {direction} | {r['seconds']:.1f} | {r['anon_gb']:.2f} | {r['anon_gb'] / gb:.2f}x | {r['rss_gb']:.2f} |")
+        print(f"| {direction} | {r['seconds']:.1f} | {r['anon_gb']:.2f} | {r['anon_gb'] / gb:.2f}x | {r['rss_gb']:.2f} "
+              f"| {r['scratch_gb']:.2f} |")
 
 
 if __name__ == "__main__":

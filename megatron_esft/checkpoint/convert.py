@@ -33,7 +33,12 @@ from megatron_esft.checkpoint.mcore_checkpoint import (
     save_checkpoint,
     strip_extra_state,
 )
-from megatron_esft.checkpoint.safetensors_io import ScratchTensors, SafetensorsReader, ShardedSafetensorsWriter
+from megatron_esft.checkpoint.safetensors_io import (
+    ScratchTensors,
+    SafetensorsReader,
+    ShardedSafetensorsWriter,
+    return_freed_memory,
+)
 from megatron_esft.checkpoint.trained_only import base_of, load_model_in_place, load_pieces
 from megatron_esft.errors import UserError
 from megatron_esft.models.hf_config import DeepSeekConfig, load_hf_config, load_raw_config, parse_hf_config
@@ -224,6 +229,7 @@ def mcore_to_hf(load_dir: str, out_dir: str, iteration: int | None = None, max_s
             for sh in pieces:  # the writer holds what it still needs; drop this layer's buffers
                 sh.data = None
             del tensors
+            return_freed_memory()
         writer.close()
         if os.path.isdir(assets):
             copy_hf_assets(assets, tmp, to_hf=True)

@@ -14,6 +14,9 @@ flushing a shard whenever it reaches `max_shard_bytes`, so only one shard is eve
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import struct
@@ -106,6 +109,24 @@ class SafetensorsReader:
         return torch.from_numpy(raw).view(dtype).view(shape)
 
 
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed so far back to the OS. glibc keeps freed blocks for reuse, and a conversion's
+    temporaries (an FP8 weight dequantized in float32 before it goes to scratch, re-quantized on export) left the
+    process holding about the bf16 model size in private memory (docs/benchmarks.md). A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class ScratchTensors:
     """File-backed tensors for values computed during a conversion (dequantized FP8 weights): like the reader's
     memory maps, their pages live in the page cache and can be written back and evicted, so converting a 671B FP8
@@ -126,6 +147,7 @@ class ScratchTensors:
         os.unlink(path)
         out = torch.from_numpy(raw).view(values.dtype).view(values.shape)
         out.copy_(values)
+        return_freed_memory()  # what computed `values` is freed by now (`values` itself by the next store)
         return out
 
 
