@@ -35,12 +35,14 @@ def _status_kb(field: str) -> int:
 
 
 def _scratch_bytes() -> int:
+    from megatron_esft.checkpoint.convert import FP8_SCRATCH_PREFIX
+
     """Bytes of this process's FP8 dequantization scratch (checkpoint/safetensors_io.py's ScratchTensors): its files
     are unlinked once mapped, so they are counted in /proc/self/maps."""
     total = 0
     with open("/proc/self/maps") as fh:
         for line in fh:
-            if "/.fp8-dequant-" in line:
+            if "/" + FP8_SCRATCH_PREFIX in line:
                 start, end = line.split()[0].split("-")
                 total += int(end, 16) - int(start, 16)
     return total
@@ -79,9 +81,9 @@ def make_checkpoint(out: str, args) -> tuple[int, int]:
     import torch
     import transformers
 
-    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format, scale_name
+    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format
     from megatron_esft.checkpoint.safetensors_io import ShardedSafetensorsWriter
-    from megatron_esft.models.tiny import FP8_QUANTIZED, TinySpec, hf_config_dict
+    from megatron_esft.models.tiny import TinySpec, deepseek_v3_fp8_config, deepseek_v3_fp8_tensors, hf_config_dict
 
     spec = TinySpec(arch="deepseek-v2", layers=args.layers, hidden=args.hidden, experts=args.experts, topk=6,
                     moe_ffn=args.moe_ffn, vocab=args.vocab, heads=16, intermediate=4 * args.hidden,
@@ -112,18 +114,12 @@ def make_checkpoint(out: str, args) -> tuple[int, int]:
     for name in sorted(shapes):
         tensor = (torch.randn(shapes[name], generator=generator) * 0.02).to(torch.bfloat16)
         params += tensor.numel()
-        if fmt is not None and FP8_QUANTIZED.match(name):
-            weight, scale = fmt.quantize(tensor)
-            writer.add(name, weight)
-            writer.add(scale_name(name), scale)
-            total += weight.numel() + scale.numel() * 4
-        else:
-            writer.add(name, tensor)
-            total += tensor.numel() * 2
+        for stored_name, stored in deepseek_v3_fp8_tensors(name, tensor, fmt) if fmt is not None else [(name, tensor)]:
+            writer.add(stored_name, stored)
+            total += stored.numel() * stored.element_size()
     writer.close()
     if fmt is not None:
-        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                         "weight_block_size": [args.fp8_block, args.fp8_block]}
+        config["quantization_config"] = deepseek_v3_fp8_config(args.fp8_block)
     with open(os.path.join(out, "config.json"), "w") as fh:
         json.dump(config, fh)
     return total, params

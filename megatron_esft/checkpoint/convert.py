@@ -45,6 +45,9 @@ from megatron_esft.models.hf_config import DeepSeekConfig, load_hf_config, load_
 from megatron_esft.models.provider import build_model
 
 
+FP8_SCRATCH_PREFIX = ".fp8-dequant-"  # the directory an FP8 checkpoint is dequantized into (hf_to_mcore)
+
+
 def _pieces(sharded_state_dict: dict):
     """Apply factories (SwiGLU halves become separate pieces) and yield every ShardedTensor."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -99,7 +102,12 @@ class SourceWeights:
             return tensor
         if name not in self._dequantized:
             values = self._dequantize(name, tensor)  # first: it names what is wrong with the tensor or config
-            self._dequantized[name] = self.scratch.store(values) if self.scratch else values
+            if self.scratch is None:
+                self._dequantized[name] = values
+            else:
+                self._dequantized[name] = self.scratch.store(values)
+                del values
+                return_freed_memory()  # the dequantization's temporaries and in-memory result
         return self._dequantized[name]
 
     def _dequantize(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -154,7 +162,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, parallel: par.ParallelConfig, dtype: 
     scratch_parent = scratch_dir or os.path.dirname(os.path.abspath(out_dir))
     if fmt and not os.path.isdir(scratch_parent):
         raise UserError(f"--scratch-dir {scratch_parent}: no such directory")
-    scratch = tempfile.mkdtemp(prefix=".fp8-dequant-", dir=scratch_parent) if fmt else None
+    scratch = tempfile.mkdtemp(prefix=FP8_SCRATCH_PREFIX, dir=scratch_parent) if fmt else None
     try:
         weights = SourceWeights(reader, hf_dir, fmt, target, ScratchTensors(scratch) if fmt else None)
         _map_pieces(weights, pieces, cfg, target)

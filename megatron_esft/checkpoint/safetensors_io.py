@@ -147,7 +147,6 @@ class ScratchTensors:
         os.unlink(path)
         out = torch.from_numpy(raw).view(values.dtype).view(values.shape)
         out.copy_(values)
-        return_freed_memory()  # what computed `values` is freed by now (`values` itself by the next store)
         return out
 
 

@@ -244,30 +244,40 @@ def make_tiny_deepseek(spec: TinySpec, out_dir: str, tokenizer: bool = True) -> 
 FP8_QUANTIZED = re.compile(r"^model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")  # the V3 release's FP8 tensors
 
 
+def deepseek_v3_fp8_config(block: int) -> dict:
+    """config.json's `quantization_config` of DeepSeek's block-wise FP8 release (checkpoint/fp8_blocks.py)."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [block, block]}
+
+
+def deepseek_v3_fp8_tensors(name: str, tensor: torch.Tensor, fmt) -> list[tuple[str, torch.Tensor]]:
+    """One HF tensor as DeepSeek released V3/R1: a decoder Linear weight as e4m3 plus its `_scale_inv` blocks (`fmt`,
+    a BlockFp8Format), the router's score-correction bias in fp32, anything else in bf16."""
+    from megatron_esft.checkpoint.fp8_blocks import scale_name
+
+    if FP8_QUANTIZED.match(name):
+        weight, scale = fmt.quantize(tensor.to(torch.bfloat16))
+        return [(name, weight), (scale_name(name), scale)]
+    return [(name, tensor.to(torch.float32 if name.endswith(KEPT_IN_FP32) else torch.bfloat16))]
+
+
 def quantize_like_deepseek_v3(directory: str, block: int) -> None:
     """Rewrite a HF checkpoint the way DeepSeek released V3/R1: every Linear weight of the decoder layers (not the
     router, norms, embeddings or lm_head) as e4m3 with a `_scale_inv` per `block` x `block` block, the router's
     score-correction bias in fp32, the rest in bf16, and config.json's `quantization_config` (checkpoint/fp8_blocks.py)."""
     from safetensors.torch import load_file, save_file
 
-    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format, scale_name
+    from megatron_esft.checkpoint.fp8_blocks import BlockFp8Format
 
     fmt = BlockFp8Format(block=(block, block))
     path = os.path.join(directory, "model.safetensors")
     out = {}
     for name, tensor in load_file(path).items():
-        if FP8_QUANTIZED.match(name):
-            out[name], out[scale_name(name)] = fmt.quantize(tensor.to(torch.bfloat16))
-        elif name.endswith(KEPT_IN_FP32):
-            out[name] = tensor.to(torch.float32)
-        else:
-            out[name] = tensor.to(torch.bfloat16)
+        out.update(deepseek_v3_fp8_tensors(name, tensor, fmt))
     save_file(out, path, metadata={"format": "pt"})
     config_path = os.path.join(directory, "config.json")
     with open(config_path, encoding="utf-8") as fh:
         config = json.load(fh)
     config["dtype" if "dtype" in config else "torch_dtype"] = "bfloat16"
-    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": [block, block]}
+    config["quantization_config"] = deepseek_v3_fp8_config(block)
     with open(config_path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
