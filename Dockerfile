@@ -44,6 +44,7 @@ RUN pip install --no-deps "megatron-core==0.16.1" && \
         "matplotlib>=3.8" \
         "pytest>=8" \
         "pytest-timeout>=2.3" \
+        "pytest-xdist>=3.5" \
         "triton>=3.4,<3.7" \
         "accelerate>=1.0"
 

@@ -25,7 +25,8 @@ setup(
     extras_require={
         # triton: Megatron-Core's Triton MLA-RoPE kernels run on CPU in Triton's interpreter in the tests
         # accelerate: transformers' own FP8 loader, the reference for DeepSeek-V3's FP8 layout in the tests
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.4,<3.7", "accelerate>=1.0"],
+        # pytest-xdist: `make test` runs the suite in two worker processes (most tests wait on subprocesses)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.4,<3.7", "accelerate>=1.0"],
         # GPU-only extras; never install into a CPU environment (a half-importable TE breaks `import megatron.core`)
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
     },
