@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm up over this fraction of the decay length (--lr-decay-iters, default --train-iters), "
+                        "as Megatron-LM; instead of --lr-warmup-iters")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0,
+                   help="the learning rate warm-up starts from (Megatron-LM's; default 0)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -276,6 +281,13 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise UserError("--adam-beta1/--adam-beta2 must be in [0, 1)")
     if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
         raise UserError(f"--lr-warmup-iters {args.lr_warmup_iters}: must be in 0..--train-iters")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise UserError("--lr-warmup-fraction and --lr-warmup-iters exclude each other (as in Megatron-LM)")
+        if not 0 <= args.lr_warmup_fraction < 1:
+            raise UserError(f"--lr-warmup-fraction {args.lr_warmup_fraction}: must be in [0, 1)")
+    if not 0 <= args.lr_warmup_init <= args.lr:
+        raise UserError(f"--lr-warmup-init {args.lr_warmup_init}: must be in 0..--lr ({args.lr})")
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if world_size % model_parallel:
         raise UserError(f"world size {world_size} is not divisible by tensor x pipeline parallel size "

@@ -202,11 +202,14 @@ def schedule_settings(args) -> dict:
     """The learning-rate and weight-decay schedule of the command line, under the names of Megatron-Core's
     OptimizerParamScheduler (its arguments and its state dict)."""
     style = args.lr_decay_style
+    decay_iters = args.lr_decay_iters or args.train_iters
+    # --lr-warmup-fraction: a (float) fraction of the decay length, as Megatron-LM computes it
+    warmup = args.lr_warmup_iters if args.lr_warmup_fraction is None else args.lr_warmup_fraction * decay_iters
     return {
         "max_lr": args.lr,
         "min_lr": args.min_lr if style != "constant" else args.lr,
-        "lr_warmup_steps": args.lr_warmup_iters,
-        "lr_decay_steps": max(args.lr_decay_iters or args.train_iters, args.lr_warmup_iters + 1),
+        "lr_warmup_steps": warmup,
+        "lr_decay_steps": max(decay_iters, math.floor(warmup) + 1),
         "lr_decay_style": style,
         "start_wd": args.weight_decay,
         "end_wd": args.weight_decay,
@@ -214,9 +217,9 @@ def schedule_settings(args) -> dict:
 
 
 # schedule values a resumed run compares with its checkpoint's, and the flags that set them
-_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
-                   "lr_decay_steps": "--lr-decay-iters (default: --train-iters)", "lr_decay_style": "--lr-decay-style",
-                   "start_wd": "--weight-decay"}
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-fraction",
+                   "lr_decay_steps": "--lr-decay-iters (default: --train-iters)",
+                   "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay"}
 
 
 def schedule_differences(args, saved: dict) -> list[str]:
@@ -238,7 +241,7 @@ def build_scheduler(args, optimizer):
     settings = schedule_settings(args)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if args.lr_warmup_iters else args.lr,
+        init_lr=args.lr_warmup_init if settings["lr_warmup_steps"] else args.lr,
         **settings,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
